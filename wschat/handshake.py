@@ -1,0 +1,239 @@
+"""The HTTP/1.1 upgrade of RFC 6455 section 4, sans I/O.
+
+Parse a request head with ``http.client.parse_headers``, check it against
+every server-side requirement of section 4.2.1, and build the ``101`` response
+(or a plain HTTP error with a one-line reason).  Subprotocols are chosen from a
+server-side list; extensions go through a small negotiation hook so that
+permessage-deflate (RFC 7692) can be added without changing this module.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import http.client
+import io
+from dataclasses import dataclass, field
+from email.message import Message
+from http import HTTPStatus
+from typing import Iterable, Protocol, Sequence
+
+from .errors import HandshakeError
+
+GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+SUPPORTED_VERSION = "13"
+DEFAULT_MAX_HEADER_SIZE = 8192
+
+
+def accept_key(key: str) -> str:
+    """``Sec-WebSocket-Accept`` for a client's ``Sec-WebSocket-Key`` (section 4.2.2)."""
+    digest = hashlib.sha1((key + GUID).encode("ascii")).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+@dataclass
+class Request:
+    """An HTTP request head."""
+
+    method: str
+    target: str
+    version: str
+    headers: Message
+
+    @property
+    def path(self) -> str:
+        """The target without its query string."""
+        return self.target.split("?", 1)[0]
+
+    def tokens(self, name: str) -> list[str]:
+        """The comma-separated tokens of every ``name`` header, lower-cased."""
+        values = self.headers.get_all(name) or []
+        return [token.strip().lower() for value in values for token in value.split(",") if token.strip()]
+
+    @property
+    def is_upgrade(self) -> bool:
+        """Whether the client asks for a WebSocket (the rest is checked by ``negotiate``)."""
+        return "websocket" in self.tokens("Upgrade")
+
+
+def find_head_end(buffer: bytes | bytearray, max_size: int = DEFAULT_MAX_HEADER_SIZE) -> int | None:
+    """Where the request head ends in ``buffer`` (after the blank line), or None.
+
+    Raises ``HandshakeError(431)`` once the head is larger than ``max_size``,
+    so a client cannot make the server buffer without bound.
+    """
+    end = buffer.find(b"\r\n\r\n", 0, max_size + 4)
+    if end < 0:
+        if len(buffer) > max_size:
+            raise HandshakeError(431, "request header fields too large")
+        return None
+    return end + 4
+
+
+def parse_request(head: bytes) -> Request:
+    """Parse a request head (request line and headers, blank line included)."""
+    line, _, rest = head.partition(b"\r\n")
+    try:
+        method, target, version = line.decode("ascii").split(" ")
+    except (UnicodeDecodeError, ValueError):
+        raise HandshakeError(400, "malformed request line") from None
+    if not version.startswith("HTTP/1."):
+        raise HandshakeError(400, f"unsupported HTTP version {version}")
+    if not target.startswith("/"):
+        raise HandshakeError(400, "request target must be an absolute path")
+    try:
+        headers = http.client.parse_headers(io.BytesIO(rest))
+    except http.client.HTTPException as exc:
+        raise HandshakeError(431, f"request header fields too large ({exc})") from None
+    if headers.defects:
+        raise HandshakeError(400, "malformed header line")
+    return Request(method, target, version, headers)
+
+
+class Extension(Protocol):
+    """An extension offered to the negotiation hook.
+
+    ``accept`` gets the parameters of one offer, e.g. ``[("client_max_window_bits", None)]``,
+    and returns the parameter string for the response (``""`` for none) to
+    accept it, or None to decline.  ``rsv`` is the mask of RSV bits
+    (0b100 is RSV1) frames may carry once it is accepted.
+    """
+
+    name: str
+    rsv: int
+
+    def accept(self, params: list[tuple[str, str | None]]) -> str | None: ...
+
+
+def parse_extensions(request: Request) -> list[tuple[str, list[tuple[str, str | None]]]]:
+    """The offers of ``Sec-WebSocket-Extensions``: ``[(name, [(param, value)])]``."""
+    offers = []
+    for value in request.headers.get_all("Sec-WebSocket-Extensions") or []:
+        for offer in value.split(","):
+            name, *params = [part.strip() for part in offer.split(";")]
+            if not name:
+                continue
+            parsed = []
+            for param in params:
+                key, sep, val = param.partition("=")
+                parsed.append((key.strip().lower(), val.strip().strip('"') if sep else None))
+            offers.append((name.lower(), parsed))
+    return offers
+
+
+@dataclass
+class Accepted:
+    """The outcome of a successful negotiation."""
+
+    request: Request
+    key: str
+    subprotocol: str | None = None
+    extensions: list = field(default_factory=list)
+    extension_header: str | None = None
+
+    @property
+    def rsv(self) -> int:
+        """The RSV bits the accepted extensions allow."""
+        bits = 0
+        for extension in self.extensions:
+            bits |= extension.rsv
+        return bits
+
+    def response(self) -> bytes:
+        """The ``101 Switching Protocols`` response."""
+        headers = [
+            ("Upgrade", "websocket"),
+            ("Connection", "Upgrade"),
+            ("Sec-WebSocket-Accept", accept_key(self.key)),
+        ]
+        if self.subprotocol:
+            headers.append(("Sec-WebSocket-Protocol", self.subprotocol))
+        if self.extension_header:
+            headers.append(("Sec-WebSocket-Extensions", self.extension_header))
+        return build_response(101, headers)
+
+
+def _single(request: Request, name: str) -> str | None:
+    values = request.headers.get_all(name) or []
+    if len(values) > 1:
+        raise HandshakeError(400, f"more than one {name} header")
+    return values[0].strip() if values else None
+
+
+def negotiate(
+    request: Request,
+    *,
+    allowed_origins: Iterable[str] | None = None,
+    subprotocols: Sequence[str] = (),
+    extensions: Sequence[Extension] = (),
+) -> Accepted:
+    """Check an upgrade request (RFC 6455 section 4.2.1) and agree on its terms.
+
+    Raises ``HandshakeError`` with the status to answer: 426 for a version
+    other than 13, 403 for an Origin outside ``allowed_origins`` (a request
+    without Origin, from a non-browser client, is let through), 400 for
+    anything else.  The subprotocol chosen is the first of ``subprotocols``
+    (server preference) that the client offered.
+    """
+    if request.method != "GET":
+        raise HandshakeError(400, "WebSocket upgrade needs the GET method")
+    if request.version != "HTTP/1.1":
+        raise HandshakeError(400, "WebSocket upgrade needs HTTP/1.1")
+    if not _single(request, "Host"):
+        raise HandshakeError(400, "missing Host header")
+    if "websocket" not in request.tokens("Upgrade"):
+        raise HandshakeError(400, "missing 'Upgrade: websocket'")
+    if "upgrade" not in request.tokens("Connection"):
+        raise HandshakeError(400, "missing 'Connection: Upgrade'")
+    version = _single(request, "Sec-WebSocket-Version")
+    if version != SUPPORTED_VERSION:
+        raise HandshakeError(
+            426, f"unsupported WebSocket version {version!r}", (("Sec-WebSocket-Version", SUPPORTED_VERSION),)
+        )
+    key = _single(request, "Sec-WebSocket-Key")
+    try:
+        if key is None or len(base64.b64decode(key, validate=True)) != 16:
+            raise ValueError
+    except (binascii.Error, ValueError):
+        raise HandshakeError(400, "Sec-WebSocket-Key must be base64 of 16 bytes") from None
+    if allowed_origins is not None:
+        origin = _single(request, "Origin")
+        if origin is not None and origin.lower() not in {o.lower() for o in allowed_origins}:
+            raise HandshakeError(403, f"origin {origin} not allowed")
+
+    accepted = Accepted(request, key)
+    offered = request.tokens("Sec-WebSocket-Protocol")
+    accepted.subprotocol = next((p for p in subprotocols if p.lower() in offered), None)
+
+    by_name = {extension.name.lower(): extension for extension in extensions}
+    answers = []
+    for name, params in parse_extensions(request):
+        extension = by_name.get(name)
+        if extension is None or extension in accepted.extensions:
+            continue
+        answer = extension.accept(params)
+        if answer is not None:
+            accepted.extensions.append(extension)
+            answers.append(f"{extension.name}; {answer}" if answer else extension.name)
+    accepted.extension_header = ", ".join(answers) or None
+    return accepted
+
+
+def build_response(
+    status: int, headers: Iterable[tuple[str, str]] = (), body: bytes = b"", *, with_length: bool = False
+) -> bytes:
+    """An HTTP/1.1 response head, with ``body`` appended."""
+    phrase = HTTPStatus(status).phrase
+    lines = [f"HTTP/1.1 {status} {phrase}"]
+    lines.extend(f"{name}: {value}" for name, value in headers)
+    if body or with_length:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def build_error_response(error: HandshakeError) -> bytes:
+    """A plain-text HTTP error response that closes the connection."""
+    headers = list(error.headers)
+    headers += [("Content-Type", "text/plain; charset=utf-8"), ("Connection", "close")]
+    return build_response(error.status, headers, (error.reason + "\n").encode("utf-8"), with_length=True)
