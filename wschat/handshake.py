@@ -223,11 +223,11 @@ def negotiate(
 def build_response(
     status: int, headers: Iterable[tuple[str, str]] = (), body: bytes = b"", *, with_length: bool = False
 ) -> bytes:
-    """An HTTP/1.1 response head, with ``body`` appended."""
+    """An HTTP/1.1 response head, with ``body`` appended (and counted, with ``with_length``)."""
     phrase = HTTPStatus(status).phrase
     lines = [f"HTTP/1.1 {status} {phrase}"]
     lines.extend(f"{name}: {value}" for name, value in headers)
-    if body or with_length:
+    if with_length:
         lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 

@@ -1,0 +1,125 @@
+"""Test helpers: a server on a free port, and a raw client for bad input.
+
+The raw client exists to send what well-behaved libraries refuse to send
+(unmasked frames, bad UTF-8, dribbled headers); behaviour is otherwise tested
+with python-websockets as the independent client.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import queue
+import socket
+import struct
+
+from wschat.frames import FrameParser, Opcode, encode_frame
+from wschat.server import Server
+
+
+def start_server(**kwargs) -> Server:
+    kwargs.setdefault("ping_interval", 0)
+    server = Server("127.0.0.1", 0, **kwargs)
+    return server.start()
+
+
+class RawClient:
+    def __init__(self, port: int, path: str = "/chat", *, headers=(), rcvbuf: int | None = None, handshake=True):
+        self.sock = socket.socket()
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(10)
+        self.sock.connect(("127.0.0.1", port))
+        self.parser = FrameParser(require_mask=False, max_payload=1 << 30)
+        self.response = b""
+        if handshake:
+            self.handshake(path, headers)
+
+    def handshake(self, path="/chat", headers=()):
+        key = base64.b64encode(os.urandom(16)).decode()
+        lines = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1", "Upgrade: websocket", "Connection: Upgrade",
+                 f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13", *headers]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        self.response = self.read_head()
+        return self.response
+
+    def read_head(self) -> bytes:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = self.sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        head, _, rest = data.partition(b"\r\n\r\n")
+        self.parser.feed(rest)
+        return head
+
+    @property
+    def status(self) -> int:
+        return int(self.response.split()[1])
+
+    def send_frame(self, opcode, payload=b"", fin=True, mask=True):
+        self.sock.sendall(encode_frame(opcode, payload, fin=fin, mask=os.urandom(4) if mask else None))
+
+    def recv_frame(self):
+        while (frame := self.parser.next_frame()) is None:
+            data = self.sock.recv(65536)
+            if not data:
+                return None
+            self.parser.feed(data)
+        return frame
+
+    def recv_close(self):
+        """Read frames until the close; return its code (None at EOF without one)."""
+        while (frame := self.recv_frame()) is not None:
+            if frame.opcode == Opcode.CLOSE:
+                return struct.unpack("!H", frame.payload[:2])[0] if frame.payload else 1005
+        return None
+
+    def at_eof(self) -> bool:
+        """Whether the server closed the TCP connection (reads until it does)."""
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    return True
+        except ConnectionResetError:
+            return True
+
+    def close(self):
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
+
+
+class Recorder:
+    """Handlers that record events in a queue, for tests to wait on."""
+
+    def __init__(self):
+        self.events = queue.Queue()
+
+    def on_open(self, conn):
+        self.events.put(("open", conn))
+
+    def on_message(self, conn, message):
+        self.events.put(("message", conn, message))
+
+    def on_close(self, conn, code, reason):
+        self.events.put(("close", conn, code, reason))
+
+    def on_error(self, conn, error):
+        self.events.put(("error", conn, error))
+
+    def handlers(self):
+        return dict(on_open=self.on_open, on_message=self.on_message, on_close=self.on_close, on_error=self.on_error)
+
+    def wait(self, kind, timeout=10, conn=None):
+        """The next event of ``kind`` (for ``conn``, when given); others are dropped."""
+        while True:
+            event = self.events.get(timeout=timeout)
+            if event[0] == kind and (conn is None or event[1] is conn):
+                return event

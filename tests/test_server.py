@@ -1,0 +1,542 @@
+"""End-to-end tests of the server over real sockets on 127.0.0.1."""
+
+import contextlib
+import http.client
+import os
+import socket
+import ssl
+import subprocess
+import threading
+
+import pytest
+from websockets.exceptions import ConnectionClosed as WsConnectionClosed
+from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK, InvalidStatus
+from websockets.sync.client import connect
+
+from wschat import ConnectionClosed, SendTimeout
+from wschat.errors import InvalidPayload, ProtocolError
+from wschat.frames import Opcode
+from wschat.server import Server
+
+from .helpers import RawClient, Recorder, start_server
+
+
+def echo_server(**kwargs):
+    """A server whose /chat echoes every message to its sender."""
+    recorder = Recorder()
+    server = start_server(**kwargs)
+    handlers = recorder.handlers()
+    handlers["on_message"] = lambda conn, message: (recorder.on_message(conn, message), conn.send(message))
+    server.resource("/chat", **handlers)
+    server.recorder = recorder
+    return server
+
+
+@pytest.fixture
+def echo():
+    server = echo_server(max_message_size=17 << 20)
+    yield server
+    server.stop()
+
+
+def url(server, path="/chat"):
+    return f"ws://127.0.0.1:{server.port}{path}"
+
+
+# -- messages ----------------------------------------------------------------
+
+
+def test_text_binary_and_fragmented(echo):
+    with connect(url(echo)) as ws:
+        ws.send("héllo")
+        assert ws.recv(timeout=5) == "héllo"
+        ws.send(b"\x00\x01\xff")
+        assert ws.recv(timeout=5) == b"\x00\x01\xff"
+        ws.send(iter(["frag", "ment", "ed ✓"]))  # three frames, one message
+        assert ws.recv(timeout=5) == "fragmented ✓"
+        ws.send(iter([b"ab", b"cd"]))
+        assert ws.recv(timeout=5) == b"abcd"
+
+
+def test_sixteen_mib_messages(echo):
+    payload = os.urandom(16 << 20)
+    with connect(url(echo), max_size=None) as ws:
+        ws.send(payload)
+        assert ws.recv(timeout=30) == payload
+        text = "ü" * (8 << 20)
+        ws.send(text)
+        assert ws.recv(timeout=30) == text
+
+
+def test_ping_pong(echo):
+    with connect(url(echo)) as ws:
+        ws.ping(b"abc").wait(5)  # the server answers with the same payload
+    with RawClient(echo.port) as raw:
+        raw.send_frame(Opcode.PING, b"raw")
+        frame = raw.recv_frame()
+        assert (frame.opcode, frame.payload) == (Opcode.PONG, b"raw")
+
+
+def test_connection_handle(echo):
+    with connect(url(echo, "/chat/room?x=1"), additional_headers={"X-Test": "yes"}) as ws:
+        _, conn = echo.recorder.wait("open")
+        assert conn.path == "/chat/room" and conn.headers["X-Test"] == "yes"
+        assert conn.remote_address[0] == "127.0.0.1" and conn.is_open and conn.key
+        assert echo.connections() == [conn] and echo.connections("/chat/x") == [conn]
+        assert echo.connections("/nothing") == []
+        ws.send("x")
+        ws.recv(timeout=5)
+
+
+def test_routing_longest_prefix_and_404():
+    server = start_server()
+    seen = []
+    server.resource("/a", on_open=lambda c: seen.append(("a", c.path)))
+    server.resource("/a/b", on_open=lambda c: seen.append(("ab", c.path)))
+    try:
+        for path in ["/a", "/a/b/c", "/a/bc"]:
+            with connect(url(server, path)) as ws:
+                ws.ping().wait(5)
+        assert seen == [("a", "/a"), ("ab", "/a/b/c"), ("a", "/a/bc")]
+        with pytest.raises(InvalidStatus) as info:
+            with connect(url(server, "/nowhere")):
+                pass
+        assert info.value.response.status_code == 404
+    finally:
+        server.stop()
+
+
+# -- close paths -------------------------------------------------------------
+
+
+def test_client_close(echo):
+    with connect(url(echo)) as ws:
+        ws.close(1000, "done")
+    _, _, code, reason = echo.recorder.wait("close")
+    assert (code, reason) == (1000, "done")
+
+
+def test_server_close_from_another_thread(echo):
+    with connect(url(echo)) as ws:
+        _, conn = echo.recorder.wait("open")
+        conn.close(4000, "bye")
+        with pytest.raises(WsConnectionClosed) as info:
+            ws.recv(timeout=5)
+        assert info.value.rcvd.code == 4000 and info.value.rcvd.reason == "bye"
+    assert echo.recorder.wait("close")[2] == 4000
+    with pytest.raises(ConnectionClosed):
+        conn.send("too late")
+    conn.close()  # a second close is a no-op
+
+
+def test_eof_without_close_is_1006(echo):
+    raw = RawClient(echo.port)
+    raw.close()
+    assert echo.recorder.wait("close")[2] == 1006
+
+
+@pytest.mark.parametrize(
+    "frames, code, error",
+    [
+        ([(Opcode.TEXT, b"unmasked", True, False)], 1002, ProtocolError),
+        ([(0x3, b"", True, True)], 1002, ProtocolError),
+        ([(Opcode.CONTINUATION, b"x", True, True)], 1002, ProtocolError),
+        ([(Opcode.TEXT, b"\xff", True, True)], 1007, InvalidPayload),
+        ([(Opcode.TEXT, b"ok", False, True), (Opcode.CONTINUATION, b"\xed\xa0\x80", False, True)], 1007, InvalidPayload),
+        ([(Opcode.CLOSE, b"\x03", True, True)], 1002, ProtocolError),
+    ],
+)
+def test_protocol_violations_fail_the_connection(echo, frames, code, error):
+    with RawClient(echo.port) as raw:
+        for opcode, payload, fin, mask in frames:
+            raw.send_frame(opcode, payload, fin=fin, mask=mask)
+        assert raw.recv_close() == code
+        assert raw.at_eof()  # and the server closed the TCP connection
+    assert isinstance(echo.recorder.wait("error")[2], error)
+    assert echo.recorder.wait("close")[2] == code
+
+
+def test_message_too_big():
+    server = echo_server(max_message_size=1000)
+    try:
+        with connect(url(server), max_size=None) as ws:
+            ws.send("x" * 1000)
+            assert ws.recv(timeout=5) == "x" * 1000
+            ws.send("x" * 1001)
+            with pytest.raises(ConnectionClosedError) as info:
+                ws.recv(timeout=5)
+            assert info.value.rcvd.code == 1009
+    finally:
+        server.stop()
+
+
+def test_handler_exception_closes_1011_and_calls_on_error():
+    recorder = Recorder()
+    server = start_server()
+    server.resource("/chat", on_message=lambda c, m: 1 / 0, on_error=recorder.on_error)
+    try:
+        with connect(url(server)) as ws:
+            ws.send("boom")
+            with pytest.raises(ConnectionClosedError) as info:
+                ws.recv(timeout=5)
+            assert info.value.rcvd.code == 1011
+        assert isinstance(recorder.wait("error")[2], ZeroDivisionError)
+    finally:
+        server.stop()
+
+
+# -- pings -------------------------------------------------------------------
+
+
+def test_ping_scheduler_pings_and_drops_silent_clients():
+    server = echo_server(ping_interval=0.1, ping_timeout=0.5)
+    try:
+        with RawClient(server.port) as raw:  # never answers
+            assert raw.recv_frame().opcode == Opcode.PING
+            assert raw.recv_close() == 1011
+        assert server.recorder.wait("close")[2] == 1011
+        with connect(url(server)) as ws:  # answers pings: stays
+            ws.send("still here")
+            assert ws.recv(timeout=5) == "still here"
+            ws.ping().wait(5)
+    finally:
+        server.stop()
+
+
+# -- limits --------------------------------------------------------------------
+
+
+def test_max_connections_503():
+    server = echo_server(max_connections=2)
+    try:
+        with connect(url(server)) as a, connect(url(server)) as b:
+            with pytest.raises(InvalidStatus) as info:
+                with connect(url(server)):
+                    pass
+            assert info.value.response.status_code == 503
+            a.send("a ok")
+            assert a.recv(timeout=5) == "a ok"
+        with connect(url(server)) as c:  # room again once they left
+            c.send("c ok")
+            assert c.recv(timeout=5) == "c ok"
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("behaviour", ["silent", "dribble"])
+def test_handshake_deadline(behaviour):
+    server = echo_server(handshake_timeout=0.5)
+    try:
+        raw = RawClient(server.port, handshake=False)
+        stop = threading.Event()
+        server.raw = raw
+
+        def dribble():
+            for byte in b"GET /chat HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"y" * 1000:
+                if stop.wait(0.02):
+                    return
+                try:
+                    raw.sock.send(bytes([byte]))
+                except OSError:
+                    return
+
+        if behaviour == "dribble":
+            threading.Thread(target=dribble, daemon=True).start()
+        with connect(url(server)) as ws:  # others are served meanwhile
+            ws.send("fine")
+            assert ws.recv(timeout=5) == "fine"
+        assert raw.at_eof()
+        stop.set()
+    finally:
+        server.raw.close()
+        server.stop()
+
+
+def test_max_header_size_431():
+    server = echo_server(max_header_size=1024)
+    try:
+        with RawClient(server.port, handshake=False) as raw:
+            raw.handshake(headers=["X-Big: " + "y" * 2000])
+            assert raw.status == 431
+        with connect(url(server)) as ws:
+            ws.send("fine")
+            assert ws.recv(timeout=5) == "fine"
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    "headers, status",
+    [(["Sec-WebSocket-Version: 8"], 426), (["Origin: http://evil.example"], 403)],
+)
+def test_handshake_refusals_over_the_wire(headers, status):
+    server = echo_server(allowed_origins=["http://good.example"])
+    try:
+        raw = RawClient(server.port, handshake=False)
+        lines = [h for h in headers]
+        if status == 426:  # replace the version header
+            raw.sock.sendall(b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n")
+            raw.response = raw.read_head()
+        else:
+            raw.handshake(headers=lines)
+        assert raw.status == status
+        if status == 426:
+            assert b"Sec-WebSocket-Version: 13" in raw.response
+        assert raw.at_eof()
+        raw.close()
+    finally:
+        server.stop()
+
+
+def test_slow_client_closed_and_others_get_everything():
+    recorder = Recorder()
+    server = start_server(max_queue=256 * 1024, close_timeout=0.5)
+    server.resource("/chat", **recorder.handlers())
+    try:
+        slow = RawClient(server.port, rcvbuf=4096)  # connects, then never reads
+        _, slow_conn = recorder.wait("open")
+        received = []
+        progress = threading.Condition()
+
+        def read(ws):
+            for _ in range(2000):
+                message = ws.recv(timeout=20)
+                with progress:
+                    received.append(message)
+                    progress.notify()
+
+        with connect(url(server), max_size=None) as good:
+            recorder.wait("open")
+            reader = threading.Thread(target=read, args=(good,))
+            reader.start()
+            for batch in range(200):  # 20 MB in all, 10 messages at a time
+                for i in range(batch * 10, batch * 10 + 10):
+                    server.broadcast(f"{i:06d}" + "x" * 10000)
+                    assert slow_conn.queued <= 256 * 1024 + 10010  # bounded: never past the mark
+                with progress:  # the good client keeps up: wait for it
+                    assert progress.wait_for(lambda: len(received) >= batch * 10, timeout=20)
+            reader.join(30)
+        assert [m[:6] for m in received] == [f"{i:06d}" for i in range(2000)]
+        _, _, code, reason = recorder.wait("close", conn=slow_conn)
+        assert (code, reason) == (1008, "client too slow")
+        slow.close()
+    finally:
+        server.stop()
+
+
+def test_send_from_another_thread_waits_then_times_out():
+    recorder = Recorder()
+    server = start_server(max_queue=32 * 1024, close_timeout=0.5)
+    server.resource("/chat", **recorder.handlers())
+    try:
+        slow = RawClient(server.port, rcvbuf=4096)
+        _, conn = recorder.wait("open")
+        with pytest.raises(SendTimeout):
+            for _ in range(10000):
+                conn.send(b"z" * 8192, timeout=0.3)
+        assert conn.queued <= 32 * 1024 + 8192
+        # Once the client reads, the queue drains and sends go through again.
+        drained = threading.Event()
+
+        def read_all():
+            while slow.recv_frame() is not None:
+                if not conn.queued:
+                    drained.set()
+
+        reader = threading.Thread(target=read_all)
+        reader.start()
+        conn.send(b"after", timeout=10)
+        assert drained.wait(10)
+        conn.close()
+        reader.join(10)  # the reader ends at the server's EOF
+        slow.close()
+    finally:
+        server.stop()
+
+
+# -- handlers on a worker pool ---------------------------------------------------
+
+
+def test_workers_blocking_handler_does_not_stall_others_and_order_is_kept():
+    release = threading.Event()
+    order = []
+    server = start_server(workers=4)
+
+    def on_message(conn, message):
+        if message == "block":
+            release.wait(10)
+        elif message.startswith("n"):
+            order.append(int(message[1:]))
+            if len(order) == 200:
+                conn.send("done")
+        else:
+            conn.send(message)
+
+    server.resource("/chat", on_message=on_message)
+    try:
+        with connect(url(server)) as blocked, connect(url(server)) as other, connect(url(server)) as third:
+            blocked.send("block")
+            other.send("ping?")
+            assert other.recv(timeout=5) == "ping?"  # answered while a handler blocks
+            for i in range(200):
+                third.send(f"n{i}")
+            assert third.recv(timeout=10) == "done"
+            assert order == list(range(200))
+            release.set()
+    finally:
+        release.set()
+        server.stop()
+
+
+# -- plain HTTP ------------------------------------------------------------------
+
+
+@pytest.fixture
+def files_server(tmp_path):
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "index.html").write_text("<h1>hi</h1>")
+    (root / "app.js").write_text("let x = 1;")
+    (tmp_path / "secret.txt").write_text("top secret")
+    server = echo_server(static_dir=str(root))
+    yield server
+    server.stop()
+
+
+def http_get(server, path, method="GET"):
+    client = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    client.putrequest(method, path, skip_accept_encoding=True)
+    client.endheaders()
+    response = client.getresponse()
+    return response.status, response.getheader("Content-Type"), response.read(), response
+
+
+def test_static_files(files_server):
+    status, ctype, body, response = http_get(files_server, "/")
+    assert (status, ctype, body) == (200, "text/html; charset=utf-8", b"<h1>hi</h1>")
+    assert response.getheader("Content-Length") == "11"
+    status, ctype, body, _ = http_get(files_server, "/app.js")
+    assert status == 200 and "javascript" in ctype and body == b"let x = 1;"
+    status, _, body, response = http_get(files_server, "/", "HEAD")
+    assert status == 200 and body == b"" and response.getheader("Content-Length") == "11"
+
+
+@pytest.mark.parametrize("path", ["/missing.html", "/../secret.txt", "/%2e%2e/secret.txt", "/..%2fsecret.txt", "/a/../../secret.txt", "/%00"])
+def test_static_404_and_no_traversal(files_server, path):
+    status, _, body, _ = http_get(files_server, path)
+    assert status == 404 and b"top secret" not in body
+
+
+def test_static_405_and_upgrade_needed(files_server):
+    assert http_get(files_server, "/", "POST")[0] == 405
+    status, _, body, _ = http_get(files_server, "/chat")  # the WebSocket path, without an upgrade
+    assert status == 400 and b"Upgrade" in body
+
+
+def test_no_static_dir_means_404():
+    server = echo_server()
+    try:
+        assert http_get(server, "/")[0] == 404
+    finally:
+        server.stop()
+
+
+# -- TLS -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    try:
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+             "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+            check=True, capture_output=True,
+        )
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"openssl cannot make a certificate here: {exc}")
+    return str(cert), str(key)
+
+
+def test_tls(certificate):
+    cert, key = certificate
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(cert, key)
+    client_context = ssl.create_default_context(cafile=cert)
+    server = echo_server(ssl_context=server_context, handshake_timeout=1, max_message_size=4 << 20)
+    try:
+        assert server.url.startswith("wss://")
+        # A client that opens TCP and never starts TLS does not stall anyone.
+        idle = socket.create_connection(("127.0.0.1", server.port))
+        with connect(f"wss://127.0.0.1:{server.port}/chat", ssl=client_context, max_size=None) as ws:
+            ws.send("secret hello")
+            assert ws.recv(timeout=5) == "secret hello"
+            big = os.urandom(3 << 20)
+            ws.send(big)
+            assert ws.recv(timeout=20) == big
+            many = [f"m{i}" for i in range(300)]
+            for message in many:
+                ws.send(message)
+            assert [ws.recv(timeout=5) for _ in many] == many
+        idle.settimeout(5)
+        assert idle.recv(1) == b""  # dropped at the handshake deadline
+        idle.close()
+    finally:
+        server.stop()
+
+
+# -- shutdown ----------------------------------------------------------------------
+
+
+def open_fds():
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_stop_sends_1001_and_leaks_nothing():
+    threads_before = set(threading.enumerate())
+    fds_before = open_fds()
+    server = echo_server(ping_interval=0.05, workers=2)
+    stack = contextlib.ExitStack()
+    clients = [stack.enter_context(connect(url(server))) for _ in range(5)]
+    for ws in clients:
+        ws.send("hi")
+        assert ws.recv(timeout=5) == "hi"
+    server.stop()
+    for ws in clients:
+        with pytest.raises(ConnectionClosedOK) as info:
+            ws.recv(timeout=5)
+        assert info.value.rcvd.code == 1001
+    stack.close()
+    assert server.recorder.wait("close")[2] == 1001
+    assert set(threading.enumerate()) - threads_before == set()
+    assert open_fds() - fds_before == set()
+
+
+def test_serve_forever_in_calling_thread_and_port_in_use():
+    server = Server("127.0.0.1", 0, ping_interval=0)
+    server.resource("/chat", on_message=lambda c, m: c.send(m))
+    thread = threading.Thread(target=server.serve_forever)
+    server.bind()
+    thread.start()
+    try:
+        with connect(url(server)) as ws:
+            ws.send("x")
+            assert ws.recv(timeout=5) == "x"
+        with pytest.raises(OSError):
+            Server("127.0.0.1", server.port).start()
+    finally:
+        server.stop()
+        thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_stop_before_serving_releases_the_socket():
+    server = Server("127.0.0.1", 0)
+    server.bind()
+    port = server.port
+    server.stop()
+    again = Server("127.0.0.1", port)
+    again.bind()  # the port is free again
+    again.stop()

@@ -1,0 +1,59 @@
+"""Static files over plain HTTP, sans I/O: a request in, a complete response out.
+
+Only GET and HEAD, only regular files below the root (no path traversal: the
+resolved path must stay inside it), ``index.html`` for a directory.
+"""
+
+from __future__ import annotations
+
+import mimetypes
+import os
+from urllib.parse import unquote
+
+from .errors import HandshakeError
+from .handshake import Request, build_error_response, build_response
+
+MAX_FILE_SIZE = 16 << 20
+
+
+def file_response(root: str | None, request: Request) -> bytes:
+    """The HTTP response for ``request`` served from the directory ``root``."""
+    if request.method not in ("GET", "HEAD"):
+        return build_error_response(HandshakeError(405, f"method {request.method} not allowed", (("Allow", "GET, HEAD"),)))
+    path = resolve(root, request.path)
+    if path is None:
+        return build_error_response(HandshakeError(404, f"{request.path} not found"))
+    try:
+        with open(path, "rb") as file:
+            body = file.read(MAX_FILE_SIZE + 1)
+    except OSError:
+        return build_error_response(HandshakeError(404, f"{request.path} not found"))
+    if len(body) > MAX_FILE_SIZE:
+        return build_error_response(HandshakeError(500, "file too large to serve"))
+    content_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
+    if content_type.startswith("text/") or content_type == "application/javascript":
+        content_type += "; charset=utf-8"
+    headers = [
+        ("Content-Type", content_type),
+        ("Content-Length", str(len(body))),
+        ("Cache-Control", "no-cache"),
+        ("X-Content-Type-Options", "nosniff"),
+        ("Connection", "close"),
+    ]
+    return build_response(200, headers, b"" if request.method == "HEAD" else body)
+
+
+def resolve(root: str | None, url_path: str) -> str | None:
+    """The file below ``root`` that ``url_path`` names, or None."""
+    if root is None:
+        return None
+    root = os.path.realpath(root)
+    relative = unquote(url_path).lstrip("/")
+    if "\0" in relative:
+        return None
+    path = os.path.realpath(os.path.join(root, relative))
+    if os.path.commonpath([root, path]) != root:
+        return None
+    if os.path.isdir(path):
+        path = os.path.join(path, "index.html")
+    return path if os.path.isfile(path) else None
