@@ -363,9 +363,10 @@ class Server:
     # -- the public, thread-safe API ------------------------------------------
 
     def connections(self, path: str | None = None) -> list[Connection]:
-        """A snapshot of the open connections (of the resource serving ``path``)."""
+        """A snapshot of the open connections (of the resource serving ``path``);
+        those closing are left out."""
         with self._map_lock:
-            snapshot = list(self._connections.values())
+            snapshot = [conn for conn in self._connections.values() if conn.is_open]
         if path is None:
             return snapshot
         resource = self._route(path)
@@ -944,7 +945,9 @@ class Server:
 
     def _cleanup(self) -> None:
         self._cancel_ping()
-        for conn in list(self._timed) + self.connections() + list(self._pending) + list(self._dirty):
+        with self._map_lock:
+            remaining = list(self._connections.values())
+        for conn in remaining + list(self._timed) + list(self._pending) + list(self._dirty):
             self._abort(conn, CloseCode.GOING_AWAY, "server shutting down")
         if self._pool is not None:
             self._pool.shutdown(wait=True)
