@@ -1,0 +1,218 @@
+"""End-to-end tests of the chat: the seed's behaviour, and the wschat.v1 dialect."""
+
+import json
+import logging
+
+import pytest
+from websockets.exceptions import ConnectionClosedError
+from websockets.sync.client import connect
+
+from wschat.chat import DEFAULT_WELCOME, Chat, ChatLimits
+
+from .helpers import start_server
+
+
+@pytest.fixture
+def make_chat():
+    servers = []
+
+    def make(**kwargs):
+        server = start_server(workers=kwargs.pop("workers", 0))
+        chat = Chat(server, **kwargs)
+        servers.append(server)
+        chat.url = f"ws://127.0.0.1:{server.port}/chat"
+        return chat
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+def plain(chat, room=""):
+    return connect(chat.url + room)
+
+
+def structured(chat, room="", nick=None):
+    query = f"?nick={nick}" if nick else ""
+    return connect(chat.url + room + query, subprotocols=["wschat.v1"])
+
+
+def recv_json(ws, kind=None):
+    """The next JSON event (of ``kind``, skipping others)."""
+    while True:
+        event = json.loads(ws.recv(timeout=5))
+        if kind is None or event["type"] == kind:
+            return event
+
+
+# -- the seed's behaviour ------------------------------------------------------
+
+
+def test_seed_behaviour_welcome_broadcast_and_logging(make_chat, caplog):
+    chat = make_chat()
+    caplog.set_level(logging.INFO, logger="wschat")
+    with plain(chat) as a, plain(chat) as b:
+        assert a.recv(timeout=5) == DEFAULT_WELCOME
+        assert b.recv(timeout=5) == DEFAULT_WELCOME
+        a.send("hello everyone")
+        assert a.recv(timeout=5) == "hello everyone"  # the sender too
+        assert b.recv(timeout=5) == "hello everyone"
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("Received message 'hello everyone' from") for m in messages)
+    assert any(m.startswith("Closed connection to") for m in messages)
+
+
+def test_binary_refused_with_1003(make_chat):
+    chat = make_chat()
+    with plain(chat) as ws:
+        ws.recv(timeout=5)
+        ws.send(b"\x00\x01")
+        with pytest.raises(ConnectionClosedError) as info:
+            ws.recv(timeout=5)
+        assert info.value.rcvd.code == 1003
+
+
+def test_echo_when_welcome_and_limits_are_off(make_chat):
+    chat = make_chat(welcome="", limits=ChatLimits.off())
+    with plain(chat) as ws:
+        for message in ["a", "ü" * 5000, "x" * 100000] + [str(i) for i in range(100)]:
+            ws.send(message)
+            assert ws.recv(timeout=5) == message
+
+
+def test_rooms_are_separate(make_chat):
+    chat = make_chat(welcome="")
+    with plain(chat, "/lobby") as lobby, plain(chat, "/games") as games, plain(chat) as main:
+        lobby.send("in lobby")
+        main.send("in main")
+        games.send("in games")
+        assert lobby.recv(timeout=5) == "in lobby"
+        assert main.recv(timeout=5) == "in main"
+        assert games.recv(timeout=5) == "in games"
+
+
+def test_invalid_room_closed_1008(make_chat):
+    chat = make_chat()
+    with plain(chat, "/a%20b") as ws:
+        with pytest.raises(ConnectionClosedError) as info:
+            ws.recv(timeout=5)
+        assert info.value.rcvd.code == 1008
+
+
+# -- wschat.v1 -------------------------------------------------------------------
+
+
+def test_structured_join_message_and_leave(make_chat):
+    chat = make_chat(workers=2)
+    with structured(chat, "/lobby", "alice") as alice:
+        welcome = recv_json(alice)
+        assert welcome == {"type": "welcome", "text": DEFAULT_WELCOME, "room": "lobby", "nick": "alice", "users": ["alice"], "history": []}
+        with structured(chat, "/lobby", "bob") as bob:
+            assert recv_json(bob, "welcome")["users"] == ["alice", "bob"]
+            assert recv_json(alice) == {"type": "join", "room": "lobby", "nick": "bob", "time": pytest.approx(0, abs=1e13)}
+            bob.send(json.dumps({"type": "message", "text": "hi <b>alice</b>"}))
+            for ws in (alice, bob):
+                message = recv_json(ws, "message")
+                assert message["nick"] == "bob" and message["text"] == "hi <b>alice</b>"
+                assert message["room"] == "lobby" and message["seq"] == 1 and message["time"] > 1.7e12
+            bob.send(json.dumps({"type": "users"}))
+            assert recv_json(bob, "users") == {"type": "users", "room": "lobby", "users": ["alice", "bob"]}
+        leave = recv_json(alice, "leave")
+        assert leave["nick"] == "bob"
+    assert chat.users("lobby") == []
+
+
+def test_plain_and_structured_clients_share_a_room(make_chat):
+    chat = make_chat(welcome="")
+    with plain(chat) as old, structured(chat, nick="carol") as new:
+        recv_json(new, "welcome")
+        old.send("from the seed page")
+        message = recv_json(new, "message")
+        assert message["text"] == "from the seed page" and message["nick"].startswith("guest-")
+        new.send(json.dumps({"type": "message", "text": "from the new page"}))
+        assert old.recv(timeout=5) == "from the seed page"
+        assert old.recv(timeout=5) == "from the new page"  # plain clients see bare text
+
+
+def test_history_replayed_to_newcomers_and_bounded(make_chat):
+    chat = make_chat(history=3, limits=ChatLimits(rate=0))
+    with structured(chat, nick="dave") as dave:
+        recv_json(dave, "welcome")
+        for i in range(5):
+            dave.send(json.dumps({"type": "message", "text": f"m{i}"}))
+        for i in range(5):
+            assert recv_json(dave, "message")["text"] == f"m{i}"
+        with structured(chat, nick="erin") as erin:
+            history = recv_json(erin, "welcome")["history"]
+            assert [m["text"] for m in history] == ["m2", "m3", "m4"]
+            assert [m["seq"] for m in history] == [3, 4, 5]
+
+
+def test_nicknames_unique_validated_and_changeable(make_chat):
+    chat = make_chat()
+    with structured(chat, nick="frank") as frank, structured(chat, nick="frank") as other:
+        recv_json(frank, "welcome")
+        welcome = recv_json(other, "welcome")
+        assert welcome["nick"].startswith("guest-")
+        assert "taken" in recv_json(other, "error")["text"]
+        other.send(json.dumps({"type": "nick", "nick": "grace"}))
+        change = recv_json(frank, "nick")
+        assert (change["old"], change["nick"]) == (welcome["nick"], "grace")
+        for bad in ["", "a b", "<script>", "x" * 25, "frank"]:
+            other.send(json.dumps({"type": "nick", "nick": bad}))
+            assert recv_json(other, "error")["code"] == "nick_refused"
+        assert chat.users() == ["frank", "grace"]
+    with structured(chat, nick="bad%20nick") as ws:
+        assert recv_json(ws, "welcome")["nick"].startswith("guest-")
+        assert recv_json(ws)["code"] == "nick_refused"
+
+
+def test_bad_requests_get_an_error(make_chat):
+    chat = make_chat()
+    with structured(chat, nick="henry") as ws:
+        recv_json(ws, "welcome")
+        for request in ["not json", "[1]", "{}", '{"type": "dance"}', '{"type": "message", "text": 5}']:
+            ws.send(request)
+            assert recv_json(ws)["code"] == "bad_request"
+
+
+# -- abuse limits --------------------------------------------------------------------
+
+
+def test_message_length_limit(make_chat):
+    chat = make_chat(welcome="", limits=ChatLimits(max_length=10, rate=0))
+    with plain(chat) as ws, structured(chat, nick="ivy") as ivy:
+        recv_json(ivy, "welcome")
+        ws.send("x" * 11)
+        assert ws.recv(timeout=5).startswith("* message longer than 10")
+        ivy.send(json.dumps({"type": "message", "text": "y" * 11}))
+        assert recv_json(ivy)["code"] == "too_long"
+        ws.send("x" * 10)
+        assert ws.recv(timeout=5) == "x" * 10
+
+
+def test_rate_limit_notice_then_close(make_chat):
+    chat = make_chat(welcome="", limits=ChatLimits(rate=0.001, burst=3))
+    with plain(chat) as ws:
+        for i in range(3):  # the burst goes through
+            ws.send(f"m{i}")
+            assert ws.recv(timeout=5) == f"m{i}"
+        ws.send("over")
+        assert ws.recv(timeout=5).startswith("* more than 0.001 messages per second")
+        for _ in range(4):
+            ws.send("flood")
+        with pytest.raises(ConnectionClosedError) as info:
+            while True:
+                ws.recv(timeout=5)
+        assert info.value.rcvd.code == 1008
+
+
+def test_post_from_the_application(make_chat):
+    chat = make_chat(welcome="")
+    with plain(chat) as ws, structured(chat, nick="judy") as judy:
+        recv_json(judy, "welcome")
+        chat.post("deploy finished", nick="ci")
+        assert ws.recv(timeout=5) == "deploy finished"
+        message = recv_json(judy, "message")
+        assert (message["nick"], message["text"]) == ("ci", "deploy finished")
+    chat.post("nobody is here", room="empty")  # no such room: nothing happens

@@ -1,0 +1,100 @@
+"""``python -m wschat`` as a user runs it: a real process on 127.0.0.1."""
+
+import http.client
+import re
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+from websockets.exceptions import ConnectionClosedOK
+from websockets.sync.client import connect
+
+from wschat import __main__ as cli
+from wschat.chat import DEFAULT_WELCOME
+
+
+def run_server(*args):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "wschat", "--host", "127.0.0.1", "--port", "0", "--log-level", "warning", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    line = process.stdout.readline()
+    match = re.search(r"ws://127\.0\.0\.1:(\d+)/chat - open http://127\.0\.0\.1:\d+/ in a browser", line)
+    assert match, line + process.stderr.read()
+    return process, int(match.group(1))
+
+
+def test_version_says_which_frames_path():
+    out = subprocess.run([sys.executable, "-m", "wschat", "--version"], capture_output=True, text=True, check=True).stdout
+    assert re.fullmatch(r"wschat \d+\.\d+\.\d+ \(frames: (C; C accelerator in use|Python; C accelerator not in use)\)\n", out)
+
+
+def test_help_lists_every_option():
+    out = subprocess.run([sys.executable, "-m", "wschat", "--help"], capture_output=True, text=True, check=True).stdout
+    for option in ["--host", "--port", "--ping-interval", "--max-message-size", "--max-connections", "--allowed-origin",
+                   "--certfile", "--keyfile", "--workers", "--history", "--welcome", "--max-chat-length",
+                   "--rate-limit", "--log-level", "--version"]:
+        assert option in out
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_serves_chat_and_page_then_shuts_down_gracefully(signum):
+    process, port = run_server()
+    try:
+        with connect(f"ws://127.0.0.1:{port}/chat") as ws:
+            assert ws.recv(timeout=5) == DEFAULT_WELCOME
+            ws.send("hi")
+            assert ws.recv(timeout=5) == "hi"
+            client = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            client.request("GET", "/")
+            response = client.getresponse()
+            assert response.status == 200 and b"chat.js" in response.read()
+            process.send_signal(signum)
+            with pytest.raises(ConnectionClosedOK) as info:
+                ws.recv(timeout=10)
+            assert info.value.rcvd.code == 1001
+        assert process.wait(10) == 0
+    finally:
+        process.kill()
+        process.communicate()
+
+
+def test_plain_echo_for_conformance_suites():
+    process, port = run_server("--welcome", "", "--max-chat-length", "0", "--rate-limit", "0")
+    try:
+        with connect(f"ws://127.0.0.1:{port}/chat") as ws:
+            for i in range(50):
+                ws.send(f"echo {i}")
+                assert ws.recv(timeout=5) == f"echo {i}"
+    finally:
+        process.terminate()
+        process.communicate(timeout=10)
+
+
+def test_port_in_use_is_one_line_and_exit_1():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "wschat", "--port", str(port)], capture_output=True, text=True, timeout=20)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "cannot listen on 127.0.0.1" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_certfile_needs_keyfile():
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--certfile", "cert.pem"])
+
+
+def test_build_wires_every_option(tmp_path):
+    args = cli.parse_args(["--port", "0", "--ping-interval", "2", "--max-message-size", "100", "--max-connections", "7",
+                           "--allowed-origin", "http://a", "--allowed-origin", "http://b", "--workers", "3",
+                           "--history", "9", "--welcome", "", "--max-chat-length", "0", "--rate-limit", "0",
+                           "--max-nick-length", "5", "--ping-timeout", "0"])
+    server, chat = cli.build(args)
+    assert (server.ping_interval, server.max_message_size, server.max_connections, server.workers) == (2, 100, 7, 3)
+    assert server.allowed_origins == ["http://a", "http://b"] and server.ping_timeout is None
+    assert (chat.history_size, chat.welcome, chat.limits.max_length, chat.limits.rate, chat.limits.max_nick_length) == (9, "", 0, 0, 5)

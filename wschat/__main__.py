@@ -1,0 +1,99 @@
+"""``python -m wschat``: run the chat server from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import ssl
+import sys
+from typing import Sequence
+
+from . import __version__
+from .chat import DEFAULT_WELCOME, Chat, ChatLimits
+from .frames import IMPLEMENTATION
+from .server import Server
+
+STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
+
+
+def version_text() -> str:
+    return f"wschat {__version__} (frames: {IMPLEMENTATION}; C accelerator {'in use' if IMPLEMENTATION == 'C' else 'not in use'})"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m wschat",
+        description="A WebSocket (RFC 6455) chat server, with its browser client at /.",
+    )
+    add = parser.add_argument
+    add("--version", action="version", version=version_text())
+    add("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    add("--port", type=int, default=1984, help="TCP port (default 1984)")
+    add("--path", default="/chat", help="the chat's WebSocket path (default /chat; /chat/NAME is room NAME)")
+    add("--ping-interval", type=float, default=5.0, help="seconds between pings to every client (default 5; 0: none)")
+    add("--ping-timeout", type=float, default=20.0, help="close a client silent this long (default 20; 0: never)")
+    add("--max-message-size", type=int, default=1 << 20, help="largest WebSocket message in bytes (default 1 MiB)")
+    add("--max-connections", type=int, default=10000, help="open WebSockets at most (default 10000)")
+    add("--allowed-origin", action="append", dest="allowed_origins", metavar="ORIGIN",
+        help="accept browsers from this Origin only (repeatable; default: any)")
+    add("--certfile", help="PEM certificate: serve wss:// and https://")
+    add("--keyfile", help="PEM private key for --certfile")
+    add("--workers", type=int, default=0, help="run handlers on this many threads (default 0: on the loop)")
+    add("--history", type=int, default=50, help="messages per room replayed to newcomers (default 50)")
+    add("--welcome", default=DEFAULT_WELCOME, help=f"welcome text ('' for none; default {DEFAULT_WELCOME!r})")
+    add("--max-chat-length", type=int, default=2000, help="characters per chat message (default 2000; 0: no limit)")
+    add("--rate-limit", type=float, default=5.0, help="messages per second per client (default 5; 0: no limit)")
+    add("--rate-burst", type=int, default=10, help="messages a client may send at once (default 10)")
+    add("--max-nick-length", type=int, default=24, help="characters per nickname (default 24; 0: no limit)")
+    add("--static-dir", default=STATIC_DIR, help="folder served over plain HTTP (default: the browser client)")
+    add("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default info")
+    args = parser.parse_args(argv)
+    if bool(args.certfile) != bool(args.keyfile):
+        parser.error("--certfile and --keyfile go together")
+    return args
+
+
+def build(args: argparse.Namespace) -> tuple[Server, Chat]:
+    """The server and chat that the arguments describe (not yet listening)."""
+    context = None
+    if args.certfile:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args.certfile, args.keyfile)
+    server = Server(
+        args.host,
+        args.port,
+        ssl_context=context,
+        static_dir=args.static_dir,
+        allowed_origins=args.allowed_origins,
+        max_connections=args.max_connections,
+        max_message_size=args.max_message_size,
+        ping_interval=args.ping_interval,
+        ping_timeout=args.ping_timeout or None,
+        workers=args.workers,
+    )
+    limits = ChatLimits(args.max_chat_length, args.rate_limit, args.rate_burst, args.max_nick_length)
+    chat = Chat(server, args.path, welcome=args.welcome, history=args.history, limits=limits)
+    return server, chat
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    server, _ = build(args)
+    try:
+        server.bind()
+    except OSError as exc:
+        print(f"wschat: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: server.stop())
+    web = server.url.replace("ws", "http", 1)
+    print(f"wschat listening on {server.url}{args.path} - open {web}/ in a browser", flush=True)
+    server.serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

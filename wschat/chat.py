@@ -1,0 +1,293 @@
+"""The chat application, built on the server's public API only.
+
+Two dialects share every room:
+
+* Plain clients (no subprotocol, like the seed's HTML page) get the welcome
+  text, then every chat message of their room as bare text.  Alone and with
+  the welcome and limits off, the chat is an echo.
+* Clients that negotiate the subprotocol ``wschat.v1`` speak JSON (see
+  README.rst): nicknames, join/leave notices, the user list, and the room's
+  recent history replayed on join.
+
+A room is the path below the resource: ``/chat`` is the room ``main``,
+``/chat/lobby`` the room ``lobby``.  Each message is encoded once per dialect
+and the same bytes go to every member.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import re
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from urllib.parse import parse_qs, urlsplit
+
+from .frames import CloseCode, Opcode, encode_frame
+from .server import Connection, Server
+
+log = logging.getLogger("wschat")
+
+SUBPROTOCOL = "wschat.v1"
+DEFAULT_WELCOME = "Welcome to Corvusoft Chat!"
+DEFAULT_ROOM = "main"
+ROOM_PATTERN = re.compile(r"[\w.-]{1,64}")
+NICK_PATTERN = re.compile(r"[^\W][\w.-]*")
+
+
+@dataclass
+class ChatLimits:
+    """Abuse limits; 0 turns one off."""
+
+    max_length: int = 2000  # characters in one chat message
+    rate: float = 5.0  # messages per second, sustained
+    burst: int = 10  # messages in a burst
+    max_nick_length: int = 24
+
+    @classmethod
+    def off(cls) -> ChatLimits:
+        return cls(max_length=0, rate=0, burst=0)
+
+
+@dataclass(eq=False)
+class Member:
+    """A connection's place in the chat (kept in ``Connection.context``)."""
+
+    conn: Connection
+    room: Room
+    nick: str
+    structured: bool  # speaks wschat.v1 JSON
+    tokens: float = 0.0
+    refilled: float = field(default_factory=time.monotonic)
+
+
+@dataclass(eq=False)
+class Room:
+    name: str
+    history: deque
+    members: dict = field(default_factory=dict)  # nick -> Member
+    seq: int = 0
+    _plain: tuple | None = None  # cached recipient lists, reset on join/leave
+    _structured: tuple | None = None
+
+    def recipients(self, structured: bool) -> tuple:
+        if self._plain is None:
+            self._plain = tuple(m.conn for m in self.members.values() if not m.structured)
+            self._structured = tuple(m.conn for m in self.members.values() if m.structured)
+        return self._structured if structured else self._plain
+
+    def changed(self) -> None:
+        self._plain = self._structured = None
+
+
+def _frame(payload: dict | str) -> bytes:
+    text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    return encode_frame(Opcode.TEXT, text.encode("utf-8"))
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Chat:
+    """A chat on ``server`` at ``path``: the seed's behaviour, and rooms, nicknames and history."""
+
+    def __init__(
+        self,
+        server: Server,
+        path: str = "/chat",
+        *,
+        welcome: str = DEFAULT_WELCOME,
+        history: int = 50,
+        limits: ChatLimits | None = None,
+    ):
+        self.server = server
+        self.welcome = welcome
+        self.history_size = history
+        self.limits = limits or ChatLimits()
+        self.rooms: dict[str, Room] = {}
+        self._lock = threading.Lock()  # guards rooms, members, sequence numbers
+        self._guests = itertools.count(1)
+        self.resource = server.resource(
+            path,
+            on_open=self.on_open,
+            on_message=self.on_message,
+            on_close=self.on_close,
+            on_error=self.on_error,
+            subprotocols=[SUBPROTOCOL],
+        )
+
+    # -- the public API, for embedding applications -----------------------------
+
+    def post(self, text: str, room: str = DEFAULT_ROOM, nick: str = "server") -> None:
+        """Post a chat message to ``room`` as ``nick`` (from any thread)."""
+        with self._lock:
+            target = self.rooms.get(room)
+            if target is not None:
+                self._publish(target, nick, text)
+
+    def users(self, room: str = DEFAULT_ROOM) -> list[str]:
+        with self._lock:
+            target = self.rooms.get(room)
+            return sorted(target.members) if target else []
+
+    # -- handlers ----------------------------------------------------------------
+
+    def on_open(self, conn: Connection) -> None:
+        name = conn.path[len(self.resource.path):].strip("/") or DEFAULT_ROOM
+        if not ROOM_PATTERN.fullmatch(name):
+            conn.close(CloseCode.POLICY_VIOLATION, "invalid room name")
+            return
+        structured = conn.subprotocol == SUBPROTOCOL
+        wanted = parse_qs(urlsplit(conn.request.target).query).get("nick", [""])[0].strip()
+        with self._lock:
+            room = self.rooms.get(name)
+            if room is None:
+                room = self.rooms[name] = Room(name, deque(maxlen=self.history_size))
+            problem = self._nick_problem(room, wanted) if wanted else "no nickname asked for"
+            nick = wanted if problem is None else self._guest_nick(room)
+            member = Member(conn, room, nick, structured, tokens=float(self.limits.burst))
+            conn.context = member
+            if structured:
+                conn.send(json.dumps({
+                    "type": "welcome", "text": self.welcome, "room": name, "nick": nick,
+                    "users": sorted([*room.members, nick]), "history": list(room.history),
+                }, ensure_ascii=False))
+                if wanted and problem:
+                    self._notify(member, "nick_refused", f"{problem}; you are {nick}")
+            elif self.welcome:
+                conn.send(self.welcome)
+            room.members[nick] = member
+            room.changed()
+            self._tell_structured(room, {"type": "join", "room": name, "nick": nick, "time": _now_ms()}, skip=conn)
+        log.info("%s joined room %s as %s from %s", conn.key, name, nick, conn.remote_address[0])
+
+    def on_message(self, conn: Connection, message: str | bytes) -> None:
+        member: Member | None = conn.context
+        if member is None:
+            return
+        if isinstance(message, bytes):
+            conn.close(CloseCode.UNSUPPORTED_DATA, "binary messages are not supported")
+            return
+        log.info("Received message '%s' from %s", message, conn.key)
+        if not self._within_rate(member):
+            return
+        if not member.structured:
+            self._say(member, message)
+            return
+        try:
+            request = json.loads(message)
+            kind = request["type"]
+        except (ValueError, KeyError, TypeError):
+            self._notify(member, "bad_request", 'expected a JSON object with a "type"')
+            return
+        if kind == "message" and isinstance(request.get("text"), str):
+            self._say(member, request["text"])
+        elif kind == "nick" and isinstance(request.get("nick"), str):
+            self._rename(member, request["nick"].strip())
+        elif kind == "users":
+            with self._lock:
+                users = sorted(member.room.members)
+            conn.send(json.dumps({"type": "users", "room": member.room.name, "users": users}))
+        else:
+            self._notify(member, "bad_request", f"unknown request {kind!r}")
+
+    def on_close(self, conn: Connection, code: int, reason: str) -> None:
+        member: Member | None = conn.context
+        log.info("Closed connection to %s (%d%s).", conn.key, code, f" {reason}" if reason else "")
+        if member is None:
+            return
+        with self._lock:
+            room = member.room
+            if room.members.get(member.nick) is member:
+                del room.members[member.nick]
+                room.changed()
+                self._tell_structured(room, {"type": "leave", "room": room.name, "nick": member.nick, "time": _now_ms()})
+            if not room.members and not room.history:
+                self.rooms.pop(room.name, None)
+
+    def on_error(self, conn: Connection, error: Exception) -> None:
+        log.warning("WebSocket Errored '%s' for %s.", error, conn.key)
+
+    # -- the work ------------------------------------------------------------------
+
+    def _say(self, member: Member, text: str) -> None:
+        limit = self.limits.max_length
+        if limit and len(text) > limit:
+            self._notify(member, "too_long", f"message longer than {limit} characters; not sent")
+            return
+        with self._lock:
+            self._publish(member.room, member.nick, text)
+
+    def _publish(self, room: Room, nick: str, text: str) -> None:
+        """Give a message its sequence number and queue it for every member (lock held)."""
+        room.seq += 1
+        record = {"type": "message", "room": room.name, "nick": nick, "text": text, "time": _now_ms(), "seq": room.seq}
+        room.history.append(record)
+        send = self.server.send_frame
+        plain = room.recipients(False)
+        if plain:
+            send(_frame(text), plain)
+        structured = room.recipients(True)
+        if structured:
+            send(_frame(record), structured)
+
+    def _rename(self, member: Member, nick: str) -> None:
+        with self._lock:
+            room = member.room
+            problem = self._nick_problem(room, nick)
+            if problem is None:
+                del room.members[member.nick]
+                old, member.nick = member.nick, nick
+                room.members[nick] = member
+                room.changed()
+                self._tell_structured(room, {"type": "nick", "room": room.name, "old": old, "nick": nick, "time": _now_ms()})
+        if problem is not None:
+            self._notify(member, "nick_refused", problem)
+
+    def _nick_problem(self, room: Room, nick: str) -> str | None:
+        limit = self.limits.max_nick_length
+        if not NICK_PATTERN.fullmatch(nick) or (limit and len(nick) > limit):
+            return f"nickname {nick!r} must be letters, digits, '.', '_' or '-'" + (f", at most {limit}" if limit else "")
+        if nick in room.members:
+            return f"nickname {nick!r} is taken in this room"
+        return None
+
+    def _guest_nick(self, room: Room) -> str:
+        while (nick := f"guest-{next(self._guests)}") in room.members:
+            pass
+        return nick
+
+    def _within_rate(self, member: Member) -> bool:
+        """A token bucket: ``rate`` per second, ``burst`` at once.  A client
+        that keeps sending when out of tokens is closed with 1008."""
+        limits = self.limits
+        if not limits.rate:
+            return True
+        now = time.monotonic()
+        member.tokens = min(limits.burst, member.tokens + (now - member.refilled) * limits.rate)
+        member.refilled = now
+        member.tokens -= 1
+        if member.tokens >= 0:
+            return True
+        if member.tokens < -limits.burst:
+            log.warning("%s: rate limit exceeded again and again, closing", member.conn.key)
+            member.conn.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
+        else:
+            self._notify(member, "rate_limited", f"more than {limits.rate:g} messages per second; message dropped")
+        return False
+
+    def _notify(self, member: Member, code: str, text: str) -> None:
+        """Tell one client what went wrong, in its dialect."""
+        if member.structured:
+            member.conn.send(json.dumps({"type": "error", "code": code, "text": text}))
+        else:
+            member.conn.send(f"* {text}")
+
+    def _tell_structured(self, room: Room, event: dict, skip: Connection | None = None) -> None:
+        targets = [c for c in room.recipients(True) if c is not skip]
+        if targets:
+            self.server.send_frame(_frame(event), targets)
