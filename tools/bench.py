@@ -1,0 +1,575 @@
+"""Load benchmark: wschat's chat side by side with python-websockets chat servers.
+
+    python tools/bench.py                                  # all scenarios, 3 rounds
+    python tools/bench.py --rounds 5 --scenarios fanout,large-64k
+    python tools/bench.py --servers wschat,wschat-pure --quick
+
+Each round starts every server under test afresh for every scenario, in turn
+(A B C A B C ...), the server pinned to CPU 0 and this load generator to CPU 1.
+The table gives medians over the rounds and each figure as a ratio to the
+python-websockets threading server measured in the same run.
+
+The load generator is built to cost far less per message than a server: raw
+non-blocking sockets, the handshake by hand, client frames masked once before
+the clock starts and sent in batches, and received bytes checked in bulk
+(fixed-size messages make every server frame the same length).  After each run
+every stream is verified: every client got every message of every sender
+exactly once and in each sender's order, or the run fails loudly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import selectors
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections import deque
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from wschat.frames import IMPLEMENTATION, Opcode, encode_frame  # noqa: E402
+
+HANDSHAKE = (
+    b"GET /chat HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+TAG_SIZE = 14  # six digits of sender, eight of sequence number, at the start of each payload
+
+
+class BenchError(Exception):
+    """A server lost, duplicated or reordered messages, or stopped answering."""
+
+
+# -- frames ----------------------------------------------------------------------
+
+
+def payload(sender: int, seq: int, size: int) -> bytes:
+    return f"{sender:06d}{seq:08d}".encode().ljust(size, b"x")
+
+
+def client_frame(data: bytes, opcode: int = Opcode.TEXT) -> bytes:
+    return encode_frame(opcode, data, mask=os.urandom(4))
+
+
+def server_header(size: int) -> bytes:
+    """The header every server puts on an unmasked text frame of ``size`` bytes."""
+    return encode_frame(Opcode.TEXT, bytes(size))[: 2 if size < 126 else 4 if size < 65536 else 10]
+
+
+CLOSE_FRAME = client_frame(b"\x03\xe8", Opcode.CLOSE)
+
+
+def tags_of(stream: bytes, size: int, client: int = 0) -> list[bytes]:
+    """The header and tag of every frame of a stream of ``size``-byte text
+    messages, checked in bulk: whole frames, each with the same header."""
+    header = server_header(size)
+    frame_len = len(header) + size
+    if len(stream) % frame_len:
+        raise BenchError(f"client {client}: {len(stream)} bytes is not a whole number of {frame_len}-byte frames")
+    count = len(stream) // frame_len
+    for offset, byte in enumerate(header):
+        if stream[offset::frame_len].count(byte) != count:
+            raise BenchError(f"client {client}: a frame that is not a {size}-byte text message")
+    head = len(header) + TAG_SIZE
+    return [stream[start : start + head] for start in range(0, len(stream), frame_len)]
+
+
+def verify_tags(client: int, tags: list[bytes], size: int, senders: int, messages: int) -> None:
+    """Check that one client got every sender's messages once, in order."""
+    header = server_header(size)
+    seen: dict[int, list[int]] = {sender: [] for sender in range(senders)}
+    for tag in tags:
+        if not tag.startswith(header):
+            raise BenchError(f"client {client}: a frame that is not a {size}-byte text message")
+        sender = int(tag[len(header) : len(header) + 6])
+        if sender not in seen:
+            raise BenchError(f"client {client}: message from unknown sender {tag!r}")
+        seen[sender].append(int(tag[len(header) + 6 :]))
+    for sender, seqs in seen.items():
+        if seqs != list(range(messages)):
+            lost = sorted(set(range(messages)) - set(seqs))
+            duplicated = len(seqs) - len(set(seqs))
+            problem = (f"lost {lost[:5]}{'...' if len(lost) > 5 else ''}" if lost
+                       else f"{duplicated} duplicated" if duplicated else "reordered")
+            raise BenchError(f"client {client}, messages of sender {sender}: {problem}")
+
+
+def verify(streams: list[bytes], size: int, senders: int, messages: int) -> None:
+    """Check whole received streams (see ``verify_tags``)."""
+    for client, stream in enumerate(streams):
+        verify_tags(client, tags_of(stream, size, client), size, senders, messages)
+
+
+# -- clients -----------------------------------------------------------------------
+
+
+class Client:
+    __slots__ = ("sock", "index", "head", "chunks", "received", "carry", "sent", "echoed", "times", "out", "done",
+                 "stage", "offset", "tags")
+
+    def __init__(self, sock: socket.socket, index: int):
+        self.sock = sock
+        self.index = index
+        self.head = bytearray()
+        self.chunks: list[bytes] = []
+        self.received = 0
+        self.carry = b""
+        self.sent = 0
+        self.echoed = 0
+        self.times: deque = deque()
+        self.out = b""
+        self.done = False
+        self.stage = ""
+        self.offset = 0  # position in the current frame (framed reading)
+        self.tags: list[bytes] = []
+
+    def queue(self, data: bytes) -> None:
+        self.out = memoryview(bytes(self.out) + data if self.out else data)
+
+    def flush(self) -> bool:
+        """Send what is queued; True when all of it left."""
+        if self.out:
+            sent = self.sock.send(self.out)
+            self.out = self.out[sent:]  # a memoryview: no copy of the rest
+        return not self.out
+
+
+def new_socket(port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.connect_ex(("127.0.0.1", port))
+    return sock
+
+
+def handshake_done(client: Client, data: bytes) -> bool:
+    """Feed handshake bytes; True once the 101 arrived (what follows goes to chunks)."""
+    client.head += data
+    end = client.head.find(b"\r\n\r\n")
+    if end < 0:
+        return False
+    if not client.head.startswith(b"HTTP/1.1 101"):
+        raise BenchError(f"handshake refused: {bytes(client.head[:60])!r}")
+    rest = bytes(client.head[end + 4 :])
+    client.head = None
+    if rest:
+        client.chunks.append(rest)
+        client.received += len(rest)
+    return True
+
+
+def open_clients(port: int, count: int, *, concurrency: int = 50, timeout: float = 120.0) -> tuple[list[Client], float]:
+    """Open and upgrade ``count`` connections, ``concurrency`` at a time.
+
+    Returns the clients and the handshakes per second.  ``concurrency`` stays
+    under every server's listen backlog so that none is slowed by SYN retries.
+    """
+    selector = selectors.DefaultSelector()
+    clients: list[Client] = []
+    started = pending = 0
+    start = time.perf_counter()
+    try:
+        while len(clients) < count:
+            while started < count and pending < concurrency:
+                client = Client(new_socket(port), started)
+                selector.register(client.sock, selectors.EVENT_WRITE, client)
+                started += 1
+                pending += 1
+            events = selector.select(1.0)
+            if time.perf_counter() - start > timeout:
+                raise BenchError(f"handshakes timed out: {len(clients)} of {count} done")
+            for key, mask in events:
+                client = key.data
+                if mask & selectors.EVENT_WRITE:
+                    error = client.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if error:
+                        raise BenchError(f"connect failed: {os.strerror(error)}")
+                    client.sock.send(HANDSHAKE)  # small: fits an empty socket buffer
+                    selector.modify(client.sock, selectors.EVENT_READ, client)
+                    continue
+                data = client.sock.recv(65536)
+                if not data:
+                    raise BenchError("server closed a connection during the handshake")
+                if handshake_done(client, data):
+                    selector.unregister(client.sock)
+                    pending -= 1
+                    clients.append(client)
+        rate = count / (time.perf_counter() - start)
+    finally:
+        selector.close()
+    clients.sort(key=lambda c: c.index)
+    return clients, rate
+
+
+def close_clients(clients: list[Client]) -> None:
+    for client in clients:
+        client.sock.close()
+
+
+# -- scenarios -------------------------------------------------------------------------
+
+
+def run_fanout(port: int, clients: int = 50, messages: int = 200, size: int = 64, window: int = 10,
+               stall: float = 10.0, pid: int | None = None) -> dict:
+    """Every client sends ``messages`` messages, at most ``window`` not yet
+    echoed back to it; every message goes to every client."""
+    peers, _ = open_clients(port, clients)
+    header = server_header(size)
+    frame_len = len(header) + size
+    frames = [[client_frame(payload(i, k, size)) for k in range(messages)] for i in range(clients)]
+    tags = [header + f"{i:06d}".encode() for i in range(clients)]
+    expected = clients * messages * frame_len
+    latencies: list[float] = []
+    selector = selectors.DefaultSelector()
+    scratch = memoryview(bytearray(1 << 20))
+    frame_head = len(header) + TAG_SIZE
+
+    def read_bulk(peer: Client) -> int:
+        """Small frames: keep the bytes, count own echoes in bulk. A tag
+        starts with 0x81, which no ASCII payload holds: count in place, plus
+        across the chunk boundary."""
+        size_read = peer.sock.recv_into(scratch)
+        if not size_read:
+            raise BenchError(f"client {peer.index}: the server closed the connection")
+        data = scratch[:size_read].tobytes()
+        peer.chunks.append(data)
+        peer.received += size_read
+        tag = tags[peer.index]
+        own = data.count(tag) + (peer.carry + data[: len(tag) - 1]).count(tag)
+        peer.carry = data[1 - len(tag) :]
+        return own
+
+    def read_framed(peer: Client) -> int:
+        """Large frames: read each frame's header and tag; let the kernel
+        drop the rest of the payload (MSG_TRUNC: no copy to user space)."""
+        own, progress = 0, False
+        while True:
+            try:
+                if peer.offset < frame_head:
+                    data = peer.sock.recv(frame_head - peer.offset)
+                    size_read = len(data)
+                    if data:
+                        peer.carry += data
+                        if len(peer.carry) == frame_head:
+                            peer.tags.append(peer.carry)
+                            own += peer.carry.startswith(tags[peer.index])
+                            peer.carry = b""
+                else:
+                    size_read = peer.sock.recv_into(scratch, frame_len - peer.offset, socket.MSG_TRUNC)
+            except BlockingIOError:
+                return own if progress else -1
+            if not size_read:
+                raise BenchError(f"client {peer.index}: the server closed the connection")
+            progress = True
+            peer.received += size_read
+            peer.offset = (peer.offset + size_read) % frame_len
+
+    read = read_bulk if size < 4096 else read_framed
+
+    def pump(peer: Client, now: float) -> None:
+        allowed = min(messages, peer.echoed + window)
+        if allowed > peer.sent:
+            peer.queue(b"".join(frames[peer.index][peer.sent : allowed]))
+            peer.times.extend([now] * (allowed - peer.sent))
+            peer.sent = allowed
+            if not peer.flush():
+                selector.modify(peer.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, peer)
+
+    try:
+        for peer in peers:
+            selector.register(peer.sock, selectors.EVENT_READ, peer)
+        start = last = time.perf_counter()
+        cpu_start, server_start = time.process_time(), cpu_seconds(pid)
+        for peer in peers:
+            pump(peer, start)
+        remaining = len(peers)
+        while remaining:
+            events = selector.select(1.0)
+            now = time.perf_counter()
+            if not events and now - last > stall:
+                break  # the verification below says what went missing
+            for key, mask in events:
+                peer = key.data
+                if mask & selectors.EVENT_WRITE and peer.flush():
+                    selector.modify(peer.sock, selectors.EVENT_READ, peer)
+                if not mask & selectors.EVENT_READ:
+                    continue
+                own = read(peer)
+                if own < 0:
+                    continue
+                last = now
+                if own:
+                    if own > len(peer.times):
+                        raise BenchError(f"client {peer.index}: more echoes than messages sent")
+                    peer.echoed += own
+                    latencies.extend(now - peer.times.popleft() for _ in range(own))
+                    pump(peer, now)
+                if not peer.done and peer.received >= expected:
+                    peer.done = True
+                    remaining -= 1
+        elapsed = last - start
+        loadgen_cpu = time.process_time() - cpu_start
+        server_cpu = cpu_seconds(pid) - server_start
+        for peer in peers:
+            tags_seen = peer.tags if read is read_framed else tags_of(b"".join(peer.chunks), size, peer.index)
+            verify_tags(peer.index, tags_seen, size, clients, messages)
+    finally:
+        selector.close()
+        close_clients(peers)
+    latencies.sort()
+    deliveries = clients * clients * messages
+    return {
+        "deliveries/s": deliveries / elapsed,
+        "MB/s": deliveries * size / elapsed / 1e6,
+        "p50 ms": 1000 * latencies[len(latencies) // 2],
+        "p99 ms": 1000 * latencies[int(len(latencies) * 0.99)],
+        "server CPU %": 100 * server_cpu / elapsed,
+        "loadgen CPU %": 100 * loadgen_cpu / elapsed,
+    }
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User and system CPU seconds of process ``pid`` so far (0 without one)."""
+    if pid is None:
+        return 0.0
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise BenchError("no VmRSS")
+
+
+def run_idle(port: int, count: int, pid: int) -> dict:
+    """Hold ``count`` idle connections; then one message to all of them."""
+    before = rss_kib(pid)
+    peers, rate = open_clients(port, count)
+    selector = selectors.DefaultSelector()
+    try:
+        after = rss_kib(pid)
+        size = 64
+        expected = len(server_header(size)) + size
+        for peer in peers:
+            selector.register(peer.sock, selectors.EVENT_READ, peer)
+        start = time.perf_counter()
+        peers[0].sock.sendall(client_frame(payload(0, 0, size)))
+        waiting = count
+        while waiting:
+            events = selector.select(10.0)
+            if not events:
+                raise BenchError(f"broadcast to idle connections: {waiting} of {count} got nothing")
+            for key, _ in events:
+                peer = key.data
+                data = peer.sock.recv(65536)
+                if not data:
+                    raise BenchError(f"client {peer.index}: closed while idle")
+                peer.chunks.append(data)
+                peer.received += len(data)
+                if peer.received >= expected:
+                    selector.unregister(peer.sock)
+                    waiting -= 1
+        elapsed = time.perf_counter() - start
+        verify([b"".join(p.chunks) for p in peers], size, 1, 1)
+    finally:
+        selector.close()
+        close_clients(peers)
+    return {"handshakes/s": rate, "KiB/conn": (after - before) / count, "broadcast ms": elapsed * 1000}
+
+
+def run_churn(port: int, total: int = 1000, concurrency: int = 20, size: int = 64) -> dict:
+    """Connect, send one message, wait for its echo, close; ``concurrency`` at a time."""
+    selector = selectors.DefaultSelector()
+    header = server_header(size)
+    started = finished = live = 0
+    start = time.perf_counter()
+    try:
+        while finished < total:
+            while started < total and live < concurrency:
+                client = Client(new_socket(port), started)
+                client.stage = "connect"
+                selector.register(client.sock, selectors.EVENT_WRITE, client)
+                started += 1
+                live += 1
+            events = selector.select(10.0)
+            if not events:
+                raise BenchError(f"churn stalled after {finished} connections")
+            for key, _ in events:
+                client = key.data
+                if client.stage == "connect":
+                    client.sock.send(HANDSHAKE)
+                    selector.modify(client.sock, selectors.EVENT_READ, client)
+                    client.stage = "handshake"
+                    continue
+                data = client.sock.recv(65536)
+                if client.stage == "closing":
+                    if not data:  # the server's EOF ends the closing handshake
+                        selector.unregister(client.sock)
+                        client.sock.close()
+                        live -= 1
+                        finished += 1
+                    continue
+                if not data:
+                    raise BenchError(f"client {client.index}: closed during the {client.stage}")
+                if client.stage == "handshake":
+                    if not handshake_done(client, data):
+                        continue
+                    client.stage = "echo"
+                    client.sock.sendall(client_frame(payload(client.index, 0, size)))
+                else:
+                    client.chunks.append(data)
+                if header + f"{client.index:06d}".encode() in b"".join(client.chunks):
+                    client.stage = "closing"
+                    client.sock.sendall(CLOSE_FRAME)
+        elapsed = time.perf_counter() - start
+    finally:
+        selector.close()
+    return {"connections/s": total / elapsed}
+
+
+# -- servers under test ------------------------------------------------------------------
+
+WSCHAT = [sys.executable, "-m", "wschat", "--welcome", "", "--max-chat-length", "0", "--rate-limit", "0",
+          "--ping-interval", "0", "--ping-timeout", "0", "--log-level", "warning",
+          "--max-message-size", str(2 << 20), "--max-connections", "20000"]
+SERVERS = {
+    "wschat": (WSCHAT + ["--port", "{port}"], {}),
+    "wschat-pure": (WSCHAT + ["--port", "{port}"], {"WSCHAT_NO_SPEEDUPS": "1"}),
+    "ws-threading": ([sys.executable, os.path.join(HERE, "bench_servers.py"), "threading", "{port}"], {}),
+    "ws-asyncio": ([sys.executable, os.path.join(HERE, "bench_servers.py"), "asyncio", "{port}"], {}),
+}
+REFERENCE = "ws-threading"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _server_process_setup() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if hasattr(os, "sched_setaffinity") and os.cpu_count() > 1:
+        os.sched_setaffinity(0, {0})
+
+
+class RunningServer:
+    def __init__(self, name: str):
+        command, env = SERVERS[name]
+        self.port = free_port()
+        self.process = subprocess.Popen(
+            [part.replace("{port}", str(self.port)) for part in command],
+            cwd=ROOT, env={**os.environ, **env}, preexec_fn=_server_process_setup,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        deadline = time.monotonic() + 20
+        while True:  # wait until it accepts connections
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise BenchError(f"{name} did not start: {self.process.stderr.read().decode()[-500:]}")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process.stderr.close()
+
+
+def scenarios(quick: bool) -> dict:
+    scale = 0.1 if quick else 1
+    return {
+        "fanout": lambda s: run_fanout(s.port, 50, max(10, int(200 * scale)), 64, window=10, pid=s.process.pid),
+        "large-64k": lambda s: run_fanout(s.port, 4, max(8, int(100 * scale)), 65536, window=2, pid=s.process.pid),
+        "large-1m": lambda s: run_fanout(s.port, 4, max(4, int(20 * scale)), 1 << 20, window=1, pid=s.process.pid),
+        "idle": lambda s: run_idle(s.port, 200 if quick else 2000, s.process.pid),
+        "idle-10k": lambda s: run_idle(s.port, 1000 if quick else 10000, s.process.pid),
+        "churn": lambda s: run_churn(s.port, total=100 if quick else 1000),
+    }
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {os.cpu_count()} CPUs, Python {platform.python_version()}, wschat frames: {IMPLEMENTATION}"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--servers", default="wschat,ws-threading,ws-asyncio", help=f"from {', '.join(SERVERS)}")
+    parser.add_argument("--scenarios", default="fanout,large-64k,large-1m,idle,churn",
+                        help="from fanout, large-64k, large-1m, idle, idle-10k, churn")
+    parser.add_argument("--quick", action="store_true", help="small counts: a smoke run")
+    args = parser.parse_args(argv)
+    servers = args.servers.split(",")
+    chosen = args.scenarios.split(",")
+    table = scenarios(args.quick)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    if hasattr(os, "sched_setaffinity") and os.cpu_count() > 1:
+        os.sched_setaffinity(0, {1})
+    print(machine())
+    print(f"command: python tools/bench.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
+    results: dict = {}
+    for round_number in range(args.rounds):
+        for scenario in chosen:
+            for name in servers:  # interleaved: A B C A B C ...
+                server = RunningServer(name)
+                try:
+                    figures = table[scenario](server)
+                except BenchError as error:
+                    print(f"FAILED: {name} {scenario}: {error}", file=sys.stderr)
+                    return 1
+                finally:
+                    server.stop()
+                for figure, value in figures.items():
+                    results.setdefault((scenario, figure), {}).setdefault(name, []).append(value)
+                print(f"round {round_number + 1}: {scenario:10} {name:13} " +
+                      "  ".join(f"{k} {v:,.1f}" for k, v in figures.items()), file=sys.stderr, flush=True)
+    print_table(results, servers)
+    return 0
+
+
+def print_table(results: dict, servers: list[str]) -> None:
+    reference = REFERENCE if REFERENCE in servers else None
+    others = [s for s in servers if s != reference]
+    header = f"{'scenario':10} {'figure':13}" + "".join(f"{s:>14}" for s in servers)
+    if reference:
+        header += "".join(f"{s + '/ref':>18}" for s in others)
+    print(header)
+    for (scenario, figure), by_server in results.items():
+        medians = {s: statistics.median(v) for s, v in by_server.items()}
+        line = f"{scenario:10} {figure:13}" + "".join(f"{medians.get(s, float('nan')):14,.1f}" for s in servers)
+        if reference and medians.get(reference):
+            line += "".join(f"{medians[s] / medians[reference]:17.2f}x" if s in medians else f"{'':>18}" for s in others)
+        print(line)
+    if reference:
+        print(f"(medians; ref = {reference}; for ms and KiB/conn, lower is better)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
