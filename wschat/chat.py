@@ -66,21 +66,22 @@ class Member:
 
 @dataclass(eq=False)
 class Room:
+    """A room's members and history; changed only under the chat's lock."""
+
     name: str
     history: deque
     members: dict = field(default_factory=dict)  # nick -> Member
+    plain: dict = field(default_factory=dict)  # Connection -> None: insertion-ordered sets,
+    structured: dict = field(default_factory=dict)  # updated in O(1) on join and leave
     seq: int = 0
-    _plain: tuple | None = None  # cached recipient lists, reset on join/leave
-    _structured: tuple | None = None
 
-    def recipients(self, structured: bool) -> tuple:
-        if self._plain is None:
-            self._plain = tuple(m.conn for m in self.members.values() if not m.structured)
-            self._structured = tuple(m.conn for m in self.members.values() if m.structured)
-        return self._structured if structured else self._plain
+    def add(self, member: Member) -> None:
+        self.members[member.nick] = member
+        (self.structured if member.structured else self.plain)[member.conn] = None
 
-    def changed(self) -> None:
-        self._plain = self._structured = None
+    def remove(self, member: Member) -> None:
+        del self.members[member.nick]
+        (self.structured if member.structured else self.plain).pop(member.conn, None)
 
 
 def _frame(payload: dict | str) -> bytes:
@@ -160,8 +161,7 @@ class Chat:
                     self._notify(member, "nick_refused", f"{problem}; you are {nick}")
             elif self.welcome:
                 conn.send(self.welcome)
-            room.members[nick] = member
-            room.changed()
+            room.add(member)
             self._tell_structured(room, {"type": "join", "room": name, "nick": nick, "time": _now_ms()}, skip=conn)
         log.info("%s joined room %s as %s from %s", conn.key, name, nick, conn.remote_address[0])
 
@@ -203,8 +203,7 @@ class Chat:
         with self._lock:
             room = member.room
             if room.members.get(member.nick) is member:
-                del room.members[member.nick]
-                room.changed()
+                room.remove(member)
                 self._tell_structured(room, {"type": "leave", "room": room.name, "nick": member.nick, "time": _now_ms()})
             if not room.members and not room.history:
                 self.rooms.pop(room.name, None)
@@ -227,23 +226,19 @@ class Chat:
         room.seq += 1
         record = {"type": "message", "room": room.name, "nick": nick, "text": text, "time": _now_ms(), "seq": room.seq}
         room.history.append(record)
-        send = self.server.send_frame
-        plain = room.recipients(False)
-        if plain:
-            send(_frame(text), plain)
-        structured = room.recipients(True)
-        if structured:
-            send(_frame(record), structured)
+        if room.plain:
+            self.server.send_frame(_frame(text), room.plain)
+        if room.structured:
+            self.server.send_frame(_frame(record), room.structured)
 
     def _rename(self, member: Member, nick: str) -> None:
         with self._lock:
             room = member.room
             problem = self._nick_problem(room, nick)
             if problem is None:
-                del room.members[member.nick]
+                room.remove(member)
                 old, member.nick = member.nick, nick
-                room.members[nick] = member
-                room.changed()
+                room.add(member)
                 self._tell_structured(room, {"type": "nick", "room": room.name, "old": old, "nick": nick, "time": _now_ms()})
         if problem is not None:
             self._notify(member, "nick_refused", problem)
@@ -288,6 +283,6 @@ class Chat:
             member.conn.send(f"* {text}")
 
     def _tell_structured(self, room: Room, event: dict, skip: Connection | None = None) -> None:
-        targets = [c for c in room.recipients(True) if c is not skip]
+        targets = [c for c in room.structured if c is not skip]
         if targets:
             self.server.send_frame(_frame(event), targets)
