@@ -1,0 +1,69 @@
+"""A smoke run of the load generator, and proof that its verification bites."""
+
+import importlib.util
+import os
+
+import pytest
+
+from wschat.chat import Chat, ChatLimits
+
+from .helpers import start_server
+
+BENCH = os.path.join(os.path.dirname(__file__), os.pardir, "tools", "bench.py")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def chat_port():
+    server = start_server(max_message_size=2 << 20)
+    Chat(server, welcome="", limits=ChatLimits.off())
+    yield server.port
+    server.stop()
+
+
+def test_smoke_run_of_every_scenario(bench, chat_port):
+    figures = bench.run_fanout(chat_port, clients=3, messages=10, size=64, window=2, pid=os.getpid())
+    assert figures["deliveries/s"] > 0 and figures["p99 ms"] >= figures["p50 ms"] > 0
+    assert bench.run_fanout(chat_port, clients=2, messages=3, size=70000, window=1)["MB/s"] > 0
+    idle = bench.run_idle(chat_port, 20, os.getpid())
+    assert idle["handshakes/s"] > 0 and idle["broadcast ms"] > 0
+    assert bench.run_churn(chat_port, total=10, concurrency=3)["connections/s"] > 0
+
+
+@pytest.mark.parametrize("size", [64, 70000])
+def test_a_dropped_message_fails_the_run(bench, size):
+    server = start_server(max_message_size=2 << 20)
+
+    def on_message(conn, message):
+        if not message.startswith("00000100000005"):  # sender 1 loses its message 5
+            server.broadcast(message)
+
+    server.resource("/chat", on_message=on_message)
+    try:
+        with pytest.raises(bench.BenchError, match=r"sender 1: lost \[5\]"):
+            bench.run_fanout(server.port, clients=3, messages=10, size=size, window=10, stall=1.0)
+    finally:
+        server.stop()
+
+
+def test_verification_names_loss_duplicates_and_reordering(bench):
+    header = bench.server_header(64)
+    frames = [header + bench.payload(0, seq, 64) for seq in range(4)]
+    bench.verify([b"".join(frames)], 64, 1, 4)
+    with pytest.raises(bench.BenchError, match=r"lost \[2\]"):
+        bench.verify([b"".join(frames[:2] + frames[3:])], 64, 1, 4)
+    with pytest.raises(bench.BenchError, match="1 duplicated"):
+        bench.verify([b"".join(frames + frames[3:])], 64, 1, 4)
+    with pytest.raises(bench.BenchError, match="reordered"):
+        bench.verify([b"".join([frames[1], frames[0]] + frames[2:])], 64, 1, 4)
+    with pytest.raises(bench.BenchError, match="whole number"):
+        bench.verify([b"".join(frames)[:-1]], 64, 1, 4)
+    with pytest.raises(bench.BenchError, match="unknown sender"):
+        bench.verify([header + bench.payload(7, 0, 64)], 64, 1, 1)
