@@ -55,6 +55,7 @@ log = logging.getLogger("wschat")
 READ_SIZE = 256 * 1024
 IOV_MAX = 1024  # buffers per sendmsg call
 PING_FRAME = encode_frame(Opcode.PING)
+STATE_OPEN = State.OPEN
 
 # Connection phases, as the loop sees them.
 TLS_HANDSHAKE = "tls"
@@ -385,14 +386,29 @@ class Server:
         targets = self.connections(path) if connections is None else connections
         return self.send_frame(frame, (c for c in targets if c is not exclude))
 
-    def send_frame(self, frame: bytes, connections: Iterable[Connection]) -> int:
-        """Queue one already-encoded frame for many connections; wakes the loop once."""
-        reached = 0
+    def send_frame(self, frame: bytes | Sequence[bytes], connections: Iterable[Connection]) -> int:
+        """Queue one already-encoded frame (bytes, or parts to write in turn)
+        for many connections: the hot path of every broadcast.  Never blocks;
+        marks them dirty under one lock and wakes the loop once."""
+        parts = (frame,) if isinstance(frame, bytes) else tuple(frame)
+        size = sum(map(len, parts))
+        limit = self.max_queue
+        queued = []
         for conn in connections:
-            if self._enqueue(conn, frame, wait=False, wake=False, only_open=True):
-                reached += 1
-        self._wake()
-        return reached
+            with conn._lock:
+                if conn.phase != OPEN or conn._protocol.state is not STATE_OPEN:
+                    continue
+                if conn._out_size and conn._out_size + size > limit:
+                    self._overflow(conn)
+                    continue
+                conn._out.extend(parts)
+                conn._out_size += size
+            queued.append(conn)
+        if queued:
+            with self._dirty_lock:
+                self._dirty.update(queued)
+            self._wake()
+        return len(queued)
 
     # -- queues and wake-ups ---------------------------------------------------
 
@@ -400,30 +416,29 @@ class Server:
         return threading.current_thread() is self._loop_thread
 
     def _enqueue(self, conn: Connection, data: bytes, *, wait: bool, timeout: float | None = None,
-                 force: bool = False, closing: bool = False, wake: bool = True, only_open: bool = False) -> bool:
-        """Append ``data`` to ``conn``'s queue; returns False if it was not queued."""
+                 force: bool = False, closing: bool = False) -> None:
+        """Append ``data`` to one connection's queue and wake the loop.
+
+        Past the high-water mark, a sender on another thread with ``wait``
+        waits for room; otherwise the slow client is closed.  ``force``
+        (handshake responses, control replies, close frames) skips the mark.
+        """
         with conn._lock:
             if conn.phase == CLOSED or conn.phase == DRAINING:
-                if only_open:
-                    return False
                 raise ConnectionClosed("connection is closed")
-            if only_open and (conn._protocol is None or conn._protocol.state is not State.OPEN):
-                return False
             if not force and conn._out_size and conn._out_size + len(data) > self.max_queue:
                 if wait and not self._on_loop():
                     self._wait_for_room(conn, len(data), self.send_timeout if timeout is None else timeout)
                 else:
                     self._overflow(conn)
-                    return False
+                    return
             conn._out.append(data)
             conn._out_size += len(data)
             if closing:
                 conn.deadline = time.monotonic() + self.close_timeout
         with self._dirty_lock:
             self._dirty.add(conn)
-        if wake:
-            self._wake()
-        return True
+        self._wake()
 
     def _wait_for_room(self, conn: Connection, size: int, timeout: float) -> None:
         """Block (holding ``conn._lock`` via its condition) until the queue has room."""
@@ -776,6 +791,10 @@ class Server:
         """Drop ``sent`` bytes from the front of the queue (lock held)."""
         out = conn._out
         conn._out_size -= sent
+        conn._partial = False
+        if not conn._out_size:  # the common case: the kernel took it all
+            out.clear()
+            return
         while sent:
             head = out[0]
             if len(head) <= sent:
@@ -785,7 +804,6 @@ class Server:
                 out[0] = memoryview(head)[sent:]
                 conn._partial = True
                 return
-        conn._partial = False
 
     def _drain(self, conn: Connection) -> None:
         """All is sent: shut down our side and wait (until the deadline) for the
