@@ -229,3 +229,23 @@ def test_allowed_rsv_lets_extension_bits_through():
     data = encode_frame(Opcode.TEXT, b"x", rsv=0b100, mask=MASK)
     parsed, _ = parse_all(data, allowed_rsv=0b100)
     assert parsed[0].rsv == 0b100
+
+
+@pytest.mark.parametrize("size", [0, 125, 16383, 16384, 70000])
+def test_frame_parts_join_to_the_frame(size):
+    payload = os.urandom(size)
+    parts = frames.encode_frame_parts(Opcode.BINARY, payload)
+    assert b"".join(parts) == encode_frame(Opcode.BINARY, payload)
+    assert len(parts) == (1 if size < frames.LARGE_PAYLOAD else 2)
+    if len(parts) == 2:
+        assert parts[1] is payload  # the payload itself, never copied
+
+
+def test_parser_keeps_leftovers_across_feeds(implementation):
+    stream = b"".join(encode_frame(Opcode.BINARY, bytes([n]) * 300, mask=MASK) for n in range(3))
+    parser = FrameParser(require_mask=True, max_payload=1000)
+    parser.feed(stream[:700])  # two whole frames and part of the third
+    assert [parser.next_frame().payload[0] for _ in range(2)] == [0, 1]
+    assert parser.next_frame() is None and parser.buffered == 700 - 2 * 308
+    parser.feed(stream[700:])
+    assert parser.next_frame().payload == bytes([2]) * 300 and parser.buffered == 0

@@ -26,7 +26,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
 
-from .frames import CloseCode, Opcode, encode_frame
+from .frames import CloseCode, Opcode, encode_frame_parts
 from .server import Connection, Server
 
 log = logging.getLogger("wschat")
@@ -84,9 +84,9 @@ class Room:
         (self.structured if member.structured else self.plain).pop(member.conn, None)
 
 
-def _frame(payload: dict | str) -> bytes:
+def _frame(payload: dict | str) -> tuple[bytes, ...]:
     text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-    return encode_frame(Opcode.TEXT, text.encode("utf-8"))
+    return encode_frame_parts(Opcode.TEXT, text.encode("utf-8"))
 
 
 def _now_ms() -> int:

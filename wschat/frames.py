@@ -48,6 +48,7 @@ class CloseCode(enum.IntEnum):
 DATA_OPCODES = frozenset((Opcode.CONTINUATION, Opcode.TEXT, Opcode.BINARY))
 KNOWN_OPCODES = frozenset(int(op) for op in Opcode)
 MAX_CONTROL_PAYLOAD = 125
+LARGE_PAYLOAD = 16384  # from here on a payload is written as a buffer of its own
 
 
 def is_valid_close_code(code: int) -> bool:
@@ -122,18 +123,28 @@ def encode_frame(
     Servers send unmasked frames (``mask=None``); clients pass a 4-byte mask,
     which is applied to the payload and written after the length.
     """
-    size = len(payload)
-    first = (0x80 if fin else 0) | (rsv << 4) | opcode
-    mask_bit = 0x80 if mask is not None else 0
-    if size < 126:
-        header = bytes((first, mask_bit | size))
-    elif size < 65536:
-        header = _pack_16(first, mask_bit | 126, size)
-    else:
-        header = _pack_64(first, mask_bit | 127, size)
+    header = frame_header(opcode, len(payload), fin=fin, rsv=rsv, masked=mask is not None)
     if mask is not None:
         return header + mask + apply_mask(payload, mask)
     return header + payload
+
+
+def frame_header(opcode: int, size: int, *, fin: bool = True, rsv: int = 0, masked: bool = False) -> bytes:
+    """The first 2, 4 or 10 bytes of a frame (without the mask)."""
+    first = (0x80 if fin else 0) | (rsv << 4) | opcode
+    mask_bit = 0x80 if masked else 0
+    if size < 126:
+        return bytes((first, mask_bit | size))
+    if size < 65536:
+        return _pack_16(first, mask_bit | 126, size)
+    return _pack_64(first, mask_bit | 127, size)
+
+
+def encode_frame_parts(opcode: int, payload: bytes) -> tuple[bytes, ...]:
+    """An unmasked frame as buffers to write in turn: one for a small payload,
+    header and payload apart for a large one, which is then never copied."""
+    header = frame_header(opcode, len(payload))
+    return (header + payload,) if len(payload) < LARGE_PAYLOAD else (header, payload)
 
 
 def encode_close_payload(code: int | None = None, reason: str = "") -> bytes:
@@ -200,7 +211,7 @@ class FrameParser:
 
     def feed(self, data: bytes) -> None:
         if self._pos:
-            del self._buffer[: self._pos]
+            del self._buffer[: self._pos]  # in place: the allocation is reused
             self._pos = 0
         self._buffer += data
 

@@ -30,7 +30,7 @@ from typing import Callable, Iterable, Sequence
 
 from .errors import ConnectionClosed, HandshakeError, SendTimeout, WebSocketError
 from .files import file_response
-from .frames import CloseCode, Opcode, encode_frame
+from .frames import CloseCode, Opcode, encode_frame, encode_frame_parts
 from .handshake import (
     DEFAULT_MAX_HEADER_SIZE,
     Extension,
@@ -380,9 +380,9 @@ class Server:
         whose queue is full is closed with 1008.  Returns the number reached.
         """
         if isinstance(message, str):
-            frame = encode_frame(Opcode.TEXT, message.encode("utf-8"))
+            frame = encode_frame_parts(Opcode.TEXT, message.encode("utf-8"))
         else:
-            frame = encode_frame(Opcode.BINARY, bytes(message))
+            frame = encode_frame_parts(Opcode.BINARY, bytes(message))
         targets = self.connections(path) if connections is None else connections
         return self.send_frame(frame, (c for c in targets if c is not exclude))
 
