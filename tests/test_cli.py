@@ -93,8 +93,9 @@ def test_build_wires_every_option(tmp_path):
     args = cli.parse_args(["--port", "0", "--ping-interval", "2", "--max-message-size", "100", "--max-connections", "7",
                            "--allowed-origin", "http://a", "--allowed-origin", "http://b", "--workers", "3",
                            "--history", "9", "--welcome", "", "--max-chat-length", "0", "--rate-limit", "0",
-                           "--max-nick-length", "5", "--ping-timeout", "0"])
+                           "--max-nick-length", "5", "--ping-timeout", "0", "--max-queue", "12345"])
     server, chat = cli.build(args)
     assert (server.ping_interval, server.max_message_size, server.max_connections, server.workers) == (2, 100, 7, 3)
     assert server.allowed_origins == ["http://a", "http://b"] and server.ping_timeout is None
+    assert server.max_queue == 12345
     assert (chat.history_size, chat.welcome, chat.limits.max_length, chat.limits.rate, chat.limits.max_nick_length) == (9, "", 0, 0, 5)

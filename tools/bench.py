@@ -28,6 +28,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections import deque
 
@@ -489,11 +490,13 @@ def _server_process_setup() -> None:
 class RunningServer:
     def __init__(self, name: str):
         command, env = SERVERS[name]
+        self.name = name
         self.port = free_port()
+        self.log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty server never blocks on it
         self.process = subprocess.Popen(
             [part.replace("{port}", str(self.port)) for part in command],
             cwd=ROOT, env={**os.environ, **env}, preexec_fn=_server_process_setup,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL, stderr=self.log,
         )
         deadline = time.monotonic() + 20
         while True:  # wait until it accepts connections
@@ -502,8 +505,12 @@ class RunningServer:
                 return
             except OSError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise BenchError(f"{name} did not start: {self.process.stderr.read().decode()[-500:]}")
+                    raise BenchError(f"{name} did not start: {self.log_tail()}")
                 time.sleep(0.05)
+
+    def log_tail(self, size: int = 600) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-size:]
 
     def stop(self) -> None:
         self.process.terminate()
@@ -512,7 +519,7 @@ class RunningServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        self.process.stderr.close()
+        self.log.close()
 
 
 def scenarios(quick: bool) -> dict:
@@ -555,26 +562,30 @@ def main(argv=None) -> int:
     print(machine())
     print(f"command: python tools/bench.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
     results: dict = {}
+    failed: set = set()
     for round_number in range(args.rounds):
         for scenario in chosen:
             for name in servers:  # interleaved: A B C A B C ...
+                if (scenario, name) in failed:
+                    continue
                 server = RunningServer(name)
                 try:
                     figures = table[scenario](server)
-                except BenchError as error:
-                    print(f"FAILED: {name} {scenario}: {error}", file=sys.stderr)
-                    return 1
+                except (BenchError, OSError) as error:
+                    print(f"FAILED: {name} {scenario}: {error!r}\n{server.log_tail()}", file=sys.stderr)
+                    failed.add((scenario, name))
+                    continue
                 finally:
                     server.stop()
                 for figure, value in figures.items():
                     results.setdefault((scenario, figure), {}).setdefault(name, []).append(value)
                 print(f"round {round_number + 1}: {scenario:10} {name:13} " +
                       "  ".join(f"{k} {v:,.1f}" for k, v in figures.items()), file=sys.stderr, flush=True)
-    print_table(results, servers)
-    return 0
+    print_table(results, servers, failed)
+    return 1 if any(name.startswith("wschat") for _, name in failed) else 0
 
 
-def print_table(results: dict, servers: list[str]) -> None:
+def print_table(results: dict, servers: list[str], failed: set) -> None:
     reference = REFERENCE if REFERENCE in servers else None
     others = [s for s in servers if s != reference]
     header = f"{'scenario':10} {'figure':13}" + "".join(f"{s:>14}" for s in servers)
@@ -582,9 +593,10 @@ def print_table(results: dict, servers: list[str]) -> None:
         header += "".join(f"{s + '/ref':>18}" for s in others)
     print(header)
     for (scenario, figure), by_server in results.items():
-        medians = {s: statistics.median(v) for s, v in by_server.items()}
-        line = f"{scenario:10} {figure:13}" + "".join(f"{medians.get(s, float('nan')):14,.1f}" for s in servers)
-        if reference and medians.get(reference):
+        medians = {s: statistics.median(v) for s, v in by_server.items() if (scenario, s) not in failed}
+        line = f"{scenario:10} {figure:13}" + "".join(
+            f"{medians[s]:14,.1f}" if s in medians else f"{'failed':>14}" for s in servers)
+        if medians.get(reference):
             line += "".join(f"{medians[s] / medians[reference]:17.2f}x" if s in medians else f"{'':>18}" for s in others)
         print(line)
     if reference:

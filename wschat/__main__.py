@@ -36,6 +36,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--ping-timeout", type=float, default=20.0, help="close a client silent this long (default 20; 0: never)")
     add("--max-message-size", type=int, default=1 << 20, help="largest WebSocket message in bytes (default 1 MiB)")
     add("--max-connections", type=int, default=10000, help="open WebSockets at most (default 10000)")
+    add("--max-queue", type=int, default=16 << 20,
+        help="bytes queued for one client before it is closed as too slow (1008; default 16 MiB)")
     add("--allowed-origin", action="append", dest="allowed_origins", metavar="ORIGIN",
         help="accept browsers from this Origin only (repeatable; default: any)")
     add("--certfile", help="PEM certificate: serve wss:// and https://")
@@ -69,6 +71,7 @@ def build(args: argparse.Namespace) -> tuple[Server, Chat]:
         allowed_origins=args.allowed_origins,
         max_connections=args.max_connections,
         max_message_size=args.max_message_size,
+        max_queue=args.max_queue,
         ping_interval=args.ping_interval,
         ping_timeout=args.ping_timeout or None,
         workers=args.workers,

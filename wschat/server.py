@@ -221,7 +221,7 @@ class Server:
         max_connections: int = 10000,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
-        max_queue: int = 4 << 20,
+        max_queue: int = 16 << 20,
         send_timeout: float = 10.0,
         handshake_timeout: float = 10.0,
         close_timeout: float = 5.0,
