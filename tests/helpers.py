@@ -35,10 +35,10 @@ class RawClient:
         if handshake:
             self.handshake(path, headers)
 
-    def handshake(self, path="/chat", headers=()):
+    def handshake(self, path="/chat", headers=(), version="13"):
         key = base64.b64encode(os.urandom(16)).decode()
         lines = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1", "Upgrade: websocket", "Connection: Upgrade",
-                 f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13", *headers]
+                 f"Sec-WebSocket-Key: {key}", f"Sec-WebSocket-Version: {version}", *headers]
         self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
         self.response = self.read_head()
         return self.response

@@ -266,36 +266,35 @@ def test_max_header_size_431():
 
 
 @pytest.mark.parametrize(
-    "headers, status",
-    [(["Sec-WebSocket-Version: 8"], 426), (["Origin: http://evil.example"], 403)],
+    "headers, version, status",
+    [((), "8", 426), (("Origin: http://evil.example",), "13", 403)],
 )
-def test_handshake_refusals_over_the_wire(headers, status):
+def test_handshake_refusals_over_the_wire(headers, version, status):
     server = echo_server(allowed_origins=["http://good.example"])
     try:
-        raw = RawClient(server.port, handshake=False)
-        lines = [h for h in headers]
-        if status == 426:  # replace the version header
-            raw.sock.sendall(b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 8\r\n\r\n")
-            raw.response = raw.read_head()
-        else:
-            raw.handshake(headers=lines)
-        assert raw.status == status
-        if status == 426:
-            assert b"Sec-WebSocket-Version: 13" in raw.response
-        assert raw.at_eof()
-        raw.close()
+        with RawClient(server.port, handshake=False) as raw:
+            raw.handshake(headers=headers, version=version)
+            assert raw.status == status
+            if status == 426:
+                assert b"Sec-WebSocket-Version: 13" in raw.response
+            assert raw.at_eof()
     finally:
         server.stop()
 
 
-def test_slow_client_closed_and_others_get_everything():
+def server_with_slow_client(max_queue):
+    """A server, its recorder, and a client that connected and never reads."""
     recorder = Recorder()
-    server = start_server(max_queue=256 * 1024, close_timeout=0.5)
+    server = start_server(max_queue=max_queue, close_timeout=0.5)
     server.resource("/chat", **recorder.handlers())
+    slow = RawClient(server.port, rcvbuf=4096)
+    _, slow_conn = recorder.wait("open")
+    return server, recorder, slow, slow_conn
+
+
+def test_slow_client_closed_and_others_get_everything():
+    server, recorder, slow, slow_conn = server_with_slow_client(256 * 1024)
     try:
-        slow = RawClient(server.port, rcvbuf=4096)  # connects, then never reads
-        _, slow_conn = recorder.wait("open")
         received = []
         progress = threading.Condition()
 
@@ -326,12 +325,8 @@ def test_slow_client_closed_and_others_get_everything():
 
 
 def test_send_from_another_thread_waits_then_times_out():
-    recorder = Recorder()
-    server = start_server(max_queue=32 * 1024, close_timeout=0.5)
-    server.resource("/chat", **recorder.handlers())
+    server, _, slow, conn = server_with_slow_client(32 * 1024)
     try:
-        slow = RawClient(server.port, rcvbuf=4096)
-        _, conn = recorder.wait("open")
         with pytest.raises(SendTimeout):
             for _ in range(10000):
                 conn.send(b"z" * 8192, timeout=0.3)
