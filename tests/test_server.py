@@ -15,7 +15,7 @@ from websockets.sync.client import connect
 
 from wschat import ConnectionClosed, SendTimeout
 from wschat.errors import InvalidPayload, ProtocolError
-from wschat.frames import Opcode
+from wschat.frames import Opcode, encode_frame
 from wschat.server import Server
 
 from .helpers import RawClient, Recorder, start_server
@@ -535,3 +535,93 @@ def test_stop_before_serving_releases_the_socket():
     again = Server("127.0.0.1", port)
     again.bind()  # the port is free again
     again.stop()
+
+
+# -- more of the API and its edges ----------------------------------------------
+
+
+def test_context_manager_ping_and_binary_broadcast():
+    recorder = Recorder()
+    with Server("127.0.0.1", 0, ping_interval=0) as server:
+        server.resource("/chat", **recorder.handlers())
+        assert server.start() is server  # already running: nothing more starts
+        assert [t.name for t in threading.enumerate()].count("wschat-loop") == 1
+        with RawClient(server.port) as raw:
+            _, conn = recorder.wait("open")
+            assert "open" in repr(conn)
+            conn.ping(b"hey")
+            frame = raw.recv_frame()
+            assert (frame.opcode, frame.payload) == (Opcode.PING, b"hey")
+            assert server.broadcast(b"\x00\xffbinary") == 1
+            frame = raw.recv_frame()
+            assert (frame.opcode, frame.payload) == (Opcode.BINARY, b"\x00\xffbinary")
+    assert not conn.is_open
+
+
+def test_frames_right_behind_the_request():
+    server = echo_server()
+    try:
+        with RawClient(server.port, handshake=False) as raw:
+            request = (b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                       b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+            raw.sock.sendall(request + b"".join(
+                encode_frame(Opcode.TEXT, b"early %d" % i, mask=os.urandom(4))
+                for i in range(3)))
+            raw.response = raw.read_head()
+            assert raw.status == 101
+            assert [raw.recv_frame().payload for _ in range(3)] == [b"early 0", b"early 1", b"early 2"]
+    finally:
+        server.stop()
+
+
+def test_send_from_the_loop_thread_to_a_slow_client_closes_it():
+    server, recorder, slow, slow_conn = server_with_slow_client(64 * 1024)
+    # A handler runs on the loop thread: it must never block, so the overflow
+    # closes the slow client instead of waiting for it.
+    sender = RawClient(server.port)
+    try:
+        recorder.wait("open")
+        server.resources[0].on_message = lambda conn, message: [slow_conn.send(message) for _ in range(200)]
+        sender.send_frame(Opcode.TEXT, b"x" * 10000)
+        _, _, code, reason = recorder.wait("close", conn=slow_conn)
+        assert (code, reason) == (1008, "client too slow")
+        sender.send_frame(Opcode.PING, b"alive")
+        assert sender.recv_frame().payload == b"alive"  # the loop went on
+    finally:
+        sender.close()
+        slow.close()
+        server.stop()
+
+
+def test_failing_error_handler_is_contained(caplog):
+    def broken(conn, error):
+        raise RuntimeError("error handler bug")
+
+    server = start_server()
+    server.resource("/chat", on_message=lambda c, m: 1 / 0, on_error=broken)
+    try:
+        with connect(url(server)) as ws:
+            ws.send("boom")
+            with pytest.raises(ConnectionClosedError) as info:
+                ws.recv(timeout=5)
+            assert info.value.rcvd.code == 1011
+        assert "error handler failed" in caplog.text
+    finally:
+        server.stop()
+
+
+def test_plain_tcp_on_the_tls_port_is_dropped(certificate):
+    cert, key = certificate
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = echo_server(ssl_context=context)
+    try:
+        with RawClient(server.port, handshake=False) as raw:
+            raw.sock.sendall(b"GET /chat HTTP/1.1\r\nHost: x\r\n\r\n")  # not a TLS hello
+            assert raw.at_eof()
+        client_context = ssl.create_default_context(cafile=cert)
+        with connect(f"wss://127.0.0.1:{server.port}/chat", ssl=client_context) as ws:
+            ws.send("still serving")
+            assert ws.recv(timeout=5) == "still serving"
+    finally:
+        server.stop()

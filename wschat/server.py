@@ -319,7 +319,10 @@ class Server:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="wschat-handler")
 
     def start(self) -> Server:
-        """Bind and run the loop in a background thread; returns at once."""
+        """Bind and run the loop in a background thread; returns at once.
+        Starting a server that runs already does nothing."""
+        if self._loop_thread is not None:
+            return self
         self.bind()
         self._thread = threading.Thread(target=self.serve_forever, name="wschat-loop", daemon=True)
         self._loop_thread = self._thread
