@@ -24,12 +24,15 @@ def start_server(**kwargs) -> Server:
 
 
 class RawClient:
-    def __init__(self, port: int, path: str = "/chat", *, headers=(), rcvbuf: int | None = None, handshake=True):
+    def __init__(self, port: int, path: str = "/chat", *, headers=(), rcvbuf: int | None = None, handshake=True,
+                 ssl_context=None):
         self.sock = socket.socket()
         if rcvbuf:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.settimeout(10)
         self.sock.connect(("127.0.0.1", port))
+        if ssl_context is not None:
+            self.sock = ssl_context.wrap_socket(self.sock, server_hostname="localhost")
         self.parser = FrameParser(require_mask=False, max_payload=1 << 30)
         self.response = b""
         if handshake:

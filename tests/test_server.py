@@ -7,6 +7,8 @@ import socket
 import ssl
 import subprocess
 import threading
+from collections import deque
+from types import SimpleNamespace
 
 import pytest
 from websockets.exceptions import ConnectionClosed as WsConnectionClosed
@@ -625,3 +627,41 @@ def test_plain_tcp_on_the_tls_port_is_dropped(certificate):
             assert ws.recv(timeout=5) == "still serving"
     finally:
         server.stop()
+
+
+def test_tls_writes_survive_backpressure(certificate):
+    """Small frames queue up behind a TLS write the kernel refused; each
+    retried write must start with the same bytes, and all arrive in order."""
+    cert, key = certificate
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    recorder = Recorder()
+    server = start_server(ssl_context=context)
+    server.resource("/chat", **recorder.handlers())
+    try:
+        with RawClient(server.port, rcvbuf=4096, ssl_context=ssl.create_default_context(cafile=cert)) as raw:
+            _, conn = recorder.wait("open")
+            sent = 0
+            while not conn.queued and sent < 100000:  # until the kernel pushes back
+                conn.send(f"{sent:06d}" + "x" * 500)
+                sent += 1
+            assert conn.queued
+            for _ in range(500):  # more small frames behind the blocked write
+                conn.send(f"{sent:06d}" + "x" * 500)
+                sent += 1
+            received = [raw.recv_frame().payload[:6] for _ in range(sent)]
+            assert received == [f"{i:06d}".encode() for i in range(sent)]
+    finally:
+        server.stop()
+
+
+def test_tls_retry_buffer_keeps_its_start_as_the_queue_grows():
+    # A write refused with SSLWantWriteError is retried; OpenSSL fails the
+    # connection ("bad write retry") if the retry is shorter or different.
+    conn = SimpleNamespace(_out=deque([b"a" * 100, b"b" * 100]))
+    first = Server._tls_head(conn)
+    assert first == b"a" * 100 + b"b" * 100
+    conn._out.extend([b"c" * 1000] * 200)  # the queue grows past 64 KiB meanwhile
+    again = Server._tls_head(conn)
+    assert again.startswith(first) and len(again) <= 65536
+    assert b"".join(conn._out) == first + b"c" * 200000  # nothing lost or reordered

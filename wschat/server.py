@@ -757,7 +757,7 @@ class Server:
             while out:
                 try:
                     if conn._tls:
-                        data = b"".join(out) if len(out) > 1 and conn._out_size <= 65536 else out[0]
+                        data = self._tls_head(conn)
                         sent = conn.sock.send(data)
                         attempted = len(data)
                     else:
@@ -765,6 +765,8 @@ class Server:
                         sent = conn.sock.sendmsg(buffers)
                         attempted = -1  # one call per flush
                 except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                    if conn._tls:
+                        conn._partial = True  # OpenSSL must retry this very buffer: keep it
                     break
                 except OSError as exc:
                     log.info("%s: write failed: %s", conn.key, exc)
@@ -788,6 +790,21 @@ class Server:
             self._want_write(conn, False)
             if conn._finish_after_flush and conn.phase != DRAINING:
                 self._drain(conn)
+
+    @staticmethod
+    def _tls_head(conn: Connection) -> bytes:
+        """The first queued buffer, with small frames behind it joined in (up
+        to 64 KiB).  It stays at the front, so a TLS write retried after
+        SSLWantWriteError starts with the same bytes, as OpenSSL requires."""
+        out = conn._out
+        if len(out) > 1 and len(out[0]) < 65536:
+            parts = [out.popleft()]
+            total = len(parts[0])
+            while out and total + len(out[0]) <= 65536:
+                total += len(out[0])
+                parts.append(out.popleft())
+            out.appendleft(b"".join(parts))
+        return out[0]
 
     @staticmethod
     def _consume(conn: Connection, sent: int) -> None:
