@@ -18,7 +18,7 @@ from websockets.sync.client import connect
 from wschat import ConnectionClosed, SendTimeout
 from wschat.errors import InvalidPayload, ProtocolError
 from wschat.frames import Opcode, encode_frame
-from wschat.server import Server
+from wschat.server import READ_SIZE, Server
 
 from .helpers import RawClient, Recorder, start_server
 
@@ -665,3 +665,24 @@ def test_tls_retry_buffer_keeps_its_start_as_the_queue_grows():
     again = Server._tls_head(conn)
     assert again.startswith(first) and len(again) <= 65536
     assert b"".join(conn._out) == first + b"c" * 200000  # nothing lost or reordered
+
+
+def test_ping_flood_without_reading_is_bounded():
+    """Pongs count against the outbound mark too: a client that sends pings
+    and never reads the pongs is closed, not given unbounded memory."""
+    server, recorder, slow, slow_conn = server_with_slow_client(64 * 1024)
+    try:
+        ping = encode_frame(Opcode.PING, b"p" * 125, mask=os.urandom(4))
+        peak = 0
+        for _ in range(200):  # up to 5 MB of pings, in 25 KB batches
+            try:
+                slow.sock.sendall(ping * 200)
+            except OSError:  # the server gave up on us: the point
+                break
+            peak = max(peak, slow_conn.queued)
+        assert peak <= 64 * 1024 + READ_SIZE  # the mark, plus the replies to one read
+        _, _, code, reason = recorder.wait("close", conn=slow_conn)
+        assert (code, reason) == (1008, "client too slow")
+    finally:
+        slow.close()
+        server.stop()

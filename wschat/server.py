@@ -716,8 +716,8 @@ class Server:
         with conn._lock:
             events = protocol.receive_data(data)
             replies = protocol.data_to_send()
-        if replies:
-            self._enqueue(conn, replies, wait=False, force=True)
+        if replies:  # pongs count against the mark: a ping flood is a slow client
+            self._enqueue(conn, replies, wait=False)
         resource = conn.resource
         for event in events:
             kind = type(event)
