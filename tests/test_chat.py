@@ -2,6 +2,7 @@
 
 import json
 import logging
+import threading
 
 import pytest
 from websockets.exceptions import ConnectionClosedError
@@ -51,15 +52,28 @@ def recv_json(ws, kind=None):
 def test_seed_behaviour_welcome_broadcast_and_logging(make_chat, caplog):
     chat = make_chat()
     caplog.set_level(logging.INFO, logger="wschat")
+    closed = threading.Semaphore(0)
+    chat.resource.on_close = lambda *args: (chat.on_close(*args), closed.release())
     with plain(chat) as a, plain(chat) as b:
         assert a.recv(timeout=5) == DEFAULT_WELCOME
         assert b.recv(timeout=5) == DEFAULT_WELCOME
         a.send("hello everyone")
         assert a.recv(timeout=5) == "hello everyone"  # the sender too
         assert b.recv(timeout=5) == "hello everyone"
+    assert closed.acquire(timeout=5) and closed.acquire(timeout=5)  # the server saw both close
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("Received message 'hello everyone' from") for m in messages)
     assert any(m.startswith("Closed connection to") for m in messages)
+
+
+def test_log_lines_cannot_be_forged_or_flooded(make_chat, caplog):
+    chat = make_chat(welcome="", limits=ChatLimits.off())
+    caplog.set_level(logging.INFO, logger="wschat")
+    with plain(chat) as ws:
+        ws.send("hi\nFAKE ERROR server compromised" + "x" * 5000)
+        ws.recv(timeout=5)
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Received message")]
+    assert "\n" not in line and "\\nFAKE ERROR" in line and len(line) < 300
 
 
 def test_binary_refused_with_1003(make_chat):
@@ -189,6 +203,11 @@ def test_message_length_limit(make_chat):
         assert recv_json(ivy)["code"] == "too_long"
         ws.send("x" * 10)
         assert ws.recv(timeout=5) == "x" * 10
+
+
+def test_zero_burst_still_lets_the_rate_through():
+    assert ChatLimits(rate=5, burst=0).burst == 1
+    assert ChatLimits.off().burst == 0
 
 
 def test_rate_limit_notice_then_close(make_chat):

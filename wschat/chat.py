@@ -47,6 +47,10 @@ class ChatLimits:
     burst: int = 10  # messages in a burst
     max_nick_length: int = 24
 
+    def __post_init__(self) -> None:
+        if self.rate and self.burst < 1:  # a bucket must hold one message
+            self.burst = 1
+
     @classmethod
     def off(cls) -> ChatLimits:
         return cls(max_length=0, rate=0, burst=0)
@@ -172,7 +176,8 @@ class Chat:
         if isinstance(message, bytes):
             conn.close(CloseCode.UNSUPPORTED_DATA, "binary messages are not supported")
             return
-        log.info("Received message '%s' from %s", message, conn.key)
+        # %r and a cut: a message can neither flood the log nor forge lines in it.
+        log.info("Received message %r from %s", message[:200], conn.key)
         if not self._within_rate(member):
             return
         if not member.structured:
