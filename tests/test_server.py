@@ -6,6 +6,7 @@ import os
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 from collections import deque
 from types import SimpleNamespace
@@ -686,3 +687,50 @@ def test_ping_flood_without_reading_is_bounded():
     finally:
         slow.close()
         server.stop()
+
+
+OUT_OF_DESCRIPTORS_SERVER = r"""
+import logging, resource, sys, time
+from wschat.server import Server
+
+logging.basicConfig(level=logging.ERROR, stream=sys.stdout, format="%(message)s")
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+server = Server("127.0.0.1", 0, ping_interval=0)
+server.resource("/chat", on_message=lambda c, m: c.send(m))
+server.start()
+print("port", server.port, flush=True)
+sys.stdin.readline()  # the clients are connected: more than there are descriptors
+start = time.process_time()
+time.sleep(1.5)  # what is measured is the CPU the loop burns meanwhile
+print("cpu", time.process_time() - start, flush=True)
+sys.stdin.readline()
+server.stop()
+"""
+
+
+def test_out_of_descriptors_pauses_accepting_instead_of_spinning():
+    process = subprocess.Popen([sys.executable, "-c", OUT_OF_DESCRIPTORS_SERVER], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        port = int(process.stdout.readline().split()[1])
+        with contextlib.ExitStack() as stack:
+            for _ in range(100):
+                stack.enter_context(socket.create_connection(("127.0.0.1", port)))
+            process.stdin.write("go\n")
+            process.stdin.flush()
+            while not (line := process.stdout.readline()).startswith("cpu"):
+                assert line, process.stderr.read()  # the server died
+                lines.append(line)
+            cpu = float(line.split()[1])
+        with connect(f"ws://127.0.0.1:{port}/chat", open_timeout=10) as ws:  # accepting again
+            ws.send("back")
+            assert ws.recv(timeout=10) == "back"
+        output, errors = process.communicate("stop\n", timeout=30)
+        lines += output.splitlines()
+    finally:
+        process.kill()
+    assert process.returncode == 0, errors
+    assert cpu < 0.5  # paused, not spinning on accept
+    assert any("pausing accepts" in line for line in lines)
+    assert sum("accept failed" in line for line in lines) <= 10  # once per pause, not per spin

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import resource
 import signal
 import ssl
 import sys
@@ -81,9 +82,17 @@ def build(args: argparse.Namespace) -> tuple[Server, Chat]:
     return server, chat
 
 
+def raise_descriptor_limit() -> None:
+    """Let the process use every file descriptor it may: one per client."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    raise_descriptor_limit()
     server, _ = build(args)
     try:
         server.bind()

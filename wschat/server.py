@@ -16,6 +16,7 @@ queued for one client since the last iteration leave in one ``sendmsg``.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import logging
 import os
@@ -53,6 +54,8 @@ from .protocol import (
 log = logging.getLogger("wschat")
 
 READ_SIZE = 256 * 1024
+ACCEPT_PAUSE = 0.5  # seconds without accepting after running out of descriptors
+RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 IOV_MAX = 1024  # buffers per sendmsg call
 PING_FRAME = encode_frame(Opcode.PING)
 STATE_OPEN = State.OPEN
@@ -267,6 +270,7 @@ class Server:
         self._timer: threading.Timer | None = None
         self._timer_lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
+        self._accept_resume = 0.0  # when accepting resumes after a pause, 0 when not paused
 
     # -- configuration -------------------------------------------------------
 
@@ -515,6 +519,9 @@ class Server:
             if now >= next_check:
                 self._check_deadlines(now)
                 next_check = now + 0.2
+                if self._accept_resume and now >= self._accept_resume and not self._stopping.is_set():
+                    self._accept_resume = 0.0
+                    self._selector.register(self._listener, selectors.EVENT_READ, None)
             if self._stopping.is_set():
                 if not stopping_begun:
                     stopping_begun = True
@@ -551,8 +558,13 @@ class Server:
                 sock, address = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and friends: log and try again later
-                log.error("accept failed: %s", exc)
+            except OSError as exc:
+                if exc.errno in RESOURCE_ERRORS:  # out of descriptors: pause, do not spin
+                    log.error("accept failed (%s); pausing accepts for %.1fs", exc.strerror, ACCEPT_PAUSE)
+                    self._selector.unregister(self._listener)
+                    self._accept_resume = time.monotonic() + ACCEPT_PAUSE
+                else:  # the client left before we took it (ECONNABORTED and the like)
+                    log.debug("accept failed: %s", exc)
                 return
             if len(self._pending) >= self.max_connections:
                 log.warning("too many connections in handshake; dropping %s", address)
@@ -974,7 +986,8 @@ class Server:
 
     def _begin_shutdown(self) -> None:
         log.info("shutting down")
-        self._selector.unregister(self._listener)
+        if not self._accept_resume:
+            self._selector.unregister(self._listener)
         self._listener.close()
         for conn in list(self._pending):
             self._teardown(conn)
