@@ -20,6 +20,8 @@ def make_chat():
     def make(**kwargs):
         server = start_server(workers=kwargs.pop("workers", 0))
         chat = Chat(server, **kwargs)
+        chat.closed = threading.Semaphore(0)  # released after each on_close: tests wait on it
+        chat.resource.on_close = lambda *args: (chat.on_close(*args), chat.closed.release())
         servers.append(server)
         chat.url = f"ws://127.0.0.1:{server.port}/chat"
         return chat
@@ -52,15 +54,13 @@ def recv_json(ws, kind=None):
 def test_seed_behaviour_welcome_broadcast_and_logging(make_chat, caplog):
     chat = make_chat()
     caplog.set_level(logging.INFO, logger="wschat")
-    closed = threading.Semaphore(0)
-    chat.resource.on_close = lambda *args: (chat.on_close(*args), closed.release())
     with plain(chat) as a, plain(chat) as b:
         assert a.recv(timeout=5) == DEFAULT_WELCOME
         assert b.recv(timeout=5) == DEFAULT_WELCOME
         a.send("hello everyone")
         assert a.recv(timeout=5) == "hello everyone"  # the sender too
         assert b.recv(timeout=5) == "hello everyone"
-    assert closed.acquire(timeout=5) and closed.acquire(timeout=5)  # the server saw both close
+    assert chat.closed.acquire(timeout=5) and chat.closed.acquire(timeout=5)  # the server saw both close
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("Received message 'hello everyone' from") for m in messages)
     assert any(m.startswith("Closed connection to") for m in messages)
@@ -160,6 +160,22 @@ def test_history_replayed_to_newcomers_and_bounded(make_chat):
             history = recv_json(erin, "welcome")["history"]
             assert [m["text"] for m in history] == ["m2", "m3", "m4"]
             assert [m["seq"] for m in history] == [3, 4, 5]
+
+
+def test_empty_rooms_keep_history_but_only_so_many(make_chat):
+    chat = make_chat(welcome="", max_idle_rooms=2, limits=ChatLimits(rate=0))
+    for name in ["a", "b", "c"]:
+        with plain(chat, f"/{name}") as ws:
+            ws.send(f"last words in {name}")
+            ws.recv(timeout=5)
+        assert chat.closed.acquire(timeout=5)
+    assert sorted(chat.rooms) == ["b", "c"]  # the oldest empty room went
+    with structured(chat, "/c") as ws:
+        assert [m["text"] for m in recv_json(ws, "welcome")["history"]] == ["last words in c"]
+    with plain(chat, "/quiet"):
+        pass
+    assert chat.closed.acquire(timeout=5) and chat.closed.acquire(timeout=5)
+    assert sorted(chat.rooms) == ["b", "c"]  # an empty room without history is not kept
 
 
 def test_nicknames_unique_validated_and_changeable(make_chat):

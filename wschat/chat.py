@@ -108,12 +108,15 @@ class Chat:
         welcome: str = DEFAULT_WELCOME,
         history: int = 50,
         limits: ChatLimits | None = None,
+        max_idle_rooms: int = 100,
     ):
         self.server = server
         self.welcome = welcome
         self.history_size = history
         self.limits = limits or ChatLimits()
+        self.max_idle_rooms = max_idle_rooms
         self.rooms: dict[str, Room] = {}
+        self._idle: dict[str, None] = {}  # empty rooms kept for their history, oldest first
         self._lock = threading.Lock()  # guards rooms, members, sequence numbers
         self._guests = itertools.count(1)
         self.resource = server.resource(
@@ -152,6 +155,7 @@ class Chat:
             room = self.rooms.get(name)
             if room is None:
                 room = self.rooms[name] = Room(name, deque(maxlen=self.history_size))
+            self._idle.pop(name, None)
             problem = self._nick_problem(room, wanted) if wanted else "no nickname asked for"
             nick = wanted if problem is None else self._guest_nick(room)
             member = Member(conn, room, nick, structured, tokens=float(self.limits.burst))
@@ -210,8 +214,21 @@ class Chat:
             if room.members.get(member.nick) is member:
                 room.remove(member)
                 self._tell_structured(room, {"type": "leave", "room": room.name, "nick": member.nick, "time": _now_ms()})
-            if not room.members and not room.history:
-                self.rooms.pop(room.name, None)
+            if not room.members:
+                self._forget_idle(room)
+
+    def _forget_idle(self, room: Room) -> None:
+        """An empty room keeps its history for newcomers, but only the
+        ``max_idle_rooms`` most recently left do: clients choose room names,
+        so they must not be able to fill memory with rooms (lock held)."""
+        if not room.history:
+            del self.rooms[room.name]
+            return
+        self._idle[room.name] = None
+        while len(self._idle) > self.max_idle_rooms:
+            oldest = next(iter(self._idle))
+            del self._idle[oldest]
+            del self.rooms[oldest]
 
     def on_error(self, conn: Connection, error: Exception) -> None:
         log.warning("WebSocket Errored '%s' for %s.", error, conn.key)
