@@ -45,7 +45,6 @@ class CloseCode(enum.IntEnum):
     TLS_HANDSHAKE = 1015  # never on the wire
 
 
-DATA_OPCODES = frozenset((Opcode.CONTINUATION, Opcode.TEXT, Opcode.BINARY))
 KNOWN_OPCODES = frozenset(int(op) for op in Opcode)
 MAX_CONTROL_PAYLOAD = 125
 LARGE_PAYLOAD = 16384  # from here on a payload is written as a buffer of its own

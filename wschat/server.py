@@ -653,10 +653,7 @@ class Server:
         if conn.phase == OPEN and conn.close_code is None:
             conn.close_code, conn.close_reason = CloseCode.ABNORMAL, "connection lost"
             log.info("%s: connection lost without a close frame", conn.key)
-        if conn._protocol is not None:
-            with conn._lock:
-                conn._protocol.receive_eof()
-        self._teardown(conn)
+        self._teardown(conn)  # which tells the protocol, too
 
     # -- HTTP: the upgrade, or a file --------------------------------------------
 
