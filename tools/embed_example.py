@@ -15,9 +15,8 @@ import http.server
 import threading
 from urllib.parse import parse_qs, urlsplit
 
+from wschat import Chat, Server
 from wschat.__main__ import STATIC_DIR
-from wschat.chat import Chat
-from wschat.server import Server
 
 
 def make_app(chat: Chat, port: int = 8000) -> http.server.ThreadingHTTPServer:

@@ -1,6 +1,7 @@
 """wschat: a synchronous RFC 6455 WebSocket chat server on the standard library."""
 
 from ._version import __version__
+from .chat import Chat, ChatLimits
 from .errors import (
     ConnectionClosed,
     HandshakeError,
@@ -11,9 +12,15 @@ from .errors import (
     WebSocketError,
 )
 from .frames import IMPLEMENTATION, CloseCode, Opcode
+from .server import Connection, Resource, Server
 
 __all__ = [
     "__version__",
+    "Server",
+    "Resource",
+    "Connection",
+    "Chat",
+    "ChatLimits",
     "IMPLEMENTATION",
     "CloseCode",
     "Opcode",
