@@ -88,8 +88,13 @@ class Room:
         (self.structured if member.structured else self.plain).pop(member.conn, None)
 
 
+def _json(event: dict) -> str:
+    """One wschat.v1 message, the same compact form everywhere."""
+    return json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+
+
 def _frame(payload: dict | str) -> tuple[bytes, ...]:
-    text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
+    text = payload if isinstance(payload, str) else _json(payload)
     return encode_frame_parts(Opcode.TEXT, text.encode("utf-8"))
 
 
@@ -161,10 +166,10 @@ class Chat:
             member = Member(conn, room, nick, structured, tokens=float(self.limits.burst))
             conn.context = member
             if structured:
-                conn.send(json.dumps({
+                conn.send(_json({
                     "type": "welcome", "text": self.welcome, "room": name, "nick": nick,
                     "users": sorted([*room.members, nick]), "history": list(room.history),
-                }, ensure_ascii=False))
+                }))
                 if wanted and problem:
                     self._notify(member, "nick_refused", f"{problem}; you are {nick}")
             elif self.welcome:
@@ -200,7 +205,7 @@ class Chat:
         elif kind == "users":
             with self._lock:
                 users = sorted(member.room.members)
-            conn.send(json.dumps({"type": "users", "room": member.room.name, "users": users}))
+            conn.send(_json({"type": "users", "room": member.room.name, "users": users}))
         else:
             self._notify(member, "bad_request", f"unknown request {kind!r}")
 
@@ -300,7 +305,7 @@ class Chat:
     def _notify(self, member: Member, code: str, text: str) -> None:
         """Tell one client what went wrong, in its dialect."""
         if member.structured:
-            member.conn.send(json.dumps({"type": "error", "code": code, "text": text}))
+            member.conn.send(_json({"type": "error", "code": code, "text": text}))
         else:
             member.conn.send(f"* {text}")
 

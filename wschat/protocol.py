@@ -223,16 +223,16 @@ class Protocol:
         return self._frame(Opcode.BINARY, bytes(data))
 
     def send_ping(self, payload: bytes = b"") -> bytes:
-        self._check_open()
-        if len(payload) > MAX_CONTROL_PAYLOAD:
-            raise ValueError("ping payload longer than 125 bytes")
-        return self._frame(Opcode.PING, payload)
+        return self._control_frame(Opcode.PING, payload)
 
     def send_pong(self, payload: bytes = b"") -> bytes:
+        return self._control_frame(Opcode.PONG, payload)
+
+    def _control_frame(self, opcode: int, payload: bytes) -> bytes:
         self._check_open()
         if len(payload) > MAX_CONTROL_PAYLOAD:
-            raise ValueError("pong payload longer than 125 bytes")
-        return self._frame(Opcode.PONG, payload)
+            raise ValueError(f"{Opcode(opcode).name.lower()} payload longer than 125 bytes")
+        return self._frame(opcode, payload)
 
     def send_close(self, code: int | None = CloseCode.NORMAL, reason: str = "") -> bytes:
         """Start the closing handshake; the peer's close then ends it."""

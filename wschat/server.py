@@ -713,10 +713,8 @@ class Server:
 
     def _respond(self, conn: Connection, response: bytes) -> None:
         """Send a plain HTTP response, then close."""
-        conn._finish_after_flush = True
-        conn.deadline = time.monotonic() + self.close_timeout
-        self._timed.add(conn)
         self._enqueue(conn, response, wait=False, force=True)
+        self._finish(conn)
 
     # -- WebSocket frames ----------------------------------------------------------
 
@@ -744,10 +742,10 @@ class Server:
                 self._finish(conn)
 
     def _finish(self, conn: Connection) -> None:
-        """The WebSocket is done: flush what is queued, then close the TCP connection."""
+        """The connection is done: flush what is queued, then close the TCP
+        connection, within ``close_timeout`` from now."""
         conn._finish_after_flush = True
-        if conn.deadline is None:
-            conn.deadline = time.monotonic() + self.close_timeout
+        conn.deadline = time.monotonic() + self.close_timeout
         self._timed.add(conn)
         with self._dirty_lock:
             self._dirty.add(conn)
@@ -790,9 +788,7 @@ class Server:
             if conn.deadline is not None:
                 self._timed.add(conn)
         if failed:
-            if conn.close_code is None:
-                conn.close_code, conn.close_reason = CloseCode.ABNORMAL, "write failed"
-            self._teardown(conn)
+            self._abort(conn, CloseCode.ABNORMAL, "write failed")
         elif remaining:
             self._want_write(conn, True)
         else:
@@ -847,10 +843,7 @@ class Server:
         except OSError:
             self._teardown(conn)
             return
-        if conn.deadline is None:
-            conn.deadline = time.monotonic() + self.close_timeout
-        self._timed.add(conn)
-        self._remove_from_map(conn)
+        self._remove_from_map(conn)  # _finish already set the deadline for the peer's EOF
 
     # -- deadlines and teardown ------------------------------------------------------
 
