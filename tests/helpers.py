@@ -14,7 +14,34 @@ import socket
 import struct
 
 from wschat.frames import FrameParser, Opcode, encode_frame
+from wschat.protocol import CloseReceived, ConnectionFailed, RequestReceived, ServerProtocol
 from wschat.server import Server
+
+REQUEST = (b"GET /chat HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+
+
+def open_protocol(**kwargs) -> ServerProtocol:
+    """A server protocol past its handshake (the 101 itself left out)."""
+    protocol = ServerProtocol(**kwargs)
+    protocol.receive_data(REQUEST)
+    assert isinstance(protocol.next_event(), RequestReceived)
+    protocol.accept(b"")
+    return protocol
+
+
+def pull(protocol: ServerProtocol, data: bytes = b"", *, answer: bool = True) -> list:
+    """Feed ``data`` and pull every event; like the server, answer a peer's
+    close and fail the connection on an error (unless ``answer`` is false)."""
+    protocol.receive_data(data)
+    events = []
+    while (event := protocol.next_event()) is not None:
+        events.append(event)
+        if answer and isinstance(event, CloseReceived):
+            protocol.acknowledge_close()
+        elif answer and isinstance(event, ConnectionFailed):
+            protocol.fail(event.error)
+    return events
 
 
 def start_server(**kwargs) -> Server:

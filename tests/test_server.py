@@ -8,8 +8,6 @@ import ssl
 import subprocess
 import sys
 import threading
-from collections import deque
-from types import SimpleNamespace
 
 import pytest
 from websockets.exceptions import ConnectionClosed as WsConnectionClosed
@@ -19,7 +17,9 @@ from websockets.sync.client import connect
 from wschat import ConnectionClosed, SendTimeout
 from wschat.errors import InvalidPayload, ProtocolError
 from wschat.frames import Opcode, encode_frame
-from wschat.server import READ_SIZE, Server
+from wschat.loop import READ_SIZE
+from wschat.outbound import Outbox
+from wschat.server import Server
 
 from .helpers import RawClient, Recorder, start_server
 
@@ -650,13 +650,17 @@ def test_tls_writes_survive_backpressure(certificate):
 def test_tls_retry_buffer_keeps_its_start_as_the_queue_grows():
     # A write refused with SSLWantWriteError is retried; OpenSSL fails the
     # connection ("bad write retry") if the retry is shorter or different.
-    conn = SimpleNamespace(_out=deque([b"a" * 100, b"b" * 100]))
-    first = Server._tls_head(conn)
+    outbox = Outbox()
+    outbox.append(b"a" * 100)
+    outbox.append(b"b" * 100)
+    first = outbox.tls_chunk()
     assert first == b"a" * 100 + b"b" * 100
-    conn._out.extend([b"c" * 1000] * 200)  # the queue grows past 64 KiB meanwhile
-    again = Server._tls_head(conn)
+    for _ in range(200):  # the queue grows past 64 KiB meanwhile
+        outbox.append(b"c" * 1000)
+    again = outbox.tls_chunk()
     assert again.startswith(first) and len(again) <= 65536
-    assert b"".join(conn._out) == first + b"c" * 200000  # nothing lost or reordered
+    assert b"".join(outbox.buffers[outbox.start :]) == first + b"c" * 200000  # nothing lost or reordered
+    assert outbox.size == 200200
 
 
 def test_ping_flood_without_reading_is_bounded():

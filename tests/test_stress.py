@@ -71,7 +71,7 @@ def test_send_and_broadcast_from_many_threads_while_clients_churn():
                 thread.join(60)
         finally:
             sys.setswitchinterval(previous)
-        server.send_frame(b"\x81\x03END", targets)
+        server.broadcast("END", connections=targets)
         for thread in readers:
             thread.join(60)
     server.stop()

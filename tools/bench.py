@@ -489,13 +489,13 @@ def _server_process_setup() -> None:
 
 class RunningServer:
     def __init__(self, name: str):
-        command, env = SERVERS[name]
+        command, env, *cwd = SERVERS[name]
         self.name = name
         self.port = free_port()
         self.log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty server never blocks on it
         self.process = subprocess.Popen(
             [part.replace("{port}", str(self.port)) for part in command],
-            cwd=ROOT, env={**os.environ, **env}, preexec_fn=_server_process_setup,
+            cwd=cwd[0] if cwd else ROOT, env={**os.environ, **env}, preexec_fn=_server_process_setup,
             stdout=subprocess.DEVNULL, stderr=self.log,
         )
         deadline = time.monotonic() + 20
@@ -551,7 +551,13 @@ def main(argv=None) -> int:
     parser.add_argument("--scenarios", default="fanout,large-64k,large-1m,idle,churn",
                         help="from fanout, large-64k, large-1m, idle, idle-10k, churn")
     parser.add_argument("--quick", action="store_true", help="small counts: a smoke run")
+    parser.add_argument("--baseline", metavar="DIR",
+                        help="also run the wschat of another checkout (e.g. a git worktree of an older commit) "
+                             "as the server 'wschat-base': before and after in the same run")
+    parser.add_argument("--reference", default=REFERENCE, help=f"the server ratios are given against (default {REFERENCE})")
     args = parser.parse_args(argv)
+    if args.baseline:
+        SERVERS["wschat-base"] = (WSCHAT + ["--port", "{port}"], {}, os.path.abspath(args.baseline))
     servers = args.servers.split(",")
     chosen = args.scenarios.split(",")
     table = scenarios(args.quick)
@@ -581,12 +587,12 @@ def main(argv=None) -> int:
                     results.setdefault((scenario, figure), {}).setdefault(name, []).append(value)
                 print(f"round {round_number + 1}: {scenario:10} {name:13} " +
                       "  ".join(f"{k} {v:,.1f}" for k, v in figures.items()), file=sys.stderr, flush=True)
-    print_table(results, servers, failed)
+    print_table(results, servers, failed, args.reference)
     return 1 if any(name.startswith("wschat") for _, name in failed) else 0
 
 
-def print_table(results: dict, servers: list[str], failed: set) -> None:
-    reference = REFERENCE if REFERENCE in servers else None
+def print_table(results: dict, servers: list[str], failed: set, reference: str = REFERENCE) -> None:
+    reference = reference if reference in servers else None
     others = [s for s in servers if s != reference]
     header = f"{'scenario':10} {'figure':13}" + "".join(f"{s:>14}" for s in servers)
     if reference:

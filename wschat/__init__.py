@@ -12,13 +12,16 @@ from .errors import (
     WebSocketError,
 )
 from .frames import IMPLEMENTATION, CloseCode, Opcode
-from .server import Connection, Resource, Server
+from .connection import Connection
+from .outbound import PreparedMessage
+from .server import Resource, Server
 
 __all__ = [
     "__version__",
     "Server",
     "Resource",
     "Connection",
+    "PreparedMessage",
     "Chat",
     "ChatLimits",
     "IMPLEMENTATION",

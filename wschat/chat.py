@@ -26,8 +26,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
 
-from .frames import CloseCode, Opcode, encode_frame_parts
-from .server import Connection, Server
+from .connection import Connection
+from .frames import CloseCode
+from .logsafe import quoted
+from .server import Server
 
 log = logging.getLogger("wschat")
 
@@ -93,11 +95,6 @@ def _json(event: dict) -> str:
     return json.dumps(event, ensure_ascii=False, separators=(",", ":"))
 
 
-def _frame(payload: dict | str) -> tuple[bytes, ...]:
-    text = payload if isinstance(payload, str) else _json(payload)
-    return encode_frame_parts(Opcode.TEXT, text.encode("utf-8"))
-
-
 def _now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -155,7 +152,7 @@ class Chat:
             conn.close(CloseCode.POLICY_VIOLATION, "invalid room name")
             return
         structured = conn.subprotocol == SUBPROTOCOL
-        wanted = parse_qs(urlsplit(conn.request.target).query).get("nick", [""])[0].strip()
+        wanted = parse_qs(urlsplit(conn.target).query).get("nick", [""])[0].strip()
         with self._lock:
             room = self.rooms.get(name)
             if room is None:
@@ -211,7 +208,7 @@ class Chat:
 
     def on_close(self, conn: Connection, code: int, reason: str) -> None:
         member: Member | None = conn.context
-        log.info("Closed connection to %s (%d%s).", conn.key, code, f" {reason}" if reason else "")
+        log.info("Closed connection to %s (%d%s).", conn.key, code, f" {quoted(reason)}" if reason else "")
         if member is None:
             return
         with self._lock:
@@ -254,9 +251,9 @@ class Chat:
         record = {"type": "message", "room": room.name, "nick": nick, "text": text, "time": _now_ms(), "seq": room.seq}
         room.history.append(record)
         if room.plain:
-            self.server.send_frame(_frame(text), room.plain)
+            self.server.broadcast(text, connections=room.plain)
         if room.structured:
-            self.server.send_frame(_frame(record), room.structured)
+            self.server.broadcast(_json(record), connections=room.structured)
 
     def _rename(self, member: Member, nick: str) -> None:
         with self._lock:
@@ -310,6 +307,5 @@ class Chat:
             member.conn.send(f"* {text}")
 
     def _tell_structured(self, room: Room, event: dict, skip: Connection | None = None) -> None:
-        targets = [c for c in room.structured if c is not skip]
-        if targets:
-            self.server.send_frame(_frame(event), targets)
+        if room.structured:
+            self.server.broadcast(_json(event), connections=room.structured, exclude=skip)

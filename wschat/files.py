@@ -18,42 +18,51 @@ MAX_FILE_SIZE = 16 << 20
 
 def file_response(root: str | None, request: Request) -> bytes:
     """The HTTP response for ``request`` served from the directory ``root``."""
+    head_only = request.method == "HEAD"
+
+    def error(status: int, reason: str, headers: tuple = ()) -> bytes:
+        return build_error_response(HandshakeError(status, reason, headers), head_only=head_only)
+
     if request.method not in ("GET", "HEAD"):
-        return build_error_response(HandshakeError(405, f"method {request.method} not allowed", (("Allow", "GET, HEAD"),)))
+        return error(405, f"method {request.method} not allowed", (("Allow", "GET, HEAD"),))
     path = resolve(root, request.path)
     if path is None:
-        return build_error_response(HandshakeError(404, f"{request.path} not found"))
+        return error(404, "not found")
     try:
         with open(path, "rb") as file:
             body = file.read(MAX_FILE_SIZE + 1)
     except OSError:
-        return build_error_response(HandshakeError(404, f"{request.path} not found"))
+        return error(404, "not found")
     if len(body) > MAX_FILE_SIZE:
-        return build_error_response(HandshakeError(500, "file too large to serve"))
+        return error(500, "file too large to serve")
     content_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
     if content_type.startswith("text/") or content_type == "application/javascript":
         content_type += "; charset=utf-8"
     headers = [
         ("Content-Type", content_type),
-        ("Content-Length", str(len(body))),
         ("Cache-Control", "no-cache"),
         ("X-Content-Type-Options", "nosniff"),
         ("Connection", "close"),
     ]
-    return build_response(200, headers, b"" if request.method == "HEAD" else body)
+    return build_response(200, headers, body, with_length=True, head_only=head_only)
 
 
 def resolve(root: str | None, url_path: str) -> str | None:
-    """The file below ``root`` that ``url_path`` names, or None."""
+    """The regular file below ``root`` that ``url_path`` names, or None.
+
+    Containment is checked on the final path, ``index.html`` included, with
+    every symbolic link resolved: a link out of the root is never followed.
+    """
     if root is None:
         return None
     root = os.path.realpath(root)
     relative = unquote(url_path).lstrip("/")
     if "\0" in relative:
         return None
-    path = os.path.realpath(os.path.join(root, relative))
-    if os.path.commonpath([root, path]) != root:
-        return None
+    path = os.path.join(root, relative)
     if os.path.isdir(path):
         path = os.path.join(path, "index.html")
-    return path if os.path.isfile(path) else None
+    path = os.path.realpath(path)
+    if os.path.commonpath([root, path]) != root or not os.path.isfile(path):
+        return None
+    return path

@@ -62,12 +62,16 @@ def is_valid_close_code(code: int) -> bool:
 
 
 class Frame(NamedTuple):
-    """One frame as received: payload already unmasked."""
+    """One frame, or one piece of a data frame's payload, as received (unmasked)."""
 
     opcode: int
     payload: bytes
     fin: bool = True
     rsv: int = 0  # the three RSV bits, RSV1 being 0b100
+    more: bool = False  # more of this same frame's payload follows (partial parsing only)
+
+
+_new_frame = tuple.__new__  # builds a Frame without NamedTuple's Python-level __new__
 
 
 # -- masking ---------------------------------------------------------------
@@ -192,45 +196,58 @@ class FrameParser:
     masking direction and the payload limit ``max_payload``, which is checked
     from the header, before any payload is buffered.  Rules about sequences
     of frames belong to the protocol.
+
+    With ``partial=True`` a data frame's payload comes out in pieces as it
+    arrives (``Frame.more`` is true on every piece but the last), so the
+    parser never holds more than the bytes of one ``feed`` and a few header
+    bytes, and the protocol can check a text frame's UTF-8 before its end.
+    Control frames always come out whole.
     """
 
-    __slots__ = ("_buffer", "_pos", "require_mask", "max_payload", "allowed_rsv")
+    __slots__ = ("_data", "_pos", "require_mask", "max_payload", "allowed_rsv", "partial", "_piece")
 
-    def __init__(self, *, require_mask: bool, max_payload: int, allowed_rsv: int = 0):
-        self._buffer = bytearray()
+    def __init__(self, *, require_mask: bool, max_payload: int, allowed_rsv: int = 0, partial: bool = False):
+        self._data: bytes | bytearray = b""
         self._pos = 0
         self.require_mask = require_mask
         self.max_payload = max_payload
         self.allowed_rsv = allowed_rsv
+        self.partial = partial
+        self._piece: tuple | None = None  # (opcode, fin, rsv, mask, offset, remaining) inside a frame
 
     @property
     def buffered(self) -> int:
         """How many received bytes wait for the rest of their frame."""
-        return len(self._buffer) - self._pos
+        return len(self._data) - self._pos
 
     def feed(self, data: bytes) -> None:
-        if self._pos:
-            del self._buffer[: self._pos]  # in place: the allocation is reused
+        if self._pos >= len(self._data):  # all consumed: keep the new bytes as they are, no copy
+            self._data, self._pos = data, 0
+            return
+        if self._pos or not isinstance(self._data, bytearray):
+            self._data = bytearray(memoryview(self._data)[self._pos :])  # the leftover, copied once
             self._pos = 0
-        self._buffer += data
+        self._data += data
 
     def next_frame(self) -> Frame | None:
-        """Return the next complete frame, or None until more bytes arrive."""
-        buffer = self._buffer
+        """Return the next frame (or piece of one), or None until more bytes arrive."""
+        if self._piece is not None:
+            return self._next_piece()
+        data = self._data
         pos = self._pos
-        available = len(buffer) - pos
+        available = len(data) - pos
         if available < 2:
             return None
-        first = buffer[pos]
-        second = buffer[pos + 1]
+        first = data[pos]
+        second = data[pos + 1]
         opcode = first & 0x0F
         rsv = (first >> 4) & 0x07
-        fin = bool(first & 0x80)
+        fin = first >= 0x80
         if rsv & ~self.allowed_rsv:
             raise ProtocolError("reserved bits set without a negotiated extension")
         if opcode not in KNOWN_OPCODES:
             raise ProtocolError(f"reserved opcode {opcode:#x}")
-        masked = bool(second & 0x80)
+        masked = second >= 0x80
         if masked != self.require_mask:
             raise ProtocolError("frame from client not masked" if self.require_mask else "masked frame from server")
         size = second & 0x7F
@@ -241,37 +258,50 @@ class FrameParser:
             if size > MAX_CONTROL_PAYLOAD:
                 raise ProtocolError("control frame payload longer than 125 bytes")
         elif size >= 126:
-            if size == 126:
-                header = 4
-                if available < header:
-                    return None
-                size = int.from_bytes(buffer[pos + 2 : pos + 4], "big")
-            else:
-                header = 10
-                if available < header:
-                    return None
-                size = int.from_bytes(buffer[pos + 2 : pos + 10], "big")
-                if size >> 63:
-                    raise ProtocolError("payload length with the most significant bit set")
-            if size > self.max_payload:
-                raise MessageTooBig(f"message larger than {self.max_payload} bytes")
-        elif size > self.max_payload:
+            header = 4 if size == 126 else 10
+            if available < header:
+                return None
+            size = int.from_bytes(data[pos + 2 : pos + header], "big")
+            if size >> 63:
+                raise ProtocolError("payload length with the most significant bit set")
+        if size > self.max_payload and opcode < 0x8:
             raise MessageTooBig(f"message larger than {self.max_payload} bytes")
+        mask = None
         if masked:
             header += 4
-        end = pos + header + size
-        if len(buffer) < end:
-            return None
-        if masked:
-            mask = bytes(buffer[pos + header - 4 : pos + header])
-            view = memoryview(buffer)
-            try:
-                part = view[pos + header : end]
-                payload = apply_mask(part, mask)
-                part.release()
-            finally:
-                view.release()
-        else:
-            payload = bytes(buffer[pos + header : end])
+            if available < header:
+                return None
+            mask = bytes(data[pos + header - 4 : pos + header])
+        start = pos + header
+        end = start + size
+        if end > len(data):
+            if not self.partial or opcode >= 0x8 or start == len(data):
+                return None
+            self._piece = (opcode, fin, rsv, mask, 0, size)
+            self._pos = start
+            return self._next_piece()
         self._pos = end
-        return Frame(opcode, payload, fin, rsv)
+        return _new_frame(Frame, (opcode, self._payload(data, start, end, mask), fin, rsv, False))
+
+    def _next_piece(self) -> Frame | None:
+        """The next piece of a data frame whose payload is still arriving."""
+        opcode, fin, rsv, mask, offset, remaining = self._piece
+        data = self._data
+        start = self._pos
+        take = min(remaining, len(data) - start)
+        if not take:
+            return None
+        if mask is not None and offset % 4:
+            shift = offset % 4
+            mask = mask[shift:] + mask[:shift]
+        self._pos = start + take
+        remaining -= take
+        self._piece = (opcode, fin, rsv, self._piece[3], offset + take, remaining) if remaining else None
+        return _new_frame(Frame, (opcode, self._payload(data, start, start + take, mask), fin, rsv, bool(remaining)))
+
+    @staticmethod
+    def _payload(data: bytes | bytearray, start: int, end: int, mask: bytes | None) -> bytes:
+        if mask is None:
+            return data[start:end] if type(data) is bytes else bytes(data[start:end])
+        with memoryview(data) as view:
+            return apply_mask(view[start:end], mask)

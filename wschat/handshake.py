@@ -14,6 +14,7 @@ import binascii
 import hashlib
 import http.client
 import io
+import re
 from dataclasses import dataclass, field
 from email.message import Message
 from http import HTTPStatus
@@ -32,14 +33,19 @@ def accept_key(key: str) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
-@dataclass
+@dataclass(slots=True)
 class Request:
-    """An HTTP request head."""
+    """An HTTP request head: the request line, the headers, and the raw head.
+
+    ``raw`` is what a connection keeps after the handshake (one bytes
+    object); ``Connection.request`` parses it again when asked.
+    """
 
     method: str
     target: str
     version: str
     headers: Message
+    raw: bytes = b""
 
     @property
     def path(self) -> str:
@@ -48,8 +54,12 @@ class Request:
 
     def tokens(self, name: str) -> list[str]:
         """The comma-separated tokens of every ``name`` header, lower-cased."""
+        return [token.lower() for token in self.values(name)]
+
+    def values(self, name: str) -> list[str]:
+        """The comma-separated values of every ``name`` header, as sent."""
         values = self.headers.get_all(name) or []
-        return [token.strip().lower() for value in values for token in value.split(",") if token.strip()]
+        return [token.strip() for value in values for token in value.split(",") if token.strip()]
 
     @property
     def is_upgrade(self) -> bool:
@@ -57,13 +67,14 @@ class Request:
         return "websocket" in self.tokens("Upgrade")
 
 
-def find_head_end(buffer: bytes | bytearray, max_size: int = DEFAULT_MAX_HEADER_SIZE) -> int | None:
+def find_head_end(buffer: bytes | bytearray, max_size: int = DEFAULT_MAX_HEADER_SIZE, start: int = 0) -> int | None:
     """Where the request head ends in ``buffer`` (after the blank line), or None.
 
     Raises ``HandshakeError(431)`` once the head is larger than ``max_size``,
-    so a client cannot make the server buffer without bound.
+    so a client cannot make the server buffer without bound.  ``start`` skips
+    bytes already searched.
     """
-    end = buffer.find(b"\r\n\r\n", 0, max_size + 4)
+    end = buffer.find(b"\r\n\r\n", max(0, start - 3), max_size + 4)
     if end < 0:
         if len(buffer) > max_size:
             raise HandshakeError(431, "request header fields too large")
@@ -71,24 +82,36 @@ def find_head_end(buffer: bytes | bytearray, max_size: int = DEFAULT_MAX_HEADER_
     return end + 4
 
 
+_TARGET = re.compile(rb"/[\x21-\x7e]*")
+_METHOD = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_BAD_HEAD = re.compile(rb"\r(?!\n)|\n[ \t]|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
 def parse_request(head: bytes) -> Request:
-    """Parse a request head (request line and headers, blank line included)."""
+    """Parse a request head (request line and headers, blank line included).
+
+    Strict where leniency lets a peer smuggle text: a bare CR, a folded
+    header line (obs-fold, RFC 9112 section 5.2) or a control character is a
+    400, and so is a target that is not an absolute path of visible ASCII.
+    """
     line, _, rest = head.partition(b"\r\n")
-    try:
-        method, target, version = line.decode("ascii").split(" ")
-    except (UnicodeDecodeError, ValueError):
-        raise HandshakeError(400, "malformed request line") from None
-    if not version.startswith("HTTP/1."):
-        raise HandshakeError(400, f"unsupported HTTP version {version}")
-    if not target.startswith("/"):
-        raise HandshakeError(400, "request target must be an absolute path")
+    parts = line.split(b" ")
+    if len(parts) != 3 or not _METHOD.fullmatch(parts[0]):
+        raise HandshakeError(400, "malformed request line")
+    method, target, version = parts
+    if not version.startswith(b"HTTP/1."):
+        raise HandshakeError(400, "unsupported HTTP version")
+    if not _TARGET.fullmatch(target):
+        raise HandshakeError(400, "request target must be an absolute path of visible ASCII")
+    if _BAD_HEAD.search(rest):
+        raise HandshakeError(400, "malformed header block (bare CR, folded line or control character)")
     try:
         headers = http.client.parse_headers(io.BytesIO(rest))
     except http.client.HTTPException as exc:
         raise HandshakeError(431, f"request header fields too large ({exc})") from None
     if headers.defects:
         raise HandshakeError(400, "malformed header line")
-    return Request(method, target, version, headers)
+    return Request(method.decode("ascii"), target.decode("ascii"), version.decode("ascii"), headers, bytes(head))
 
 
 class Extension(Protocol):
@@ -128,7 +151,8 @@ class Accepted:
 
     request: Request
     key: str
-    subprotocol: str | None = None
+    subprotocol: str | None = None  # as the server names it
+    subprotocol_token: str | None = None  # as the client spelled it: the answer must echo one of its values
     extensions: list = field(default_factory=list)
     extension_header: str | None = None
 
@@ -147,8 +171,8 @@ class Accepted:
             ("Connection", "Upgrade"),
             ("Sec-WebSocket-Accept", accept_key(self.key)),
         ]
-        if self.subprotocol:
-            headers.append(("Sec-WebSocket-Protocol", self.subprotocol))
+        if self.subprotocol_token:
+            headers.append(("Sec-WebSocket-Protocol", self.subprotocol_token))
         if self.extension_header:
             headers.append(("Sec-WebSocket-Extensions", self.extension_header))
         return build_response(101, headers)
@@ -174,7 +198,8 @@ def negotiate(
     other than 13, 403 for an Origin outside ``allowed_origins`` (a request
     without Origin, from a non-browser client, is let through), 400 for
     anything else.  The subprotocol chosen is the first of ``subprotocols``
-    (server preference) that the client offered.
+    (server preference) that the client offered, compared without regard to
+    case and answered in the client's own spelling.
     """
     if request.method != "GET":
         raise HandshakeError(400, "WebSocket upgrade needs the GET method")
@@ -203,8 +228,10 @@ def negotiate(
             raise HandshakeError(403, f"origin {origin} not allowed")
 
     accepted = Accepted(request, key)
-    offered = request.tokens("Sec-WebSocket-Protocol")
+    offered = {token.lower(): token for token in reversed(request.values("Sec-WebSocket-Protocol"))}
     accepted.subprotocol = next((p for p in subprotocols if p.lower() in offered), None)
+    if accepted.subprotocol is not None:
+        accepted.subprotocol_token = offered[accepted.subprotocol.lower()]
 
     by_name = {extension.name.lower(): extension for extension in extensions}
     answers = []
@@ -221,19 +248,28 @@ def negotiate(
 
 
 def build_response(
-    status: int, headers: Iterable[tuple[str, str]] = (), body: bytes = b"", *, with_length: bool = False
+    status: int,
+    headers: Iterable[tuple[str, str]] = (),
+    body: bytes = b"",
+    *,
+    with_length: bool = False,
+    head_only: bool = False,
 ) -> bytes:
-    """An HTTP/1.1 response head, with ``body`` appended (and counted, with ``with_length``)."""
+    """An HTTP/1.1 response head, with ``body`` appended (and counted, with
+    ``with_length``).  ``head_only`` answers a HEAD request: the length of
+    the body, but not the body."""
     phrase = HTTPStatus(status).phrase
     lines = [f"HTTP/1.1 {status} {phrase}"]
     lines.extend(f"{name}: {value}" for name, value in headers)
     if with_length:
         lines.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head_only else body)
 
 
-def build_error_response(error: HandshakeError) -> bytes:
-    """A plain-text HTTP error response that closes the connection."""
+def build_error_response(error: HandshakeError, *, head_only: bool = False) -> bytes:
+    """A plain-text HTTP error response that closes the connection (no body for HEAD)."""
     headers = list(error.headers)
-    headers += [("Content-Type", "text/plain; charset=utf-8"), ("Connection", "close")]
-    return build_response(error.status, headers, (error.reason + "\n").encode("utf-8"), with_length=True)
+    headers += [("Content-Type", "text/plain; charset=utf-8"), ("X-Content-Type-Options", "nosniff"),
+                ("Connection", "close")]
+    body = (error.reason + "\n").encode("utf-8")
+    return build_response(error.status, headers, body, with_length=True, head_only=head_only)

@@ -1,10 +1,24 @@
-"""The WebSocket connection state machine of RFC 6455, sans I/O.
+"""A connection's whole life as one state machine, sans I/O.
 
-Feed received bytes to ``receive_data`` and get events back; call the
-``send_*`` methods to get the bytes to write.  Replies the protocol makes on its
-own (a pong for a ping, the close that answers a close, the close that fails
-the connection) wait in ``data_to_send``.  No sockets, no threads, no clocks:
-the same class serves the server, the tests and a client (``client=True``).
+Received bytes go in (``receive_data``, ``receive_eof``); events come out one
+at a time, in order (``next_event``); every byte to write goes to ``outbox``.
+No sockets, threads or clocks: the same class serves the server, the tests
+and a client (``client=True``, which starts OPEN and masks its frames)::
+
+    CONNECTING --accept()--> OPEN --close()--> CLOSING --acknowledge_close()--> CLOSED
+        |                      \\-- acknowledge_close() / fail() ------------------^
+        \\-- respond() or a malformed request head: one plain HTTP response ------^
+
+It alone decides what may still be written: once a close frame or a plain
+response is in the outbox nothing else goes in, and once CLOSED the
+transport closes as soon as the outbox is written.
+
+Events are pulled one at a time so that the I/O layer can hand each to its
+handler before the next is parsed.  A peer's close frame or a protocol error
+is returned as an event and stops the parsing, but the closing frame is only
+queued when the I/O layer calls ``acknowledge_close`` or ``fail`` after the
+handlers of every earlier message ran: a message that arrived before an error
+still gets its answer.
 """
 
 from __future__ import annotations
@@ -14,7 +28,7 @@ import enum
 import os
 from dataclasses import dataclass
 
-from .errors import ConnectionClosed, InvalidPayload, ProtocolError, WebSocketError
+from .errors import ConnectionClosed, HandshakeError, InvalidPayload, ProtocolError, WebSocketError
 from .frames import (
     MAX_CONTROL_PAYLOAD,
     CloseCode,
@@ -24,14 +38,36 @@ from .frames import (
     encode_frame,
     parse_close_payload,
 )
+from .handshake import DEFAULT_MAX_HEADER_SIZE, Request, build_error_response, find_head_end, parse_request
+from .outbound import Outbox
 
 DEFAULT_MAX_MESSAGE_SIZE = 1 << 20
+SMALL_PIECE = 512  # payload pieces smaller than this are joined as they come: no per-fragment overhead
+_Utf8Decoder = codecs.getincrementaldecoder("utf-8")
 
 
-class State(enum.Enum):
-    OPEN = "open"
-    CLOSING = "closing"  # we sent a close frame and wait for the peer's
-    CLOSED = "closed"  # the closing handshake is over, or the connection failed
+class State(enum.IntEnum):
+    CONNECTING = 0  # reading the request head, then waiting for the server's answer
+    OPEN = 1  # frames flow both ways
+    CLOSING = 2  # we sent a close frame and wait for the peer's
+    CLOSED = 3  # nothing more is written: the transport closes once the outbox is empty
+
+
+CONNECTING, OPEN, CLOSING, CLOSED = State
+
+
+@dataclass(slots=True)
+class RequestReceived:
+    """A request head arrived; answer it with ``accept`` or ``respond``."""
+
+    request: Request
+
+
+@dataclass(slots=True)
+class RequestRefused:
+    """The request head was malformed or too large; its 4xx is already queued."""
+
+    error: HandshakeError
 
 
 @dataclass(slots=True)
@@ -56,7 +92,7 @@ class Pong:
 
 @dataclass(slots=True)
 class CloseReceived:
-    """The peer sent a close frame; ``code`` is 1005 when it carried none."""
+    """The peer sent a close frame (``code`` 1005 when it carried none); answer with ``acknowledge_close``."""
 
     code: int
     reason: str
@@ -64,77 +100,132 @@ class CloseReceived:
 
 @dataclass(slots=True)
 class ConnectionFailed:
-    """The peer broke the protocol; a close with ``error.close_code`` was queued."""
+    """The peer broke the protocol; close with ``fail(error)``."""
 
     error: WebSocketError
 
 
-Event = TextMessage | BinaryMessage | Ping | Pong | CloseReceived | ConnectionFailed
+Event = (RequestReceived | RequestRefused | TextMessage | BinaryMessage | Ping | Pong | CloseReceived
+         | ConnectionFailed)
 
 
-class Protocol:
-    """One WebSocket connection, after the handshake."""
+class ServerProtocol:
+    """One connection, from its first byte to its last (see the module docstring)."""
 
     __slots__ = (
-        "state",
-        "client",
-        "max_message_size",
-        "_parser",
-        "_outgoing",
-        "_message_opcode",
-        "_parts",
-        "_message_size",
-        "_decoder",
-        "close_sent",
-        "close_received",
+        "state", "outbox", "request", "close_sent", "close_received", "max_message_size", "max_header_size",
+        "client", "_reading", "_head", "_searched", "_parser", "_opcode", "_parts", "_size", "_decoder",
+        "_in_frame",
     )
 
-    def __init__(self, *, client: bool = False, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE, rsv: int = 0):
-        self.state = State.OPEN
-        self.client = client
-        self.max_message_size = max_message_size
-        self._parser = FrameParser(require_mask=not client, max_payload=max_message_size, allowed_rsv=rsv)
-        self._outgoing: list[bytes] = []
-        self._message_opcode: int | None = None  # opcode of the fragmented message in progress
-        self._parts: list = []
-        self._message_size = 0
-        self._decoder = None
+    def __init__(self, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+                 max_header_size: int = DEFAULT_MAX_HEADER_SIZE, client: bool = False):
+        self.outbox = Outbox()
+        self.request: Request | None = None
         self.close_sent: tuple[int, str] | None = None
         self.close_received: tuple[int, str] | None = None
+        self.max_message_size = max_message_size
+        self.max_header_size = max_header_size
+        self.client = client
+        self._reading = True  # false once input can only be discarded
+        self._head: bytearray | None = None
+        self._searched = 0
+        self._parser: FrameParser | None = None
+        self._opcode: int | None = None  # of the message being received
+        self._parts: list | None = None
+        self._size = 0
+        self._decoder = None
+        self._in_frame = False  # the last piece received was not its frame's last
+        if client:
+            self.state = OPEN
+            self._parser = FrameParser(require_mask=False, max_payload=max_message_size, partial=True)
+        else:
+            self.state = CONNECTING
+            self._head = bytearray()
 
-    # -- receiving ---------------------------------------------------------
+    # -- receiving ---------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> list[Event]:
-        """Parse ``data`` and return the events it completes, in order."""
-        if self.state is State.CLOSED or self.close_received:
-            return []
+    def receive_data(self, data: bytes) -> None:
+        """Take received bytes; ``next_event`` then returns what they complete."""
+        if not self._reading:
+            return  # after a close frame, an error or a plain response: discarded
+        if self._parser is None:
+            self._head += data
+        else:
+            self._parser.feed(data)
+
+    def receive_eof(self) -> None:
+        """The transport is gone: nothing more is read or written."""
+        self._reading = False
+        self.state = CLOSED
+        self.outbox.clear()
+        self._head = self._parts = None
+
+    def next_event(self) -> Event | None:
+        """The next event the received bytes complete, or None until more arrive."""
+        if not self._reading:
+            return None
+        if self._parser is None:
+            return self._next_request() if self.request is None else None
         parser = self._parser
-        parser.feed(data)
-        events: list[Event] = []
         try:
-            while not self.close_received:
-                parser.max_payload = self.max_message_size - self._message_size
+            while True:
+                parser.max_payload = self.max_message_size - self._size
                 frame = parser.next_frame()
                 if frame is None:
-                    break
-                opcode, payload, fin, _ = frame
-                if opcode >= 0x8:
-                    event = self._control(opcode, payload)
-                else:
-                    event = self._data(opcode, payload, fin)
+                    return None
+                event = self._control(frame) if frame[0] >= 0x8 else self._data(frame)
                 if event is not None:
-                    events.append(event)
+                    return event
         except WebSocketError as error:
-            events.append(self._fail(error))
-        return events
+            self._reading = False
+            return ConnectionFailed(error)
 
-    def _data(self, opcode: int, payload: bytes, fin: bool) -> TextMessage | BinaryMessage | None:
-        if opcode == Opcode.CONTINUATION:
-            if self._message_opcode is None:
+    def data_to_send(self) -> bytes:
+        """Everything queued, taken out of the outbox at once (for a client,
+        a test or a fuzzer; the server writes the outbox itself)."""
+        outbox = self.outbox
+        data = b"".join(outbox.buffers[outbox.start :])
+        outbox.clear()
+        return data
+
+    @property
+    def awaiting_answer(self) -> bool:
+        """A request arrived and neither ``accept`` nor ``respond`` was called yet."""
+        return self.state is CONNECTING and self.request is not None
+
+    @property
+    def buffered(self) -> int:
+        """Received bytes held: an unfinished request head, frame or message."""
+        if self._parser is None:
+            return len(self._head or b"")
+        return self._parser.buffered + self._size
+
+    def _next_request(self) -> RequestReceived | RequestRefused | None:
+        head = self._head
+        try:
+            end = find_head_end(head, self.max_header_size, self._searched)
+            if end is None:
+                self._searched = len(head)
+                return None
+            request = parse_request(bytes(head[:end]))
+        except HandshakeError as error:
+            self.respond(build_error_response(error))
+            return RequestRefused(error)
+        del head[:end]  # what follows the head: frames sent right behind it
+        self.request = request
+        return RequestReceived(request)
+
+    def _data(self, frame: tuple) -> TextMessage | BinaryMessage | None:
+        opcode, payload, fin, _, more = frame
+        if self._in_frame:
+            pass  # the next piece of a frame whose start was checked
+        elif opcode == Opcode.CONTINUATION:
+            if self._opcode is None:
                 raise ProtocolError("continuation frame without a message to continue")
-        elif self._message_opcode is not None:
+        elif self._opcode is not None:
             raise ProtocolError("new data frame inside a fragmented message")
-        elif fin:  # the common case: a whole message in one frame
+        elif fin and not more:  # the common case: a whole message in one piece
             if opcode == Opcode.TEXT:
                 try:
                     return TextMessage(payload.decode("utf-8"))
@@ -142,102 +233,152 @@ class Protocol:
                     raise InvalidPayload("text message is not valid UTF-8") from None
             return BinaryMessage(payload)
         else:
-            self._message_opcode = opcode
+            self._opcode = opcode
+            self._parts = []
             if opcode == Opcode.TEXT:
-                self._decoder = codecs.getincrementaldecoder("utf-8")()
-
+                self._decoder = _Utf8Decoder()
+        self._in_frame = more
         if self._decoder is not None:
-            try:  # fail as soon as the bytes so far cannot start valid UTF-8
-                self._parts.append(self._decoder.decode(payload, fin))
-            except UnicodeDecodeError:
-                raise InvalidPayload("text message is not valid UTF-8") from None
-        else:
-            self._parts.append(payload)
-        self._message_size += len(payload)
-        if not fin:
+            self._check_utf8(payload, final=fin and not more)
+        self._append(payload)
+        if more or not fin:
             return None
+        data = b"".join(self._parts)
+        text = self._decoder is not None
+        self._opcode = self._parts = self._decoder = None
+        self._size = 0
+        return TextMessage(data.decode("utf-8")) if text else BinaryMessage(data)
 
-        parts, text = self._parts, self._decoder is not None
-        self._message_opcode = self._decoder = None
-        self._parts = []
-        self._message_size = 0
-        return TextMessage("".join(parts)) if text else BinaryMessage(b"".join(parts))
+    def _check_utf8(self, payload: bytes, final: bool) -> None:
+        """Fail as soon as the bytes so far cannot start valid UTF-8."""
+        try:
+            self._decoder.decode(payload, final)
+        except UnicodeDecodeError:
+            raise InvalidPayload("text message is not valid UTF-8") from None
+        pending = self._decoder.getstate()[0]
+        if len(pending) > 1 and pending[0] == 0xED and pending[1] >= 0xA0:  # CPython waits for a third byte
+            raise InvalidPayload("text message is not valid UTF-8 (a surrogate)")
 
-    def _control(self, opcode: int, payload: bytes) -> Ping | Pong | CloseReceived:
+    def _append(self, payload: bytes) -> None:
+        """Keep a piece of the message; small ones are joined at once, so
+        memory stays within a small factor of the message, however it is cut."""
+        self._size += len(payload)
+        parts = self._parts
+        if len(payload) >= SMALL_PIECE:
+            parts.append(payload)
+        elif parts and type(parts[-1]) is bytearray:
+            parts[-1] += payload
+        else:
+            parts.append(bytearray(payload))
+
+    def _control(self, frame: tuple) -> Ping | Pong | CloseReceived:
+        opcode, payload = frame[0], frame[1]
         if opcode == Opcode.PING:
-            if self.state is State.OPEN:
-                self._outgoing.append(self._frame(Opcode.PONG, payload))
+            if self.state is OPEN:
+                self.outbox.append(self._frame(Opcode.PONG, payload))
             return Ping(payload)
         if opcode == Opcode.PONG:
             return Pong(payload)
         code, reason = parse_close_payload(payload)
         self.close_received = (code, reason)
-        if self.state is State.OPEN:  # echo the code, as section 5.5.1 asks
-            echo = b"" if code == CloseCode.NO_STATUS else payload[:2]
-            self._outgoing.append(self._frame(Opcode.CLOSE, echo))
-            self.close_sent = (code, "")
-        self.state = State.CLOSED
+        self._reading = False
         return CloseReceived(code, reason)
 
-    def _fail(self, error: WebSocketError) -> ConnectionFailed:
-        """Fail the WebSocket connection (section 7.1.7): send a close, stop parsing."""
-        if self.state is State.OPEN:
-            reason = str(error).encode("utf-8")[: MAX_CONTROL_PAYLOAD - 2].decode("utf-8", "ignore")
-            self._outgoing.append(self._frame(Opcode.CLOSE, encode_close_payload(error.close_code, reason)))
-            self.close_sent = (error.close_code, reason)
-        self.state = State.CLOSED
-        return ConnectionFailed(error)
+    # -- answering the request ----------------------------------------------------------------
 
-    def receive_eof(self) -> None:
-        """The transport closed; nothing more is parsed or sent."""
-        self.state = State.CLOSED
+    def accept(self, response: bytes, *, rsv: int = 0) -> None:
+        """Upgrade: queue the ``101`` response; frames flow from here on.
+        ``rsv`` is the RSV bits the negotiated extensions allow."""
+        if not self.awaiting_answer:
+            raise ConnectionClosed("no request waits for an answer")
+        self.outbox.append(response)
+        self.state = OPEN
+        self._parser = FrameParser(require_mask=True, max_payload=self.max_message_size, allowed_rsv=rsv, partial=True)
+        early, self._head = self._head, None
+        if early:
+            self._parser.feed(bytes(early))
 
-    def data_to_send(self) -> bytes:
-        """The replies the protocol queued on its own (pongs, close frames)."""
-        if not self._outgoing:
-            return b""
-        data = b"".join(self._outgoing)
-        self._outgoing.clear()
-        return data
+    def respond(self, response: bytes) -> None:
+        """Answer with one plain HTTP response; the connection then ends."""
+        if self.state is not CONNECTING:
+            raise ConnectionClosed("the connection was answered already")
+        self.outbox.append(response)
+        self.state = CLOSED
+        self._reading = False
+        self._head = None
 
-    @property
-    def buffered(self) -> int:
-        """Bytes received and held for an unfinished frame or message."""
-        return self._parser.buffered + self._message_size
+    # -- sending ---------------------------------------------------------------------------
 
-    # -- sending -----------------------------------------------------------
+    def send_frame(self, parts: tuple, size: int) -> None:
+        """Queue an encoded data frame (see ``PreparedMessage``)."""
+        if self.state is not OPEN:
+            raise ConnectionClosed(f"connection is {self.state.name.lower()}")
+        self.outbox.extend(parts, size)
+
+    def send_text(self, text: str) -> None:
+        self._send(Opcode.TEXT, text.encode("utf-8"))
+
+    def send_binary(self, data: bytes) -> None:
+        self._send(Opcode.BINARY, bytes(data))
+
+    def ping(self, payload: bytes = b"") -> None:
+        self._send(Opcode.PING, payload)
+
+    def pong(self, payload: bytes = b"") -> None:
+        self._send(Opcode.PONG, payload)
+
+    def _send(self, opcode: int, payload: bytes) -> None:
+        if self.state is not OPEN:
+            raise ConnectionClosed(f"connection is {self.state.name.lower()}")
+        if opcode >= 0x8 and len(payload) > MAX_CONTROL_PAYLOAD:
+            raise ValueError(f"{Opcode(opcode).name.lower()} payload longer than 125 bytes")
+        self.outbox.append(self._frame(opcode, payload))
 
     def _frame(self, opcode: int, payload: bytes) -> bytes:
         return encode_frame(opcode, payload, mask=os.urandom(4) if self.client else None)
 
-    def _check_open(self) -> None:
-        if self.state is not State.OPEN:
-            raise ConnectionClosed(f"connection is {self.state.value}")
+    # -- closing ---------------------------------------------------------------------------
 
-    def send_text(self, text: str) -> bytes:
-        self._check_open()
-        return self._frame(Opcode.TEXT, text.encode("utf-8"))
-
-    def send_binary(self, data: bytes) -> bytes:
-        self._check_open()
-        return self._frame(Opcode.BINARY, bytes(data))
-
-    def send_ping(self, payload: bytes = b"") -> bytes:
-        return self._control_frame(Opcode.PING, payload)
-
-    def send_pong(self, payload: bytes = b"") -> bytes:
-        return self._control_frame(Opcode.PONG, payload)
-
-    def _control_frame(self, opcode: int, payload: bytes) -> bytes:
-        self._check_open()
-        if len(payload) > MAX_CONTROL_PAYLOAD:
-            raise ValueError(f"{Opcode(opcode).name.lower()} payload longer than 125 bytes")
-        return self._frame(opcode, payload)
-
-    def send_close(self, code: int | None = CloseCode.NORMAL, reason: str = "") -> bytes:
-        """Start the closing handshake; the peer's close then ends it."""
-        self._check_open()
+    def close(self, code: int = CloseCode.NORMAL, reason: str = "", *, discard: bool = False) -> None:
+        """Start the closing handshake.  ``discard`` drops what is queued and
+        not yet begun (for a client too slow to read it)."""
+        if self.state is not OPEN:
+            raise ConnectionClosed(f"connection is {self.state.name.lower()}")
         payload = encode_close_payload(code, reason)
-        self.close_sent = (code if code is not None else CloseCode.NO_STATUS, reason)
-        self.state = State.CLOSING
-        return self._frame(Opcode.CLOSE, payload)
+        if discard:
+            self.outbox.discard_unstarted()
+        self.outbox.append(self._frame(Opcode.CLOSE, payload))
+        self.close_sent = (CloseCode.NO_STATUS if code is None else code, reason)
+        self.state = CLOSING
+
+    def acknowledge_close(self) -> None:
+        """Answer the peer's close frame (section 5.5.1): echo its code,
+        unless our own close went first; the closing handshake is then over."""
+        if self.state is OPEN:
+            code = self.close_received[0]
+            self.outbox.append(self._frame(Opcode.CLOSE, b"" if code == CloseCode.NO_STATUS else code.to_bytes(2, "big")))
+            self.close_sent = (code, "")
+        if self.state is not CONNECTING:
+            self.state = CLOSED
+
+    def fail(self, error: WebSocketError) -> None:
+        """Fail the connection (section 7.1.7): a close with the error's code, then nothing more."""
+        self._reading = False
+        if self.state is OPEN:
+            reason = str(error).encode("utf-8")[: MAX_CONTROL_PAYLOAD - 2].decode("utf-8", "ignore")
+            self.outbox.append(self._frame(Opcode.CLOSE, encode_close_payload(error.close_code, reason)))
+            self.close_sent = (error.close_code, reason)
+        self.state = CLOSED
+
+    @property
+    def close_code(self) -> int:
+        """The first close code received; else the one we sent; else 1006."""
+        if self.close_received:
+            return self.close_received[0]
+        return self.close_sent[0] if self.close_sent else CloseCode.ABNORMAL
+
+    @property
+    def close_reason(self) -> str:
+        if self.close_received:
+            return self.close_received[1]
+        return self.close_sent[1] if self.close_sent else ""

@@ -1,0 +1,127 @@
+"""What waits to be written to one connection, sans I/O.
+
+``Outbox`` is a queue of byte buffers that the I/O layer writes with one
+``sendmsg`` (or, under TLS, one record at a time) and then ``consume``\\s.
+``PreparedMessage`` is a message framed once for many recipients: a
+broadcast appends the same buffers to every outbox.
+
+Neither knows about sockets or threads: the connection's lock guards an
+outbox, and the protocol decides what may be appended to it.
+"""
+
+from __future__ import annotations
+
+from .frames import LARGE_PAYLOAD, Opcode, frame_header
+
+TLS_RECORD = 16384 * 4  # small buffers are joined up to this size for one TLS write
+
+
+class PreparedMessage:
+    """A text (``str``) or binary (``bytes``) message framed once.
+
+    Server frames are not masked, so the same buffers serve every recipient:
+    one buffer for a small message, header and payload apart for a large one
+    (whose payload is then never copied).
+    """
+
+    __slots__ = ("parts", "size", "opcode")
+
+    def __init__(self, message: str | bytes | bytearray | memoryview, opcode: int | None = None):
+        if isinstance(message, str):
+            payload, default = message.encode("utf-8"), Opcode.TEXT
+        else:
+            payload, default = bytes(message), Opcode.BINARY
+        self.opcode = default if opcode is None else opcode
+        header = frame_header(self.opcode, len(payload))
+        self.parts = (header + payload,) if len(payload) < LARGE_PAYLOAD else (header, payload)
+        self.size = len(header) + len(payload)
+
+    def __repr__(self) -> str:
+        return f"<PreparedMessage {Opcode(self.opcode).name} {self.size} bytes>"
+
+
+class Outbox:
+    """Buffers to write, in order, and their total size.
+
+    A list with a read index rather than a deque: an idle connection's empty
+    list costs 56 bytes where a deque costs 760, and consuming from the front
+    does not shift the rest.
+    """
+
+    __slots__ = ("buffers", "start", "size")
+
+    def __init__(self) -> None:
+        self.buffers: list = []
+        self.start = 0  # buffers before this index are written
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def append(self, data: bytes) -> None:
+        self.buffers.append(data)
+        self.size += len(data)
+
+    def extend(self, parts: tuple, size: int) -> None:
+        self.buffers += parts
+        self.size += size
+
+    def pending(self, most: int) -> list:
+        """Up to ``most`` buffers from the front, for one ``sendmsg``."""
+        if not self.start and len(self.buffers) <= most:
+            return self.buffers
+        return self.buffers[self.start : self.start + most]
+
+    @property
+    def started(self) -> bool:
+        """Whether the front buffer is partly written (it must then be finished first)."""
+        return self.size > 0 and isinstance(self.buffers[self.start], memoryview)
+
+    def consume(self, sent: int) -> None:
+        """Drop ``sent`` written bytes from the front."""
+        self.size -= sent
+        if not self.size:  # the common case: the kernel took it all
+            self.clear()
+            return
+        buffers = self.buffers
+        index = self.start
+        while sent:
+            head = buffers[index]
+            if len(head) > sent:
+                buffers[index] = memoryview(head)[sent:]
+                break
+            sent -= len(head)
+            buffers[index] = None
+            index += 1
+        if index > 64 and index * 2 > len(buffers):  # compact now and then: amortised O(1)
+            del buffers[:index]
+            index = 0
+        self.start = index
+
+    def clear(self) -> None:
+        self.buffers.clear()
+        self.start = 0
+        self.size = 0
+
+    def discard_unstarted(self) -> None:
+        """Drop every buffer not yet begun; a partly written one is kept, so
+        that the peer never receives half a frame."""
+        keep = self.buffers[self.start] if self.started else None
+        self.clear()
+        if keep is not None:
+            self.append(keep)
+
+    def tls_chunk(self) -> bytes | memoryview:
+        """The front buffer, with small buffers behind it joined in (up to
+        ``TLS_RECORD`` bytes).  The result stays at the front until written,
+        so a TLS write retried after ``SSLWantWriteError`` starts with the
+        same bytes, as OpenSSL requires."""
+        buffers, start = self.buffers, self.start
+        if len(buffers) - start > 1 and len(buffers[start]) < TLS_RECORD:
+            end, total = start + 1, len(buffers[start])
+            while end < len(buffers) and total + len(buffers[end]) <= TLS_RECORD:
+                total += len(buffers[end])
+                end += 1
+            if end > start + 1:
+                buffers[start:end] = [b"".join(buffers[start:end])]
+        return buffers[start]

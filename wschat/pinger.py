@@ -1,0 +1,76 @@
+"""Keepalive: a ``threading.Timer`` pings every open connection and closes the silent ones.
+
+Each tick takes a snapshot of the socket map under its lock and works on the
+snapshot outside it.  The ping is framed once for everyone; its payload is the
+send time, so each pong gives that connection's round trip (``latency``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from .frames import CloseCode, Opcode
+from .outbound import PreparedMessage
+
+if TYPE_CHECKING:
+    from .loop import Loop
+
+log = logging.getLogger("wschat")
+
+
+class Pinger:
+    """Pings every ``interval`` seconds; a client silent for ``timeout``
+    seconds (None: never) is closed with 1011."""
+
+    def __init__(self, loop: Loop, interval: float, timeout: float | None):
+        self._loop = loop
+        self.interval = interval
+        self.timeout = timeout
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def start(self) -> None:
+        self._schedule()
+
+    def stop(self) -> None:
+        """Cancel the next tick and wait for a running one (unless called from it)."""
+        with self._lock:
+            self._stopped = True
+            timer, self._timer = self._timer, None
+        if timer is not None:
+            timer.cancel()
+            if timer is not threading.current_thread():
+                timer.join()
+
+    def is_timer_thread(self) -> bool:
+        return self._timer is threading.current_thread()
+
+    def _schedule(self) -> None:
+        with self._lock:
+            if self.interval <= 0 or self._stopped:
+                return
+            self._timer = threading.Timer(self.interval, self._tick)
+            self._timer.name = "wschat-ping"
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _tick(self) -> None:
+        try:
+            now = time.monotonic()
+            alive = []
+            for conn in self._loop.snapshot():
+                if self.timeout and now - conn.last_seen > self.timeout:
+                    log.warning("%s: no answer for %.0fs, closing", conn.key, now - conn.last_seen)
+                    conn.close(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
+                else:
+                    alive.append(conn)
+            ping = PreparedMessage(time.monotonic_ns().to_bytes(8, "big"), Opcode.PING)
+            self._loop.send_many(ping, alive)
+        except Exception:
+            log.exception("ping scheduler failed")
+        finally:
+            self._schedule()
