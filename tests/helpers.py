@@ -12,6 +12,8 @@ import os
 import queue
 import socket
 import struct
+import sys
+import time
 
 from wschat.frames import FrameParser, Opcode, encode_frame
 from wschat.protocol import CloseReceived, ConnectionFailed, RequestReceived, ServerProtocol
@@ -153,3 +155,33 @@ class Recorder:
             event = self.events.get(timeout=timeout)
             if event[0] == kind and (conn is None or event[1] is conn):
                 return event
+
+
+def wait_until(predicate, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until true, for states that no event announces
+    (a thread blocked inside a call, a counter reaching a value)."""
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.002)
+
+
+def blocked_in(thread, function: str) -> bool:
+    """Whether ``thread`` is inside a call to a function named ``function``."""
+    frame = sys._current_frames().get(thread.ident)
+    while frame is not None:
+        if frame.f_code.co_name == function:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def server_with_slow_client(max_queue, **kwargs):
+    """A server, its recorder, and a client that connected and never reads."""
+    recorder = Recorder()
+    server = start_server(max_queue=max_queue, close_timeout=kwargs.pop("close_timeout", 0.5), **kwargs)
+    server.resource("/chat", **recorder.handlers())
+    slow = RawClient(server.port, rcvbuf=4096)
+    _, slow_conn = recorder.wait("open")
+    return server, recorder, slow, slow_conn

@@ -17,11 +17,11 @@ from websockets.sync.client import connect
 from wschat import ConnectionClosed, SendTimeout
 from wschat.errors import InvalidPayload, ProtocolError
 from wschat.frames import Opcode, encode_frame
-from wschat.loop import READ_SIZE
+from wschat.transport import READ_SIZE
 from wschat.outbound import Outbox
 from wschat.server import Server
 
-from .helpers import RawClient, Recorder, start_server
+from .helpers import RawClient, Recorder, server_with_slow_client, start_server
 
 
 def echo_server(**kwargs):
@@ -291,16 +291,6 @@ def test_handshake_refusals_over_the_wire(headers, version, status):
             assert raw.at_eof()
     finally:
         server.stop()
-
-
-def server_with_slow_client(max_queue):
-    """A server, its recorder, and a client that connected and never reads."""
-    recorder = Recorder()
-    server = start_server(max_queue=max_queue, close_timeout=0.5)
-    server.resource("/chat", **recorder.handlers())
-    slow = RawClient(server.port, rcvbuf=4096)
-    _, slow_conn = recorder.wait("open")
-    return server, recorder, slow, slow_conn
 
 
 def test_slow_client_closed_and_others_get_everything():

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 from .errors import ConnectionClosed, SendTimeout, WebSocketError
 from .frames import CloseCode
@@ -213,3 +213,26 @@ class Connection:
     def _describe_close(self) -> str:
         reason = self._protocol.close_reason
         return f"{self._protocol.close_code}" + (f" {quoted(reason)}" if reason else "")
+
+
+def queue_for_many(message: PreparedMessage, connections: Iterable[Connection], limit: int) -> list[Connection]:
+    """Queue one prepared message for many connections: the hot path of every
+    broadcast; returns those it was queued for.  Never blocks: a client over
+    the mark ``limit`` is closed as too slow.  For speed it does inline what
+    ``ServerProtocol.send_frame`` does: the state test and the append, under
+    each connection's lock."""
+    parts, size = message.parts, message.size
+    queued = []
+    for conn in connections:
+        protocol = conn._protocol
+        outbox = protocol.outbox
+        with conn._lock:
+            if protocol.state is not OPEN:
+                continue
+            if outbox.size and outbox.size + size > limit:
+                conn._overflow()
+                continue
+            outbox.buffers += parts
+            outbox.size += size
+        queued.append(conn)
+    return queued

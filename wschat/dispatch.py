@@ -17,8 +17,21 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable
 
-from .errors import ConnectionClosed
+from .errors import ConnectionClosed, HandshakeError
 from .frames import CloseCode
+from .handshake import Request
+from .logsafe import address_text, quoted
+from .protocol import (
+    OPEN,
+    BinaryMessage,
+    CloseReceived,
+    ConnectionFailed,
+    Ping,
+    Pong,
+    RequestReceived,
+    RequestRefused,
+    TextMessage,
+)
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -46,8 +59,77 @@ def run_handler(conn: Connection, handler: Callable, args: tuple) -> None:
         conn.close(CloseCode.INTERNAL_ERROR, "internal server error")
 
 
+def _log_refusal(conn: Connection, error: HandshakeError, request: Request | None = None) -> None:
+    target = f" {request.method} {quoted(request.target)}" if request is not None else ""
+    log.info("%s: refused %s%s: %d %s", conn.key, address_text(conn.remote_address), target, error.status,
+             quoted(error.reason))
+
+
 class InlineDispatcher:
     """Handlers run at once, on the loop thread: they must not block."""
+
+    def __init__(self, loop: Loop):
+        self._loop = loop
+
+    def process(self, conn: Connection) -> None:
+        """Hand the connection's events to their handlers, in order, until
+        the received bytes run out or its backlog of handler calls pauses it."""
+        loop = self._loop
+        protocol = conn._protocol
+        submit = self.submit
+        while not conn._paused:
+            with conn._lock:
+                event = protocol.next_event()
+            if event is None:
+                break
+            kind = type(event)
+            if kind is TextMessage or kind is BinaryMessage:
+                if conn.resource.on_message is not None:
+                    submit(conn, conn.resource.on_message, conn, event.data)
+            elif kind is CloseReceived:
+                submit(conn, conn._acknowledge_close)
+            elif kind is ConnectionFailed:
+                log.info("%s: failing the connection with %d: %s", conn.key, event.error.close_code, event.error)
+                if conn.resource.on_error is not None:
+                    submit(conn, conn.resource.on_error, conn, event.error)
+                submit(conn, conn._fail, event.error)
+            elif kind is Ping:  # its pong counts against the mark: a peer that pings and never reads
+                if protocol.outbox.size > loop.max_queue and protocol.state is OPEN:
+                    with conn._lock:
+                        conn._overflow()
+            elif kind is Pong:
+                conn._on_pong(event.payload)
+            elif kind is RequestReceived:
+                self._answer(conn, event.request)
+            elif kind is RequestRefused:
+                loop.answered(conn)
+                _log_refusal(conn, event.error)
+        if conn._paused:
+            loop.watch(conn)
+        if protocol.outbox.size:
+            loop.flush_soon(conn)
+
+    def _answer(self, conn: Connection, request: Request) -> None:
+        """Apply the server's answer to a request: upgrade, refuse, or serve a file."""
+        loop = self._loop
+        answer = loop.server.answer(request, len(loop.connections))
+        if answer.accepted is None:
+            loop.answered(conn)
+            with conn._lock:
+                conn._protocol.respond(answer.response)
+            if answer.refusal is not None:
+                _log_refusal(conn, answer.refusal, request)
+            else:
+                log.debug("%s: %s %s", conn.key, request.method, quoted(request.target))
+            return
+        conn.resource, conn.subprotocol, conn._head = answer.resource, answer.accepted.subprotocol, request.raw
+        with conn._lock:
+            conn._protocol.accept(answer.response, rsv=answer.accepted.rsv)
+        loop.opened(conn)
+        log.info("%s: open %s from %s%s", conn.key, quoted(request.path), address_text(conn.remote_address),
+                 f" ({conn.subprotocol})" if conn.subprotocol else "")
+        if conn.resource.on_open is not None:
+            self.submit(conn, conn.resource.on_open, conn)
 
     def submit(self, conn: Connection, handler: Callable, *args) -> None:
         run_handler(conn, handler, args)
@@ -59,11 +141,11 @@ class InlineDispatcher:
         pass
 
 
-class PoolDispatcher:
+class PoolDispatcher(InlineDispatcher):
     """Handlers run on ``workers`` threads, one at a time per connection, in order."""
 
     def __init__(self, loop: Loop, workers: int, max_pending: int):
-        self._loop = loop
+        super().__init__(loop)
         self.max_pending = max(1, max_pending)
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="wschat-handler", initializer=self._enter)
 

@@ -19,3 +19,10 @@ def quoted(value: str | bytes | None, limit: int = DEFAULT_LIMIT) -> str:
         value = bytes(value).decode("utf-8", "backslashreplace")
     text = repr(value[:limit])
     return text + "…" if len(value) > limit else text
+
+
+def address_text(address) -> str:
+    """A socket address as ``host:port``."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        return f"{address[0]}:{address[1]}"
+    return str(address)

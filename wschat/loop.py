@@ -21,42 +21,25 @@ import itertools
 import logging
 import selectors
 import socket
-import ssl
 import threading
 import time
 from typing import TYPE_CHECKING, Iterable
 
-from .connection import Connection
+from . import transport
+from .connection import Connection, queue_for_many
 from .dispatch import InlineDispatcher, PoolDispatcher
-from .errors import HandshakeError
-from .logsafe import quoted
+from .logsafe import address_text
 from .outbound import PreparedMessage
 from .pinger import Pinger
-from .protocol import (
-    CLOSED,
-    CLOSING,
-    CONNECTING,
-    OPEN,
-    BinaryMessage,
-    CloseReceived,
-    ConnectionFailed,
-    Ping,
-    Pong,
-    RequestReceived,
-    RequestRefused,
-    ServerProtocol,
-    TextMessage,
-)
+from .protocol import CLOSED, CLOSING, CONNECTING, OPEN, ServerProtocol
 
 if TYPE_CHECKING:
     from .server import Server
 
 log = logging.getLogger("wschat")
 
-READ_SIZE = 256 * 1024
 ACCEPT_PAUSE = 0.5  # seconds without accepting after running out of descriptors
 RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
-IOV_MAX = 1024  # buffers per sendmsg call
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 _keys = itertools.count(1)
 
@@ -87,7 +70,7 @@ class Loop:
         self._stop_deadline = 0.0
         self._accept_resume = 0.0  # when accepting resumes after a pause; 0 when not paused
         self.dispatcher = (PoolDispatcher(self, server.workers, server.max_pending_calls) if server.workers
-                           else InlineDispatcher())
+                           else InlineDispatcher(self))
         self.pinger = Pinger(self, server.ping_interval, server.ping_timeout)
         self._selector.register(listener, READ, None)
         self._selector.register(self._wake_r, READ, self._wake_r)
@@ -108,40 +91,23 @@ class Loop:
 
     def flush_soon(self, conn: Connection) -> None:
         """``conn`` has bytes to write: flush it on the loop's next pass."""
+        self._mark_dirty((conn,))
+
+    def send_many(self, message: PreparedMessage, connections: Iterable[Connection]) -> int:
+        """Queue one prepared message for many connections (never blocks;
+        see ``queue_for_many``), then wake the loop once."""
+        queued = queue_for_many(message, connections, self.max_queue)
+        if queued:
+            self._mark_dirty(queued)
+        return len(queued)
+
+    def _mark_dirty(self, conns) -> None:
         with self._dirty_lock:
-            self._dirty.add(conn)
+            self._dirty.update(conns)
             if self._wake_sent or self.on_loop_thread():
                 return  # the loop flushes dirty connections before it sleeps
             self._wake_sent = True
         self._wake()
-
-    def send_many(self, message: PreparedMessage, connections: Iterable[Connection]) -> int:
-        """Queue one prepared message for many connections: the hot path of
-        every broadcast.  Never blocks: a client over the mark is closed as
-        too slow.  It does what ``ServerProtocol.send_frame`` does, inlined
-        (the state test and the append, under each connection's lock)."""
-        parts, size, limit = message.parts, message.size, self.max_queue
-        queued = []
-        for conn in connections:
-            protocol = conn._protocol
-            outbox = protocol.outbox
-            with conn._lock:
-                if protocol.state is not OPEN:
-                    continue
-                if outbox.size and outbox.size + size > limit:
-                    conn._overflow()
-                    continue
-                outbox.buffers += parts
-                outbox.size += size
-            queued.append(conn)
-        if queued:
-            with self._dirty_lock:
-                self._dirty.update(queued)
-                if self._wake_sent or self.on_loop_thread():
-                    return len(queued)
-                self._wake_sent = True
-            self._wake()
-        return len(queued)
 
     def resume_reading(self, conn: Connection) -> None:
         """A paused connection's handler backlog drained (from a worker)."""
@@ -224,8 +190,8 @@ class Loop:
             if conn._sock is not None and conn._paused:
                 with conn._lock:
                     conn._paused = False
-                self._process(conn)
-                self._set_events(conn)
+                self.dispatcher.process(conn)
+                self.watch(conn)
                 dirty.add(conn)
         for conn in dirty:
             if conn._sock is not None:
@@ -249,44 +215,35 @@ class Loop:
                     log.debug("accept failed: %s", exc)
                 return
             if len(self._handshaking) >= server.max_connections:
-                log.warning("too many connections in handshake; dropping %s", _address(address))
+                log.warning("too many connections in handshake; dropping %s", address_text(address))
                 sock.close()
                 continue
-            sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if server.ssl_context is not None:
-                try:
-                    sock = server.ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
-                except (OSError, ValueError) as exc:
-                    log.warning("TLS setup failed for %s: %s", _address(address), exc)
-                    sock.close()
-                    continue
+            try:
+                sock = transport.prepare(sock, server.ssl_context)
+            except (OSError, ValueError) as exc:
+                log.warning("TLS setup failed for %s: %s", address_text(address), exc)
+                sock.close()
+                continue
             protocol = ServerProtocol(max_message_size=server.max_message_size, max_header_size=server.max_header_size)
             conn = Connection(self, sock, address, str(next(_keys)), protocol, tls=server.ssl_context is not None)
             conn._deadline = time.monotonic() + server.handshake_timeout
             self._handshaking.add(conn)
             self._timed.add(conn)
-            conn._events = READ
-            self._selector.register(sock, READ, conn)
+            self.watch(conn)
             if conn._tls_handshake:
                 self._tls_handshake(conn)
 
     def _tls_handshake(self, conn: Connection) -> None:
         try:
-            conn._sock.do_handshake()
-        except ssl.SSLWantReadError:
-            self._want_write(conn, False)
-            return
-        except ssl.SSLWantWriteError:
-            self._want_write(conn, True)
-            return
-        except (ssl.SSLError, OSError) as exc:
+            done = transport.tls_handshake(conn._sock)
+        except OSError as exc:
             log.info("%s: TLS handshake failed: %s", conn.key, exc)
             self._release(conn)
             return
-        conn._tls_handshake = False
-        self._want_write(conn, False)
-        self._on_readable(conn)  # the request may already sit in TLS buffers
+        self.watch(conn, write=done is None)
+        if done:
+            conn._tls_handshake = False
+            self._on_readable(conn)  # the request may already sit in TLS buffers
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -294,120 +251,37 @@ class Loop:
         if conn._tls_handshake:
             self._tls_handshake(conn)
             return
-        data = self._recv(conn)
+        data = transport.read(conn._sock, conn._tls)
         if data is None:
             return
+        if data is transport.WANTS_WRITE:  # TLS renegotiation: read again once writable
+            conn._read_wants_write = True
+            self.watch(conn, write=True)
+            return
         if not data:
-            self._on_eof(conn)
+            if conn.resource is not None and conn._protocol.state in (OPEN, CLOSING) and not conn._protocol.close_received:
+                log.info("%s: connection lost without a close frame", conn.key)
+            self._release(conn)
             return
         conn.last_seen = time.monotonic()
         with conn._lock:
             conn._protocol.receive_data(data)
         del data
-        self._process(conn)
-
-    def _recv(self, conn: Connection) -> bytes | None:
-        """Read what is there: bytes, b"" at EOF, None when nothing yet."""
-        sock = conn._sock
-        try:
-            data = sock.recv(READ_SIZE)
-            if conn._tls and data:
-                while sock.pending():  # decrypted bytes select() cannot see
-                    data += sock.recv(READ_SIZE)
-            return data
-        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
-            return None
-        except ssl.SSLWantWriteError:  # renegotiation: read again once writable
-            conn._read_wants_write = True
-            self._want_write(conn, True)
-            return None
-        except OSError as exc:
-            log.info("%s: read failed: %s", conn.key, exc)
-            return b""
-
-    def _process(self, conn: Connection) -> None:
-        """Hand the connection's events to their handlers, in order, until
-        the bytes run out or its handler backlog pauses it."""
-        protocol = conn._protocol
-        dispatch = self.dispatcher.submit
-        while not conn._paused:
-            with conn._lock:
-                event = protocol.next_event()
-            if event is None:
-                break
-            kind = type(event)
-            if kind is TextMessage or kind is BinaryMessage:
-                if conn.resource.on_message is not None:
-                    dispatch(conn, conn.resource.on_message, conn, event.data)
-            elif kind is CloseReceived:
-                dispatch(conn, conn._acknowledge_close)
-            elif kind is ConnectionFailed:
-                log.info("%s: failing the connection with %d: %s", conn.key, event.error.close_code, event.error)
-                if conn.resource.on_error is not None:
-                    dispatch(conn, conn.resource.on_error, conn, event.error)
-                dispatch(conn, conn._fail, event.error)
-            elif kind is Ping:  # its pong counts against the mark: a peer that pings and never reads
-                if protocol.outbox.size > self.max_queue and protocol.state is OPEN:
-                    with conn._lock:
-                        conn._overflow()
-            elif kind is Pong:
-                conn._on_pong(event.payload)
-            elif kind is RequestReceived:
-                self._answer(conn, event.request)
-            elif kind is RequestRefused:
-                self._log_refusal(conn, event.error)
-        if conn._paused:
-            self._set_events(conn)
-        if protocol.outbox.size:
-            self.flush_soon(conn)
-
-    def _on_eof(self, conn: Connection) -> None:
-        state = conn._protocol.state
-        if conn.resource is not None and state in (OPEN, CLOSING) and not conn._protocol.close_received:
-            log.info("%s: connection lost without a close frame", conn.key)
-        self._release(conn)
+        self.dispatcher.process(conn)
 
     # -- answering the request ---------------------------------------------------------------
 
-    def _answer(self, conn: Connection, request) -> None:
-        """Route the request: upgrade it, refuse it, or serve a file."""
-        server = self.server
+    def opened(self, conn: Connection) -> None:
+        """``conn`` was upgraded: into the socket map, out of the handshake's deadline."""
         self._handshaking.discard(conn)
-        resource = server.route(request.path)
-        try:
-            if resource is None:
-                if request.is_upgrade:
-                    raise HandshakeError(404, "no WebSocket endpoint at this path")
-                with conn._lock:
-                    conn._protocol.respond(server.file_response(request))
-                log.debug("%s: %s %s", conn.key, request.method, quoted(request.target))
-                return
-            if len(self.connections) >= server.max_connections:
-                raise HandshakeError(503, "too many connections", (("Retry-After", "5"),))
-            accepted = server.negotiate(request, resource)
-        except HandshakeError as error:
-            with conn._lock:
-                conn._protocol.respond(server.error_response(error, request))
-            self._log_refusal(conn, error, request)
-            return
-        conn.resource = resource
-        conn.subprotocol = accepted.subprotocol
-        conn._head = request.raw
-        with conn._lock:
-            conn._protocol.accept(accepted.response(), rsv=accepted.rsv)
-        conn._deadline = None
         self._timed.discard(conn)
+        conn._deadline = None
         with self.map_lock:
             self.connections[conn.key] = conn
-        log.info("%s: open %s from %s%s", conn.key, quoted(request.path), _address(conn.remote_address),
-                 f" ({conn.subprotocol})" if conn.subprotocol else "")
-        if resource.on_open is not None:
-            self.dispatcher.submit(conn, resource.on_open, conn)
 
-    def _log_refusal(self, conn: Connection, error: HandshakeError, request=None) -> None:
-        target = f" {request.method} {quoted(request.target)}" if request is not None else ""
-        log.info("%s: refused %s%s: %d %s", conn.key, _address(conn.remote_address), target, error.status,
-                 quoted(error.reason))
+    def answered(self, conn: Connection) -> None:
+        """``conn`` got a plain response: no longer counted as handshaking."""
+        self._handshaking.discard(conn)
 
     # -- writing --------------------------------------------------------------------------------
 
@@ -422,35 +296,16 @@ class Loop:
             self._flush(conn)
 
     def _flush(self, conn: Connection) -> None:
-        """Write as much of the outbox as the kernel takes, then see where
-        the connection's life stands.
-
-        Plain sockets: one ``sendmsg`` for every queued buffer (up to
-        ``IOV_MAX``).  TLS writes a record at a time, small buffers joined.
-        """
+        """Write what the kernel takes, then see where the connection's life stands."""
         protocol = conn._protocol
         outbox = protocol.outbox
-        sock = conn._sock
-        failed = None
         with conn._lock:
-            while outbox.size:
-                try:
-                    if conn._tls:
-                        data = outbox.tls_chunk()
-                        sent = sock.send(data)
-                        complete = sent == len(data)
-                    else:
-                        buffers = outbox.pending(IOV_MAX)
-                        sent = sock.sendmsg(buffers)
-                        complete = len(buffers) < IOV_MAX and sent == outbox.size or sent == sum(map(len, buffers))
-                except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-                    break
-                except OSError as exc:
-                    failed = exc
-                    break
-                outbox.consume(sent)
-                if not complete:
-                    break
+            try:
+                transport.write(conn._sock, outbox, conn._tls)
+            except OSError as exc:
+                failed = exc
+            else:
+                failed = None
             if conn._room is not None:
                 conn._room.notify_all()
             state = protocol.state
@@ -458,7 +313,7 @@ class Loop:
             log.info("%s: write failed: %s", conn.key, failed)
             self._release(conn)
             return
-        self._want_write(conn, bool(outbox.size))
+        self.watch(conn, write=bool(outbox.size))
         if state is OPEN or state is CONNECTING:
             return
         if not conn._ending:  # the protocol left OPEN: the close deadline starts
@@ -466,38 +321,27 @@ class Loop:
             conn._deadline = time.monotonic() + self.server.close_timeout
             self._timed.add(conn)
         if state is CLOSED and not outbox.size and not conn._lingering:
-            self._linger(conn)
+            # All is written: shut our write side and wait (until the deadline)
+            # for the peer's EOF, so that closing never resets the connection
+            # with our last bytes still in flight.
+            conn._lingering = True
+            self._forget(conn)
+            if not transport.shutdown_write(conn._sock):
+                self._release(conn)
 
-    def _linger(self, conn: Connection) -> None:
-        """All is written: shut our write side and wait (until the deadline)
-        for the peer's EOF, so that closing never resets the connection with
-        our last bytes still in flight."""
-        conn._lingering = True
-        self._forget(conn)
-        try:  # the plain TCP shutdown, also under TLS (no close_notify)
-            socket.socket.shutdown(conn._sock, socket.SHUT_WR)
-        except OSError:
-            self._release(conn)
-
-    def _want_write(self, conn: Connection, flag: bool) -> None:
-        events = conn._events | WRITE if flag else conn._events & ~WRITE
-        if events != conn._events:
-            conn._events = events
-            self._set_events(conn)
-
-    def _set_events(self, conn: Connection) -> None:
+    def watch(self, conn: Connection, write: bool | None = None) -> None:
         """Tell the selector what the connection waits for: reading unless
-        paused, writing while the kernel pushes back."""
-        events = (conn._events & WRITE) | (0 if conn._paused else READ)
-        registered = self._selector.get_map().get(conn._sock)
-        conn._events = events
+        paused, writing while the kernel pushes back (``write``; None: as before)."""
+        events = (conn._events & WRITE if write is None else WRITE if write else 0) | (0 if conn._paused else READ)
+        if events == conn._events:
+            return
         if not events:
-            if registered is not None:
-                self._selector.unregister(conn._sock)
-        elif registered is None:
+            self._selector.unregister(conn._sock)
+        elif not conn._events:
             self._selector.register(conn._sock, events, conn)
-        elif registered.events != events:
+        else:
             self._selector.modify(conn._sock, events, conn)
+        conn._events = events
 
     # -- deadlines and the end -------------------------------------------------------------------
 
@@ -507,7 +351,7 @@ class Loop:
                 self._timed.discard(conn)
             elif conn._deadline is not None and now >= conn._deadline:
                 if conn._protocol.state is CONNECTING:
-                    log.info("%s: handshake timeout for %s", conn.key, _address(conn.remote_address))
+                    log.info("%s: handshake timeout for %s", conn.key, address_text(conn.remote_address))
                 elif not conn._lingering:
                     log.info("%s: closing handshake timed out", conn.key)
                 self._release(conn)
@@ -528,8 +372,9 @@ class Loop:
             if conn._room is not None:
                 conn._room.notify_all()
             closed = conn._closed
-        if self._selector.get_map().get(sock) is not None:
+        if conn._events:
             self._selector.unregister(sock)
+            conn._events = 0
         sock.close()
         self._handshaking.discard(conn)
         self._timed.discard(conn)
@@ -572,8 +417,3 @@ class Loop:
         self.stopped.set()
         log.info("stopped")
 
-
-def _address(address) -> str:
-    if isinstance(address, tuple) and len(address) >= 2:
-        return f"{address[0]}:{address[1]}"
-    return str(address)

@@ -15,12 +15,13 @@ import logging
 import socket
 import ssl
 import threading
+from dataclasses import dataclass
 from typing import Callable, Collection, Iterable, Sequence
 
 from .connection import Connection
 from .files import file_response
-from .handshake import DEFAULT_MAX_HEADER_SIZE, Accepted, Extension, Request, build_error_response, negotiate
 from .errors import HandshakeError
+from .handshake import DEFAULT_MAX_HEADER_SIZE, Accepted, Extension, Request, build_error_response, negotiate
 from .loop import Loop
 from .outbound import PreparedMessage
 from .protocol import DEFAULT_MAX_MESSAGE_SIZE
@@ -56,6 +57,17 @@ class Resource:
 
     def matches(self, path: str) -> bool:
         return path == self.path or path.startswith(self.path if self.path.endswith("/") else self.path + "/")
+
+
+@dataclass(slots=True)
+class Answer:
+    """The answer to a request: the response, and for an upgrade the
+    resource and the terms agreed; for a refusal, why."""
+
+    response: bytes
+    resource: Resource | None = None
+    accepted: Accepted | None = None
+    refusal: HandshakeError | None = None
 
 
 class Server:
@@ -140,19 +152,24 @@ class Server:
         """The resource that serves ``path`` (longest match), or None."""
         return next((r for r in self._resources if r.matches(path)), None)
 
-    # -- answering requests (called by the loop) ----------------------------------------------
+    # -- answering requests (called by the loop) --------------------------------------------
 
-    def negotiate(self, request: Request, resource: Resource) -> Accepted:
-        """Check an upgrade request for ``resource``; raises ``HandshakeError``."""
-        return negotiate(request, allowed_origins=self.allowed_origins, subprotocols=resource.subprotocols,
-                         extensions=self.extensions)
-
-    def file_response(self, request: Request) -> bytes:
-        return file_response(self.static_dir, request)
-
-    @staticmethod
-    def error_response(error: HandshakeError, request: Request) -> bytes:
-        return build_error_response(error, head_only=request.method == "HEAD")
+    def answer(self, request: Request, open_count: int) -> Answer:
+        """What a request gets, sans I/O: an upgrade to one of the resources,
+        a file, or a refusal.  ``open_count`` is how many WebSockets are open."""
+        resource = self.route(request.path)
+        try:
+            if resource is None:
+                if request.is_upgrade:
+                    raise HandshakeError(404, "no WebSocket endpoint at this path")
+                return Answer(file_response(self.static_dir, request))
+            if open_count >= self.max_connections:
+                raise HandshakeError(503, "too many connections", (("Retry-After", "5"),))
+            accepted = negotiate(request, allowed_origins=self.allowed_origins,
+                                 subprotocols=resource.subprotocols, extensions=self.extensions)
+        except HandshakeError as error:
+            return Answer(build_error_response(error, head_only=request.method == "HEAD"), refusal=error)
+        return Answer(accepted.response(), resource, accepted)
 
     # -- life cycle ------------------------------------------------------------------
 
