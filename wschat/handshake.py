@@ -46,6 +46,12 @@ class Request:
     version: str
     headers: Message
     raw: bytes = b""
+    fields: dict[str, list[str]] = field(default_factory=dict)  # lower-cased name -> values, for lookups
+
+    def __post_init__(self) -> None:
+        if not self.fields:
+            for name, value in self.headers.items():
+                self.fields.setdefault(name.lower(), []).append(value)
 
     @property
     def path(self) -> str:
@@ -58,7 +64,7 @@ class Request:
 
     def values(self, name: str) -> list[str]:
         """The comma-separated values of every ``name`` header, as sent."""
-        values = self.headers.get_all(name) or []
+        values = self.fields.get(name.lower(), ())
         return [token.strip() for value in values for token in value.split(",") if token.strip()]
 
     @property
@@ -132,7 +138,7 @@ class Extension(Protocol):
 def parse_extensions(request: Request) -> list[tuple[str, list[tuple[str, str | None]]]]:
     """The offers of ``Sec-WebSocket-Extensions``: ``[(name, [(param, value)])]``."""
     offers = []
-    for value in request.headers.get_all("Sec-WebSocket-Extensions") or []:
+    for value in request.fields.get("sec-websocket-extensions", ()):
         for offer in value.split(","):
             name, *params = [part.strip() for part in offer.split(";")]
             if not name:
@@ -179,7 +185,7 @@ class Accepted:
 
 
 def _single(request: Request, name: str) -> str | None:
-    values = request.headers.get_all(name) or []
+    values = request.fields.get(name.lower(), ())
     if len(values) > 1:
         raise HandshakeError(400, f"more than one {name} header")
     return values[0].strip() if values else None

@@ -121,7 +121,7 @@ class ServerProtocol:
     def __init__(self, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
                  max_header_size: int = DEFAULT_MAX_HEADER_SIZE, client: bool = False):
         self.outbox = Outbox()
-        self.request: Request | None = None
+        self.request: Request | None = None  # the request waiting for an answer
         self.close_sent: tuple[int, str] | None = None
         self.close_received: tuple[int, str] | None = None
         self.max_message_size = max_message_size
@@ -170,7 +170,7 @@ class ServerProtocol:
         parser = self._parser
         try:
             while True:
-                parser.max_payload = self.max_message_size - self._size
+                parser.max_payload = self.max_message_size - self._size if self._size else self.max_message_size
                 frame = parser.next_frame()
                 if frame is None:
                     return None
@@ -293,6 +293,7 @@ class ServerProtocol:
             raise ConnectionClosed("no request waits for an answer")
         self.outbox.append(response)
         self.state = OPEN
+        self.request = None  # what a connection keeps of it is the raw head: the parsed headers are large
         self._parser = FrameParser(require_mask=True, max_payload=self.max_message_size, allowed_rsv=rsv, partial=True)
         early, self._head = self._head, None
         if early:
@@ -305,7 +306,7 @@ class ServerProtocol:
         self.outbox.append(response)
         self.state = CLOSED
         self._reading = False
-        self._head = None
+        self._head = self.request = None
 
     # -- sending ---------------------------------------------------------------------------
 
