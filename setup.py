@@ -52,7 +52,7 @@ setup(
         "test": [
             "pytest>=7",
             "pytest-timeout>=2",
-            "coverage>=7",
+            "coverage>=7.10",
             "websockets>=12",
             "wsproto>=1.2",
             "playwright>=1.40",

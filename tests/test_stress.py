@@ -1,9 +1,11 @@
 """Thread-safety under stress: many threads send and broadcast while clients churn.
 
-Checked to fail without the socket map's lock: with ``Server._map_lock``
-replaced by ``contextlib.nullcontext()``, broadcasts snapshot the map while
-the loop thread adds and removes churning clients, and die with "dictionary
-changed size during iteration" (see the closing note of issue 3).
+Checked to fail without the socket map's lock: with ``Loop.map_lock``
+replaced by ``contextlib.nullcontext()`` (a plugin that patches
+``Loop.__init__``), broadcasts snapshot the map while the loop thread adds
+and removes churning clients, and die with "dictionary changed size during
+iteration".  The idle connections make the map as long as a real one, so a
+snapshot takes long enough for the loop to change the map meanwhile.
 """
 
 import contextlib
@@ -12,13 +14,14 @@ import threading
 
 from websockets.sync.client import connect
 
-from .helpers import Recorder, start_server
+from .helpers import RawClient, Recorder, start_server
 
 STABLE = 12
 BROADCASTERS = 4
 SENDERS = 2
 PER_THREAD = 300
-CHURN = 80
+CHURN = 150
+IDLE = 1000
 
 
 def test_send_and_broadcast_from_many_threads_while_clients_churn():
@@ -56,7 +59,10 @@ def test_send_and_broadcast_from_many_threads_while_clients_churn():
                 ws.send("hello")
 
     previous = sys.getswitchinterval()
+    server.resource("/idle")
     with contextlib.ExitStack() as stack:
+        for _ in range(IDLE):  # a map as long as a real one's
+            stack.enter_context(RawClient(server.port, "/idle"))
         stable = [stack.enter_context(connect(url, max_size=None)) for _ in range(STABLE)]
         targets = [recorder.wait("open")[1] for _ in range(STABLE)]
         readers = [guard(read, i, ws) for i, ws in enumerate(stable)]

@@ -1,0 +1,194 @@
+"""The loop, the transport and the dispatcher: the paths the end-to-end tests do not reach."""
+
+import socket
+import ssl
+import threading
+
+import pytest
+from websockets.sync.client import connect
+
+from wschat import files, transport
+from wschat.connection import Connection
+from wschat.dispatch import PoolDispatcher
+from wschat.loop import WRITE, Loop
+from wschat.outbound import Outbox
+from wschat.protocol import ServerProtocol
+from wschat.server import Server
+
+from .helpers import REQUEST, RawClient, Recorder, start_server, wait_until
+
+
+def test_too_many_connections_in_handshake_are_dropped_at_accept():
+    server = start_server(max_connections=2)
+    server.resource("/chat")
+    try:
+        waiting = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+        with socket.create_connection(("127.0.0.1", server.port)) as third:
+            third.settimeout(10)
+            assert third.recv(1) == b""  # closed at once
+        for sock in waiting:  # the two in handshake are still served
+            sock.sendall(REQUEST)
+            sock.settimeout(10)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 101")
+            sock.close()
+    finally:
+        server.stop()
+
+
+def test_an_unexpected_error_releases_that_connection_and_the_loop_goes_on(monkeypatch, caplog):
+    real_read = transport.read
+
+    def read(sock, tls):
+        data = real_read(sock, tls)
+        if isinstance(data, bytes) and b"explode" in data:
+            raise RuntimeError("a bug")
+        return data
+
+    monkeypatch.setattr(transport, "read", read)
+    server = start_server()
+    server.resource("/chat", on_message=lambda conn, message: conn.send(message))
+    try:
+        with RawClient(server.port, handshake=False) as doomed:
+            doomed.sock.sendall(b"explode")
+            assert doomed.at_eof()
+        assert "unexpected error" in caplog.text
+        with connect(f"ws://127.0.0.1:{server.port}/chat") as ws:
+            ws.send("still here")
+            assert ws.recv(timeout=5) == "still here"
+    finally:
+        server.stop()
+
+
+class RenegotiatingSocket:
+    """A TLS socket whose first read must write first, as in a renegotiation."""
+
+    def __init__(self, sock):
+        self._sock = sock
+        self.refused = False
+
+    def fileno(self):
+        return self._sock.fileno()
+
+    def recv(self, size):
+        if not self.refused:
+            self.refused = True
+            raise ssl.SSLWantWriteError()
+        return self._sock.recv(size)
+
+    def pending(self):
+        return 0
+
+    def send(self, data):
+        return self._sock.send(data)
+
+    def close(self):
+        self._sock.close()
+
+
+def test_a_tls_read_that_must_write_first_waits_for_writability_then_reads():
+    server = Server("127.0.0.1", 0, ping_interval=0)
+    server.resource("/chat")
+    server.bind()
+    loop = Loop(server, server._listener)
+    ours, peer = socket.socketpair()
+    ours.setblocking(False)
+    try:
+        sock = RenegotiatingSocket(ours)
+        conn = Connection(loop, sock, ("127.0.0.1", 1), "t1", ServerProtocol(), tls=True)
+        conn._tls_handshake = False
+        loop.watch(conn)
+        peer.sendall(REQUEST)
+        loop._on_readable(conn)
+        assert conn._read_wants_write and conn._events & WRITE
+        loop._on_writable(conn)  # writable: the read is retried, the request answered and written
+        assert conn.is_open and not conn._read_wants_write
+        peer.settimeout(5)
+        assert peer.recv(4096).startswith(b"HTTP/1.1 101")
+    finally:
+        loop._release_all()
+        peer.close()
+        server.stop()
+
+
+def test_writes_past_iov_max_arrive_whole_and_in_order():
+    writer, reader = socket.socketpair()
+    writer.setblocking(False)
+    outbox = Outbox()
+    for i in range(3 * transport.IOV_MAX + 7):
+        outbox.append(b"%05d," % i)
+    expected = b"".join(outbox.buffers)
+    received = bytearray()
+
+    def read():
+        while len(received) < len(expected):
+            received.extend(reader.recv(65536))
+
+    thread = threading.Thread(target=read)
+    thread.start()
+    while outbox.size:
+        transport.write(writer, outbox, tls=False)
+    thread.join(10)
+    writer.close()
+    reader.close()
+    assert bytes(received) == expected
+
+
+def test_wait_closed_and_latency():
+    recorder = Recorder()
+    server = start_server(ping_interval=0.05)
+    server.resource("/chat", **recorder.handlers())
+    try:
+        with connect(f"ws://127.0.0.1:{server.port}/chat") as ws:  # answers pings by itself
+            _, conn = recorder.wait("open")
+            assert conn.wait_closed(0.01) is False
+            wait_until(lambda: conn.latency is not None, what="a keepalive round trip")
+            assert 0 <= conn.latency < 5
+            ws.close()
+        assert conn.wait_closed(10) is True
+        assert conn.wait_closed(0) is True  # and at once, once closed
+    finally:
+        server.stop()
+
+
+def test_a_pool_that_was_shut_down_runs_calls_in_place():
+    server = Server("127.0.0.1", 0)
+    server.bind()
+    loop = Loop(server, server._listener)
+    try:
+        pool = PoolDispatcher(loop, 1, 4)
+        pool.shutdown()
+        conn = Connection(loop, None, ("127.0.0.1", 1), "p1", ServerProtocol())
+        ran = []
+        pool.submit(conn, ran.append, threading.current_thread())
+        assert ran == [threading.current_thread()]
+    finally:
+        loop._release_all()
+        server.stop()
+
+
+def test_a_static_file_over_the_size_limit_is_a_500(tmp_path, monkeypatch):
+    (tmp_path / "big.txt").write_bytes(b"x" * 100)
+    monkeypatch.setattr(files, "MAX_FILE_SIZE", 10)
+    server = start_server(static_dir=str(tmp_path))
+    try:
+        with RawClient(server.port, handshake=False) as raw:
+            raw.sock.sendall(b"GET /big.txt HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert raw.read_head().startswith(b"HTTP/1.1 500 ")
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_file_response_for_head_has_the_length_but_no_body(tmp_path, method):
+    (tmp_path / "a.css").write_text("body{}")
+    server = start_server(static_dir=str(tmp_path))
+    try:
+        with RawClient(server.port, handshake=False) as raw:
+            raw.sock.sendall(f"{method} /a.css HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            data = b""
+            while chunk := raw.sock.recv(65536):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert b"Content-Length: 6" in head and body == (b"body{}" if method == "GET" else b"")
+    finally:
+        server.stop()

@@ -1,0 +1,59 @@
+"""The outbox and prepared messages, sans I/O."""
+
+import pytest
+
+from wschat.frames import Opcode, encode_frame
+from wschat.outbound import Outbox, PreparedMessage
+
+
+def contents(outbox):
+    return b"".join(bytes(b) for b in outbox.buffers[outbox.start :])
+
+
+def test_consume_across_buffers_keeps_order_and_size():
+    outbox = Outbox()
+    data = [bytes([i]) * (i + 1) for i in range(200)]
+    for item in data:
+        outbox.append(item)
+    whole = b"".join(data)
+    taken = 0
+    for step in [1, 2, 3, 50, 7, 1000, 4000, 13]:
+        outbox.consume(step)
+        taken += step
+        assert contents(outbox) == whole[taken:] and outbox.size == len(whole) - taken
+        assert outbox.started == (outbox.size > 0 and isinstance(outbox.buffers[outbox.start], memoryview))
+    outbox.consume(outbox.size)
+    assert outbox.buffers == [] and outbox.start == 0 and len(outbox) == 0
+
+
+def test_pending_gives_at_most_that_many_buffers_from_the_front():
+    outbox = Outbox()
+    for i in range(10):
+        outbox.append(b"%d" % i)
+    assert outbox.pending(100) is outbox.buffers  # the common case: no copy
+    assert outbox.pending(3) == [b"0", b"1", b"2"]
+    outbox.consume(2)
+    assert outbox.pending(3) == [b"2", b"3", b"4"]
+
+
+def test_discard_unstarted_keeps_a_partly_written_buffer_only():
+    outbox = Outbox()
+    outbox.extend((b"abcd", b"efgh"), 8)
+    outbox.discard_unstarted()
+    assert outbox.size == 0 and contents(outbox) == b""
+    outbox.extend((b"abcd", b"efgh"), 8)
+    outbox.consume(1)
+    outbox.discard_unstarted()
+    assert contents(outbox) == b"bcd" and outbox.size == 3
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 16383, 16384, 70000])
+def test_prepared_message_is_the_encoded_frame(size):
+    text = "é" * (size // 2) + "x" * (size % 2)
+    prepared = PreparedMessage(text)
+    assert b"".join(prepared.parts) == encode_frame(Opcode.TEXT, text.encode())
+    assert prepared.size == len(b"".join(prepared.parts)) and prepared.opcode == Opcode.TEXT
+    binary = PreparedMessage(bytearray(size))
+    assert b"".join(binary.parts) == encode_frame(Opcode.BINARY, bytes(size))
+    assert len(binary.parts) == (2 if size >= 16384 else 1)  # a large payload is never copied into the frame
+    assert repr(PreparedMessage(b"", Opcode.PING)) == "<PreparedMessage PING 2 bytes>"
