@@ -126,8 +126,9 @@ class InlineDispatcher:
         with conn._lock:
             conn._protocol.accept(answer.response, rsv=answer.accepted.rsv)
         loop.opened(conn)
-        log.info("%s: open %s from %s%s", conn.key, quoted(request.path), address_text(conn.remote_address),
-                 f" ({conn.subprotocol})" if conn.subprotocol else "")
+        if log.isEnabledFor(logging.INFO):  # one line per connection: no formatting when it is off
+            log.info("%s: open %s from %s%s", conn.key, quoted(request.path), address_text(conn.remote_address),
+                     f" ({conn.subprotocol})" if conn.subprotocol else "")
         if conn.resource.on_open is not None:
             self.submit(conn, conn.resource.on_open, conn)
 

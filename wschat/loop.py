@@ -251,7 +251,11 @@ class Loop:
         if conn._tls_handshake:
             self._tls_handshake(conn)
             return
-        data = transport.read(conn._sock, conn._tls)
+        try:
+            data = transport.read(conn._sock, conn._tls)
+        except OSError as exc:
+            log.info("%s: read failed: %s", conn.key, exc)
+            data = b""
         if data is None:
             return
         if data is transport.WANTS_WRITE:  # TLS renegotiation: read again once writable
@@ -382,7 +386,8 @@ class Loop:
         if closed is not None:
             closed.set()
         if conn.resource is not None:
-            log.info("%s: closed (%s)", conn.key, conn._describe_close())
+            if log.isEnabledFor(logging.INFO):
+                log.info("%s: closed (%s)", conn.key, conn._describe_close())
             if conn.resource.on_close is not None:
                 self.dispatcher.submit(conn, conn.resource.on_close, conn, conn.close_code, conn.close_reason)
 

@@ -6,13 +6,10 @@ for next is returned, never waited for.  The loop decides what happens then.
 
 from __future__ import annotations
 
-import logging
 import socket
 import ssl
 
 from .outbound import Outbox
-
-log = logging.getLogger("wschat")
 
 READ_SIZE = 256 * 1024
 IOV_MAX = 1024  # buffers per sendmsg call
@@ -43,8 +40,9 @@ def tls_handshake(sock: ssl.SSLSocket) -> bool | None:
 
 
 def read(sock: socket.socket, tls: bool):
-    """What is there to read: bytes, b"" at EOF (or on an error), None when
-    nothing yet, ``WANTS_WRITE`` when TLS must write first."""
+    """What is there to read: bytes, b"" at EOF, None when nothing yet,
+    ``WANTS_WRITE`` when TLS must write first.  Raises ``OSError`` when the
+    connection is broken (a reset, a TLS error)."""
     try:
         data = sock.recv(READ_SIZE)
         if tls and data:
@@ -55,9 +53,6 @@ def read(sock: socket.socket, tls: bool):
         return WANTS_WRITE
     except _RETRY:
         return None
-    except OSError as exc:
-        log.info("read failed: %s", exc)
-        return b""
 
 
 def write(sock: socket.socket, outbox: Outbox, tls: bool) -> None:
