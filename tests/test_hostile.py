@@ -78,6 +78,21 @@ def traced():
         tracemalloc.stop()
 
 
+def record_selects(monkeypatch, event):
+    """Make the loop's selector record, for each select(), whether ``event``
+    was set when it returned and how many sockets were ready (0: it timed out)."""
+    results = []
+
+    class RecordingSelector(selectors.DefaultSelector):
+        def select(self, timeout=None):
+            ready = super().select(timeout)
+            results.append((event.is_set(), len(ready)))
+            return ready
+
+    monkeypatch.setattr(selectors, "DefaultSelector", RecordingSelector)
+    return results
+
+
 def read_frames_until_eof(raw, answer_close=True):
     """Every frame until the server closes TCP; a close frame is answered."""
     frames = []
@@ -290,15 +305,8 @@ def test_a_signal_handler_calling_stop_wakes_the_loop(monkeypatch):
     """serve_forever on the main thread, stop() from a signal handler: the
     select() the signal interrupts must return with the waker, not sleep
     out its timeout."""
-    signalled, results = threading.Event(), []
-
-    class RecordingSelector(selectors.DefaultSelector):
-        def select(self, timeout=None):
-            ready = super().select(timeout)
-            results.append((signalled.is_set(), len(ready)))
-            return ready
-
-    monkeypatch.setattr(selectors, "DefaultSelector", RecordingSelector)
+    signalled = threading.Event()
+    results = record_selects(monkeypatch, signalled)
     server = Server("127.0.0.1", 0, ping_interval=0)
     previous = signal.signal(signal.SIGUSR1, lambda *_: server.stop())
 
@@ -474,15 +482,8 @@ def test_resources_registered_while_running_never_break_routing():
 def test_an_overflow_from_another_thread_wakes_the_loop(monkeypatch):
     """A broadcast from another thread that closes a slow client must wake
     the loop to write the close, not leave it for the select() timeout."""
-    broadcasting, results = threading.Event(), []
-
-    class RecordingSelector(selectors.DefaultSelector):
-        def select(self, timeout=None):
-            ready = super().select(timeout)
-            results.append((broadcasting.is_set(), len(ready)))
-            return ready
-
-    monkeypatch.setattr(selectors, "DefaultSelector", RecordingSelector)
+    broadcasting = threading.Event()
+    results = record_selects(monkeypatch, broadcasting)
     server, recorder, slow, conn = server_with_slow_client(32 * 1024, close_timeout=5)
     server.resource("/echo", on_message=lambda c, m: c.send(m))
     try:

@@ -192,3 +192,42 @@ def test_file_response_for_head_has_the_length_but_no_body(tmp_path, method):
         assert b"Content-Length: 6" in head and body == (b"body{}" if method == "GET" else b"")
     finally:
         server.stop()
+
+
+@pytest.mark.timeout(60)
+def test_stop_from_a_signal_handler_never_waits_on_a_lock_its_thread_holds():
+    """The handler runs between two bytecodes of the loop, maybe while it
+    holds a connection's lock that a ping tick waits for: stop() must take
+    no lock and join nothing there."""
+    import signal
+
+    for _ in range(15):
+        server = Server("127.0.0.1", 0, ping_interval=0.001)
+        server.resource("/chat", on_message=lambda conn, message: conn.send(message))
+        server.bind()
+        echoes, done = [], threading.Event()
+
+        def chatter():
+            try:
+                with connect(f"ws://127.0.0.1:{server.port}/chat") as ws:
+                    while not done.is_set():
+                        ws.send("x" * 100)
+                        echoes.append(ws.recv(timeout=10))
+            except Exception:
+                pass  # closed by the shutdown
+
+        def send_signal():
+            wait_until(lambda: len(echoes) > 300, what="traffic")
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGUSR1)
+
+        previous = signal.signal(signal.SIGUSR1, lambda *_: server.stop())
+        threads = [threading.Thread(target=chatter) for _ in range(4)] + [threading.Thread(target=send_signal)]
+        for thread in threads:
+            thread.start()
+        try:
+            server.serve_forever()  # returns once the signal's stop() took effect
+        finally:
+            done.set()
+            signal.signal(signal.SIGUSR1, previous)
+            for thread in threads:
+                thread.join(10)

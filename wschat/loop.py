@@ -53,7 +53,7 @@ class Loop:
         self.send_timeout = server.send_timeout
         self.connections: dict[str, Connection] = {}  # the socket map: open WebSockets
         self.map_lock = threading.Lock()
-        self.stopped = threading.Event()
+        self.stopped = threading.Event()  # set by the server once it has forgotten this run
         self._listener = listener
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
@@ -116,10 +116,11 @@ class Loop:
         self._wake()
 
     def request_stop(self, timeout: float) -> None:
-        """Begin the shutdown (from any thread, a signal handler included)."""
+        """Begin the shutdown.  From any thread, a signal handler included:
+        it takes no lock, since a handler may run while its thread holds one."""
         self._stop_deadline = time.monotonic() + timeout
         self._stopping = True
-        self.pinger.stop()
+        self.pinger.cancel()
         self._wake()  # always: from a signal handler the loop may sit in select()
 
     def _wake(self) -> None:
@@ -419,6 +420,5 @@ class Loop:
         self._selector.close()
         self._wake_r.close()
         self._wake_w.close()
-        self.stopped.set()
         log.info("stopped")
 

@@ -36,15 +36,21 @@ class Pinger:
     def start(self) -> None:
         self._schedule()
 
-    def stop(self) -> None:
-        """Cancel the next tick and wait for a running one (unless called from it)."""
-        with self._lock:
-            self._stopped = True
-            timer, self._timer = self._timer, None
+    def cancel(self) -> None:
+        """No more ticks.  Takes no lock and waits for nothing: a signal
+        handler may call it while its thread holds any lock."""
+        self._stopped = True
+        timer = self._timer
         if timer is not None:
             timer.cancel()
-            if timer is not threading.current_thread():
-                timer.join()
+
+    def stop(self) -> None:
+        """Cancel, and wait for a tick that is running (unless called from it)."""
+        self.cancel()
+        with self._lock:
+            timer, self._timer = self._timer, None
+        if timer is not None and timer is not threading.current_thread():
+            timer.join()
 
     def is_timer_thread(self) -> bool:
         return self._timer is threading.current_thread()

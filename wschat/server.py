@@ -232,25 +232,25 @@ class Server:
         finally:
             with self._run_lock:
                 if self._loop is loop:
-                    self._loop = None
-                    self._listener = None
+                    self._loop = self._listener = None
+            loop.stopped.set()
 
     def stop(self, timeout: float | None = None) -> None:
         """Close every client with 1001, wait up to ``timeout`` (``close_timeout``)
         for the closing handshakes, then release every socket and thread.
 
-        Safe from any thread, a signal handler included.  From the loop's own
-        threads (a handler, a worker, the ping timer) it starts the shutdown
-        and returns without waiting, since the shutdown waits for them.
+        Safe from any thread, a signal handler included: it takes no lock.
+        From the loop's own threads (a handler, a worker, the ping timer) it
+        starts the shutdown and returns without waiting, since the shutdown
+        waits for them.
         """
         timeout = self.close_timeout if timeout is None else timeout
-        with self._run_lock:
-            loop = self._loop
-            if loop is None:  # bound but never served, or not running
-                if self._listener is not None:
-                    self._listener.close()
-                    self._listener = None
-                return
+        loop = self._loop
+        if loop is None:  # bound but never served, or not running
+            listener, self._listener = self._listener, None
+            if listener is not None:
+                listener.close()
+            return
         loop.request_stop(timeout)
         if loop.is_own_thread():
             return
@@ -258,9 +258,6 @@ class Server:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout + 5)
-        with self._run_lock:
-            if self._loop is loop and loop.stopped.is_set():  # served in another thread: done now
-                self._loop = self._listener = None
 
     def __enter__(self) -> Server:
         return self.start()
