@@ -36,15 +36,15 @@ def test_too_many_connections_in_handshake_are_dropped_at_accept():
 
 
 def test_an_unexpected_error_releases_that_connection_and_the_loop_goes_on(monkeypatch, caplog):
-    real_read = transport.read
+    real_read = transport.read_into
 
-    def read(sock, tls):
-        data = real_read(sock, tls)
-        if isinstance(data, bytes) and b"explode" in data:
+    def read_into(sock, buffer, tls):
+        received = real_read(sock, buffer, tls)
+        if isinstance(received, int) and b"explode" in bytes(buffer[:received]):
             raise RuntimeError("a bug")
-        return data
+        return received
 
-    monkeypatch.setattr(transport, "read", read)
+    monkeypatch.setattr(transport, "read_into", read_into)
     server = start_server()
     server.resource("/chat", on_message=lambda conn, message: conn.send(message))
     try:
@@ -69,11 +69,11 @@ class RenegotiatingSocket:
     def fileno(self):
         return self._sock.fileno()
 
-    def recv(self, size):
+    def recv_into(self, buffer, size):
         if not self.refused:
             self.refused = True
             raise ssl.SSLWantWriteError()
-        return self._sock.recv(size)
+        return self._sock.recv_into(buffer, size)
 
     def pending(self):
         return 0
@@ -231,3 +231,46 @@ def test_stop_from_a_signal_handler_never_waits_on_a_lock_its_thread_holds():
             signal.signal(signal.SIGUSR1, previous)
             for thread in threads:
                 thread.join(10)
+
+
+def test_frames_cut_anywhere_across_many_connections_arrive_intact():
+    """Every read lands in the loop's one buffer; a connection's unparsed
+    bytes must be its own before another connection's read reuses it."""
+    import os
+    import random
+
+    from wschat.frames import Opcode, encode_frame
+
+    server = start_server(max_message_size=1 << 20)
+    server.resource("/chat", on_message=lambda conn, message: conn.send(message))
+    rng = random.Random(7)
+    errors = []
+
+    def client(seed):
+        rng = random.Random(seed)
+        try:
+            with RawClient(server.port) as raw:
+                messages = [os.urandom(rng.choice([0, 1, 125, 126, 1000, 65535, 65536, 70000])) for _ in range(40)]
+                stream = b"".join(encode_frame(Opcode.BINARY, m, mask=os.urandom(4)) for m in messages)
+                position = 0
+                while position < len(stream):
+                    step = rng.choice([1, 2, 3, 7, 100, 4096, 70000])
+                    raw.sock.sendall(stream[position : position + step])
+                    position += step
+                for message in messages:
+                    frame = raw.recv_frame()
+                    if frame.payload != message:
+                        errors.append(f"client {seed}: a message came back changed")
+                        return
+        except Exception as exc:
+            errors.append(f"client {seed}: {exc!r}")
+
+    threads = [threading.Thread(target=client, args=(rng.random(),)) for _ in range(20)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        server.stop()
+    assert errors == []

@@ -444,3 +444,21 @@ def test_client_protocol_masks_and_talks_to_server():
     # A masked frame from a server fails the client with 1002.
     events = pull(client, encode_frame(Opcode.TEXT, b"x", mask=b"abcd"))
     assert isinstance(events[0].error, ProtocolError)
+
+
+def test_bytes_fed_from_a_reused_buffer_survive_detach():
+    """The server parses each read where it lies, in one buffer it reuses;
+    after detach, what was not parsed yet must not depend on that buffer."""
+    protocol = open_protocol()
+    frames = client_frame(Opcode.TEXT, b"first") + client_frame(Opcode.BINARY, b"second" * 100)
+    cut = len(frames) - 300  # the second frame is cut inside its payload
+    buffer = bytearray(len(frames))
+    buffer[:cut] = frames[:cut]
+    protocol.receive_data(memoryview(buffer)[:cut])
+    assert protocol.next_event() == TextMessage("first")
+    protocol.detach()
+    buffer[:] = b"\xff" * len(buffer)  # the next read lands in the same buffer
+    buffer[:300] = frames[cut:]
+    events = pull(protocol, memoryview(buffer)[:300])
+    protocol.detach()
+    assert events == [BinaryMessage(b"second" * 100)]

@@ -220,7 +220,9 @@ class FrameParser:
         """How many received bytes wait for the rest of their frame."""
         return len(self._data) - self._pos
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes | memoryview) -> None:
+        """Take received bytes.  They are parsed where they lie: a view of a
+        buffer the caller reuses is fine, if ``detach`` is called first."""
         if self._pos >= len(self._data):  # all consumed: keep the new bytes as they are, no copy
             self._data, self._pos = data, 0
             return
@@ -228,6 +230,14 @@ class FrameParser:
             self._data = bytearray(memoryview(self._data)[self._pos :])  # the leftover, copied once
             self._pos = 0
         self._data += data
+
+    def detach(self) -> None:
+        """Let go of the fed buffer: what is not parsed yet is copied (a few
+        header bytes, as a rule), so the caller may reuse its buffer."""
+        data = self._data
+        if type(data) is memoryview:
+            self._data = bytes(data[self._pos :])
+            self._pos = 0
 
     def next_frame(self) -> Frame | None:
         """Return the next frame (or piece of one), or None until more bytes arrive."""

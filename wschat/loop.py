@@ -56,6 +56,7 @@ class Loop:
         self.stopped = threading.Event()  # set by the server once it has forgotten this run
         self._listener = listener
         self._selector = selectors.DefaultSelector()
+        self._buffer = memoryview(bytearray(transport.READ_BUFFER_SIZE))  # every read goes here
         self._wake_r, self._wake_w = socket.socketpair()
         for sock in (self._wake_r, self._wake_w):
             sock.setblocking(False)
@@ -253,26 +254,30 @@ class Loop:
             self._tls_handshake(conn)
             return
         try:
-            data = transport.read(conn._sock, conn._tls)
+            received = transport.read_into(conn._sock, self._buffer, conn._tls)
         except OSError as exc:
             log.info("%s: read failed: %s", conn.key, exc)
-            data = b""
-        if data is None:
+            received = 0
+        if received is None:
             return
-        if data is transport.WANTS_WRITE:  # TLS renegotiation: read again once writable
+        if received is transport.WANTS_WRITE:  # TLS renegotiation: read again once writable
             conn._read_wants_write = True
             self.watch(conn, write=True)
             return
-        if not data:
+        if not received:
             if conn.resource is not None and conn._protocol.state in (OPEN, CLOSING) and not conn._protocol.close_received:
                 log.info("%s: connection lost without a close frame", conn.key)
             self._release(conn)
             return
         conn.last_seen = time.monotonic()
+        protocol = conn._protocol
         with conn._lock:
-            conn._protocol.receive_data(data)
-        del data
-        self.dispatcher.process(conn)
+            protocol.receive_data(self._buffer[:received])  # parsed where it lies, in the loop's buffer
+        try:
+            self.dispatcher.process(conn)
+        finally:
+            with conn._lock:
+                protocol.detach()  # before the buffer takes the next read
 
     # -- answering the request ---------------------------------------------------------------
 

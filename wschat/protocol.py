@@ -145,14 +145,21 @@ class ServerProtocol:
 
     # -- receiving ---------------------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> None:
-        """Take received bytes; ``next_event`` then returns what they complete."""
+    def receive_data(self, data: bytes | memoryview) -> None:
+        """Take received bytes; ``next_event`` then returns what they complete.
+        ``data`` may be a view of a buffer the caller reuses for every read:
+        the caller then calls ``detach`` before it reads into it again."""
         if not self._reading:
             return  # after a close frame, an error or a plain response: discarded
         if self._parser is None:
             self._head += data
         else:
             self._parser.feed(data)
+
+    def detach(self) -> None:
+        """Copy what is received and not yet parsed out of the caller's buffer."""
+        if self._parser is not None:
+            self._parser.detach()
 
     def receive_eof(self) -> None:
         """The transport is gone: nothing more is read or written."""

@@ -12,6 +12,7 @@ import ssl
 from .outbound import Outbox
 
 READ_SIZE = 256 * 1024
+READ_BUFFER_SIZE = READ_SIZE + 64 * 1024  # room for what one TLS record still holds (16 KiB at most)
 IOV_MAX = 1024  # buffers per sendmsg call
 WANTS_WRITE = object()  # what read() returns when TLS must write before it can read
 _RETRY = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
@@ -39,16 +40,22 @@ def tls_handshake(sock: ssl.SSLSocket) -> bool | None:
     return True
 
 
-def read(sock: socket.socket, tls: bool):
-    """What is there to read: bytes, b"" at EOF, None when nothing yet,
-    ``WANTS_WRITE`` when TLS must write first.  Raises ``OSError`` when the
-    connection is broken (a reset, a TLS error)."""
+def read_into(sock: socket.socket, buffer: memoryview, tls: bool):
+    """Read what is there into ``buffer``: how many bytes (0 at EOF), None
+    when nothing yet, ``WANTS_WRITE`` when TLS must write first.  Raises
+    ``OSError`` when the connection is broken (a reset, a TLS error).
+
+    One buffer serves every read of the loop: no read allocates, so no read
+    costs fresh pages (a fresh 256 KiB allocation per read is an mmap whose
+    pages fault in as the kernel fills them).  ``buffer`` holds ``READ_SIZE``
+    and a TLS record more.
+    """
     try:
-        data = sock.recv(READ_SIZE)
-        if tls and data:
-            while sock.pending():  # decrypted bytes select() cannot see
-                data += sock.recv(READ_SIZE)
-        return data
+        received = sock.recv_into(buffer, READ_SIZE)
+        if tls and received:
+            while pending := sock.pending():  # decrypted bytes select() cannot see
+                received += sock.recv_into(buffer[received:], pending)
+        return received
     except ssl.SSLWantWriteError:
         return WANTS_WRITE
     except _RETRY:
