@@ -488,6 +488,8 @@ def test_an_overflow_from_another_thread_wakes_the_loop(monkeypatch):
     server.resource("/echo", on_message=lambda c, m: c.send(m))
     try:
         fill_to_the_mark(server, conn)
+        quiet = len(results)  # then one select() that timed out: nothing else is about to wake the loop
+        wait_until(lambda: any(count == 0 for _, count in results[quiet:]), what="the loop quiet")
         wait_until(lambda: blocked_in(server._thread, "select"), what="the loop asleep")
         broadcasting.set()
         server.broadcast(b"b" * 40000)  # over the mark: the client is closed as too slow
