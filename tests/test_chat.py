@@ -251,3 +251,84 @@ def test_post_from_the_application(make_chat):
         message = recv_json(judy, "message")
         assert (message["nick"], message["text"]) == ("ci", "deploy finished")
     chat.post("nobody is here", room="empty")  # no such room: nothing happens
+
+
+# -- hardening (issue 12) ---------------------------------------------------------------
+
+
+def test_a_lone_surrogate_is_refused_and_never_poisons_the_room(make_chat):
+    chat = make_chat()
+    with structured(chat, nick="mallory") as mallory:
+        recv_json(mallory, "welcome")
+        mallory.send('{"type": "message", "text": "\\ud800"}')  # valid JSON, not valid Unicode
+        error = recv_json(mallory, "error")
+        assert error["code"] == "bad_request" and "surrogate" in error["text"]
+        mallory.send(json.dumps({"type": "message", "text": "fine"}))
+        assert recv_json(mallory, "message")["text"] == "fine"
+    with structured(chat, nick="newcomer") as newcomer:  # the room still welcomes browsers
+        assert [m["text"] for m in recv_json(newcomer, "welcome")["history"]] == ["fine"]
+    with pytest.raises(ValueError):
+        chat.post("\udfff")
+
+
+@pytest.mark.parametrize("request_text, expected", [
+    ("[" * 5000, "nested too deeply"),
+    ('{"type": ' * 3000, "nested too deeply"),
+    ("x" * 70000, "longer than"),
+    ('{"type": "message"}', '"text" string'),
+    ('{"type": "message", "text": ["list"]}', '"text" string'),
+    ('{"type": "nick"}', '"nick" string'),
+    ('{"type": "shout"}', "unknown request type 'shout'"),
+    ("{", "not JSON"),
+])
+def test_bad_requests_say_what_was_wrong_and_never_log_a_traceback(make_chat, caplog, request_text, expected):
+    chat = make_chat(limits=ChatLimits(max_length=10_000, rate=0))
+    with structured(chat, nick="quinn") as ws:
+        recv_json(ws, "welcome")
+        ws.send(request_text)
+        error = recv_json(ws, "error")
+        assert error["code"] == "bad_request" and expected in error["text"]
+        ws.send(json.dumps({"type": "users"}))  # and the connection goes on
+        assert recv_json(ws, "users")["users"] == ["quinn"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+@pytest.mark.parametrize("impostor", ["admin", "ADMIN", "ａｄｍｉｎ", "Ａdmin"])
+def test_nicknames_are_compared_normalized_and_case_folded(make_chat, impostor):
+    chat = make_chat()
+    with structured(chat, nick="Admin") as admin:
+        recv_json(admin, "welcome")
+        with structured(chat, nick=impostor) as other:
+            welcome = recv_json(other, "welcome")
+            assert welcome["nick"].startswith("guest-")
+            assert "taken" in recv_json(other, "error")["text"]
+
+
+def test_nicknames_mixing_scripts_are_refused(make_chat):
+    chat = make_chat()
+    with structured(chat, nick="\u0430dmin") as mixed:  # a Cyrillic а, then Latin
+        assert recv_json(mixed, "welcome")["nick"].startswith("guest-")
+        assert "one script" in recv_json(mixed, "error")["text"]
+        for fine in ["админ", "Zoë", "日本語ひらがな", "정민수"]:
+            mixed.send(json.dumps({"type": "nick", "nick": fine}))
+            assert recv_json(mixed, "nick")["nick"] == fine
+
+
+def test_a_member_may_change_the_case_of_their_own_nickname(make_chat):
+    chat = make_chat()
+    with structured(chat, nick="alice") as alice:
+        recv_json(alice, "welcome")
+        alice.send(json.dumps({"type": "nick", "nick": "Alice"}))
+        assert recv_json(alice, "nick")["nick"] == "Alice"
+        assert chat.users() == ["Alice"]
+
+
+def test_unicode_room_names_from_the_url(make_chat):
+    chat = make_chat(welcome="")
+    with structured(chat, "/caf%C3%A9", nick="zoe") as ws:  # what a browser sends for /café
+        assert recv_json(ws, "welcome")["room"] == "café"
+        assert chat.users("café") == ["zoe"]
+    with plain(chat, "/%ff") as bad:  # not UTF-8
+        with pytest.raises(ConnectionClosedError) as info:
+            bad.recv(timeout=5)
+        assert info.value.rcvd.code == 1008

@@ -19,16 +19,16 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import re
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from .connection import Connection
 from .frames import CloseCode
 from .logsafe import quoted
+from .names import nick_key, nick_problem, normalize, room_problem
 from .server import Server
 
 log = logging.getLogger("wschat")
@@ -36,8 +36,7 @@ log = logging.getLogger("wschat")
 SUBPROTOCOL = "wschat.v1"
 DEFAULT_WELCOME = "Welcome to Corvusoft Chat!"
 DEFAULT_ROOM = "main"
-ROOM_PATTERN = re.compile(r"[\w.-]{1,64}")
-NICK_PATTERN = re.compile(r"[^\W][\w.-]*")
+MAX_REQUEST = 64 * 1024  # characters in one wschat.v1 request when messages have no length limit
 
 
 @dataclass
@@ -76,18 +75,21 @@ class Room:
 
     name: str
     history: deque
-    members: dict = field(default_factory=dict)  # nick -> Member
+    members: dict = field(default_factory=dict)  # nick_key(nick) -> Member
     plain: dict = field(default_factory=dict)  # Connection -> None: insertion-ordered sets,
     structured: dict = field(default_factory=dict)  # updated in O(1) on join and leave
     seq: int = 0
 
     def add(self, member: Member) -> None:
-        self.members[member.nick] = member
+        self.members[nick_key(member.nick)] = member
         (self.structured if member.structured else self.plain)[member.conn] = None
 
     def remove(self, member: Member) -> None:
-        del self.members[member.nick]
+        del self.members[nick_key(member.nick)]
         (self.structured if member.structured else self.plain).pop(member.conn, None)
+
+    def nicks(self) -> list[str]:
+        return sorted(member.nick for member in self.members.values())
 
 
 def _json(event: dict) -> str:
@@ -97,6 +99,15 @@ def _json(event: dict) -> str:
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be sent as UTF-8 (a lone surrogate from JSON), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"text is not valid Unicode (a lone surrogate at character {exc.start})"
+    return None
 
 
 class Chat:
@@ -133,26 +144,35 @@ class Chat:
     # -- the public API, for embedding applications -----------------------------
 
     def post(self, text: str, room: str = DEFAULT_ROOM, nick: str = "server") -> None:
-        """Post a chat message to ``room`` as ``nick`` (from any thread)."""
+        """Post a chat message to ``room`` as ``nick`` (from any thread).
+        Raises ``ValueError`` for text that is not valid Unicode."""
+        problem = _text_problem(text)
+        if problem is not None:
+            raise ValueError(problem)
         with self._lock:
-            target = self.rooms.get(room)
+            target = self.rooms.get(normalize(room))
             if target is not None:
                 self._publish(target, nick, text)
 
     def users(self, room: str = DEFAULT_ROOM) -> list[str]:
         with self._lock:
-            target = self.rooms.get(room)
-            return sorted(target.members) if target else []
+            target = self.rooms.get(normalize(room))
+            return target.nicks() if target else []
 
     # -- handlers ----------------------------------------------------------------
 
     def on_open(self, conn: Connection) -> None:
-        name = conn.path[len(self.resource.path):].strip("/") or DEFAULT_ROOM
-        if not ROOM_PATTERN.fullmatch(name):
+        raw = conn.path[len(self.resource.path):].strip("/")
+        try:
+            name = normalize(unquote(raw, errors="strict")) or DEFAULT_ROOM
+        except UnicodeDecodeError:
+            name = raw  # refused below
+        problem = room_problem(name)
+        if problem is not None:
             conn.close(CloseCode.POLICY_VIOLATION, "invalid room name")
             return
         structured = conn.subprotocol == SUBPROTOCOL
-        wanted = parse_qs(urlsplit(conn.target).query).get("nick", [""])[0].strip()
+        wanted = normalize(parse_qs(urlsplit(conn.target).query).get("nick", [""])[0].strip())
         with self._lock:
             room = self.rooms.get(name)
             if room is None:
@@ -165,7 +185,7 @@ class Chat:
             if structured:
                 conn.send(_json({
                     "type": "welcome", "text": self.welcome, "room": name, "nick": nick,
-                    "users": sorted([*room.members, nick]), "history": list(room.history),
+                    "users": sorted([*room.nicks(), nick]), "history": list(room.history),
                 }))
                 if wanted and problem:
                     self._notify(member, "nick_refused", f"{problem}; you are {nick}")
@@ -173,7 +193,7 @@ class Chat:
                 conn.send(self.welcome)
             room.add(member)
             self._tell_structured(room, {"type": "join", "room": name, "nick": nick, "time": _now_ms()}, skip=conn)
-        log.info("%s joined room %s as %s from %s", conn.key, name, nick, conn.remote_address[0])
+        log.info("%s joined room %s as %s from %s", conn.key, quoted(name), quoted(nick), conn.remote_address[0])
 
     def on_message(self, conn: Connection, message: str | bytes) -> None:
         member: Member | None = conn.context
@@ -189,22 +209,44 @@ class Chat:
         if not member.structured:
             self._say(member, message)
             return
-        try:
-            request = json.loads(message)
-            kind = request["type"]
-        except (ValueError, KeyError, TypeError):
-            self._notify(member, "bad_request", 'expected a JSON object with a "type"')
+        request, problem = self._parse_request(message)
+        if problem is not None:
+            self._notify(member, "bad_request", problem)
             return
-        if kind == "message" and isinstance(request.get("text"), str):
-            self._say(member, request["text"])
-        elif kind == "nick" and isinstance(request.get("nick"), str):
-            self._rename(member, request["nick"].strip())
+        kind = request["type"]
+        if kind == "message":
+            if not isinstance(request.get("text"), str):
+                self._notify(member, "bad_request", 'a "message" needs a "text" string')
+            else:
+                self._say(member, request["text"])
+        elif kind == "nick":
+            if not isinstance(request.get("nick"), str):
+                self._notify(member, "bad_request", 'a "nick" request needs a "nick" string')
+            else:
+                self._rename(member, normalize(request["nick"].strip()))
         elif kind == "users":
             with self._lock:
-                users = sorted(member.room.members)
+                users = member.room.nicks()
             conn.send(_json({"type": "users", "room": member.room.name, "users": users}))
         else:
-            self._notify(member, "bad_request", f"unknown request {kind!r}")
+            self._notify(member, "bad_request", f'unknown request type {quoted(kind, 40)}: '
+                                                f'"message", "nick" or "users"')
+
+    def _parse_request(self, message: str) -> tuple[dict | None, str | None]:
+        """A wschat.v1 request, or why it is not one.  Bounded: a request is a
+        flat JSON object no longer than a message may be (with room for escapes)."""
+        limit = 6 * self.limits.max_length + 1024 if self.limits.max_length else MAX_REQUEST
+        if len(message) > limit:
+            return None, f"request longer than {limit} characters"
+        try:
+            request = json.loads(message)
+        except RecursionError:
+            return None, "request nested too deeply: a request is a flat JSON object"
+        except ValueError as exc:
+            return None, f"not JSON ({exc.msg} at character {exc.pos})"
+        if not isinstance(request, dict) or not isinstance(request.get("type"), str):
+            return None, 'expected a JSON object with a "type" string'
+        return request, None
 
     def on_close(self, conn: Connection, code: int, reason: str) -> None:
         member: Member | None = conn.context
@@ -213,7 +255,7 @@ class Chat:
             return
         with self._lock:
             room = member.room
-            if room.members.get(member.nick) is member:
+            if room.members.get(nick_key(member.nick)) is member:
                 room.remove(member)
                 self._tell_structured(room, {"type": "leave", "room": room.name, "nick": member.nick, "time": _now_ms()})
             if not room.members:
@@ -242,23 +284,30 @@ class Chat:
         if limit and len(text) > limit:
             self._notify(member, "too_long", f"message longer than {limit} characters; not sent")
             return
+        problem = _text_problem(text)
+        if problem is not None:
+            self._notify(member, "bad_request", f"{problem}; not sent")
+            return
         with self._lock:
             self._publish(member.room, member.nick, text)
 
     def _publish(self, room: Room, nick: str, text: str) -> None:
-        """Give a message its sequence number and queue it for every member (lock held)."""
+        """Give a message its sequence number and queue it for every member
+        (lock held).  It is encoded before it is kept: nothing that cannot be
+        sent ever reaches the history."""
+        record = {"type": "message", "room": room.name, "nick": nick, "text": text, "time": _now_ms(), "seq": room.seq + 1}
+        structured = self.server.prepare(_json(record))
         room.seq += 1
-        record = {"type": "message", "room": room.name, "nick": nick, "text": text, "time": _now_ms(), "seq": room.seq}
         room.history.append(record)
         if room.plain:
             self.server.broadcast(text, connections=room.plain)
         if room.structured:
-            self.server.broadcast(_json(record), connections=room.structured)
+            self.server.broadcast(structured, connections=room.structured)
 
     def _rename(self, member: Member, nick: str) -> None:
         with self._lock:
             room = member.room
-            problem = self._nick_problem(room, nick)
+            problem = self._nick_problem(room, nick, member)
             if problem is None:
                 room.remove(member)
                 old, member.nick = member.nick, nick
@@ -267,16 +316,18 @@ class Chat:
         if problem is not None:
             self._notify(member, "nick_refused", problem)
 
-    def _nick_problem(self, room: Room, nick: str) -> str | None:
-        limit = self.limits.max_nick_length
-        if not NICK_PATTERN.fullmatch(nick) or (limit and len(nick) > limit):
-            return f"nickname {nick!r} must be letters, digits, '.', '_' or '-'" + (f", at most {limit}" if limit else "")
-        if nick in room.members:
-            return f"nickname {nick!r} is taken in this room"
+    def _nick_problem(self, room: Room, nick: str, member: Member | None = None) -> str | None:
+        """Why ``nick`` is refused in ``room`` (``member`` may keep its own, re-cased)."""
+        problem = nick_problem(nick, self.limits.max_nick_length)
+        if problem is not None:
+            return f"nickname {quoted(nick, 40)} refused: {problem}"
+        holder = room.members.get(nick_key(nick))
+        if holder is not None and holder is not member:
+            return f"nickname {quoted(nick, 40)} is taken in this room"
         return None
 
     def _guest_nick(self, room: Room) -> str:
-        while (nick := f"guest-{next(self._guests)}") in room.members:
+        while nick_key(nick := f"guest-{next(self._guests)}") in room.members:
             pass
         return nick
 
