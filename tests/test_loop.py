@@ -10,7 +10,7 @@ from websockets.sync.client import connect
 from wschat import files, transport
 from wschat.connection import Connection
 from wschat.dispatch import PoolDispatcher
-from wschat.loop import WRITE, Loop
+from wschat.loop import Loop
 from wschat.outbound import Outbox
 from wschat.protocol import ServerProtocol
 from wschat.server import Server
@@ -38,8 +38,8 @@ def test_too_many_connections_in_handshake_are_dropped_at_accept():
 def test_an_unexpected_error_releases_that_connection_and_the_loop_goes_on(monkeypatch, caplog):
     real_read = transport.read_into
 
-    def read_into(sock, buffer, tls):
-        received = real_read(sock, buffer, tls)
+    def read_into(sock, buffer, tls, spare):
+        received = real_read(sock, buffer, tls, spare)
         if isinstance(received, int) and b"explode" in bytes(buffer[:received]):
             raise RuntimeError("a bug")
         return received
@@ -59,57 +59,6 @@ def test_an_unexpected_error_releases_that_connection_and_the_loop_goes_on(monke
         server.stop()
 
 
-class RenegotiatingSocket:
-    """A TLS socket whose first read must write first, as in a renegotiation."""
-
-    def __init__(self, sock):
-        self._sock = sock
-        self.refused = False
-
-    def fileno(self):
-        return self._sock.fileno()
-
-    def recv_into(self, buffer, size):
-        if not self.refused:
-            self.refused = True
-            raise ssl.SSLWantWriteError()
-        return self._sock.recv_into(buffer, size)
-
-    def pending(self):
-        return 0
-
-    def send(self, data):
-        return self._sock.send(data)
-
-    def close(self):
-        self._sock.close()
-
-
-def test_a_tls_read_that_must_write_first_waits_for_writability_then_reads():
-    server = Server("127.0.0.1", 0, ping_interval=0)
-    server.resource("/chat")
-    server.bind()
-    loop = Loop(server, server._listener)
-    ours, peer = socket.socketpair()
-    ours.setblocking(False)
-    try:
-        sock = RenegotiatingSocket(ours)
-        conn = Connection(loop, sock, ("127.0.0.1", 1), "t1", ServerProtocol(), tls=True)
-        conn._tls_handshake = False
-        loop.watch(conn)
-        peer.sendall(REQUEST)
-        loop._on_readable(conn)
-        assert conn._read_wants_write and conn._events & WRITE
-        loop._on_writable(conn)  # writable: the read is retried, the request answered and written
-        assert conn.is_open and not conn._read_wants_write
-        peer.settimeout(5)
-        assert peer.recv(4096).startswith(b"HTTP/1.1 101")
-    finally:
-        loop._release_all()
-        peer.close()
-        server.stop()
-
-
 def test_writes_past_iov_max_arrive_whole_and_in_order():
     writer, reader = socket.socketpair()
     writer.setblocking(False)
@@ -126,7 +75,7 @@ def test_writes_past_iov_max_arrive_whole_and_in_order():
     thread = threading.Thread(target=read)
     thread.start()
     while outbox.size:
-        transport.write(writer, outbox, tls=False)
+        transport.write(writer, outbox, None)
     thread.join(10)
     writer.close()
     reader.close()

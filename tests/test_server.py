@@ -18,7 +18,6 @@ from wschat import ConnectionClosed, SendTimeout
 from wschat.errors import InvalidPayload, ProtocolError
 from wschat.frames import Opcode, encode_frame
 from wschat.transport import READ_SIZE
-from wschat.outbound import Outbox
 from wschat.server import Server
 
 from .helpers import RawClient, Recorder, server_with_slow_client, start_server
@@ -441,6 +440,15 @@ def test_no_static_dir_means_404():
 # -- TLS -----------------------------------------------------------------------
 
 
+def tls_echo(client, payload):
+    """One echo over a TLS RawClient.  The TLS tests use RawClient, one thread
+    per session: python-websockets' sync client reads in a thread of its own
+    while the caller writes, and one OpenSSL session used by two threads at
+    once loses records now and then (its request never reaches the server)."""
+    client.send_frame(Opcode.BINARY, payload)
+    return client.recv_frame().payload
+
+
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tls")
@@ -466,16 +474,15 @@ def test_tls(certificate):
         assert server.url.startswith("wss://")
         # A client that opens TCP and never starts TLS does not stall anyone.
         idle = socket.create_connection(("127.0.0.1", server.port))
-        with connect(f"wss://127.0.0.1:{server.port}/chat", ssl=client_context, max_size=None) as ws:
-            ws.send("secret hello")
-            assert ws.recv(timeout=5) == "secret hello"
+        with RawClient(server.port, ssl_context=client_context) as tls:  # one thread per TLS session (see tls_echo)
+            assert tls.status == 101
+            assert tls_echo(tls, b"secret hello") == b"secret hello"
             big = os.urandom(3 << 20)
-            ws.send(big)
-            assert ws.recv(timeout=20) == big
-            many = [f"m{i}" for i in range(300)]
+            assert tls_echo(tls, big) == big
+            many = [f"m{i}".encode() for i in range(300)]
             for message in many:
-                ws.send(message)
-            assert [ws.recv(timeout=5) for _ in many] == many
+                tls.send_frame(Opcode.BINARY, message)
+            assert [tls.recv_frame().payload for _ in many] == many
         idle.settimeout(5)
         assert idle.recv(1) == b""  # dropped at the handshake deadline
         idle.close()
@@ -603,10 +610,8 @@ def test_plain_tcp_on_the_tls_port_is_dropped(certificate):
         with RawClient(server.port, handshake=False) as raw:
             raw.sock.sendall(b"GET /chat HTTP/1.1\r\nHost: x\r\n\r\n")  # not a TLS hello
             assert raw.at_eof()
-        client_context = ssl.create_default_context(cafile=cert)
-        with connect(f"wss://127.0.0.1:{server.port}/chat", ssl=client_context) as ws:
-            ws.send("still serving")
-            assert ws.recv(timeout=5) == "still serving"
+        with RawClient(server.port, ssl_context=ssl.create_default_context(cafile=cert)) as tls:
+            assert tls_echo(tls, b"still serving") == b"still serving"
     finally:
         server.stop()
 
@@ -637,20 +642,62 @@ def test_tls_writes_survive_backpressure(certificate):
         server.stop()
 
 
-def test_tls_retry_buffer_keeps_its_start_as_the_queue_grows():
-    # A write refused with SSLWantWriteError is retried; OpenSSL fails the
-    # connection ("bad write retry") if the retry is shorter or different.
-    outbox = Outbox()
-    outbox.append(b"a" * 100)
-    outbox.append(b"b" * 100)
-    first = outbox.tls_chunk()
-    assert first == b"a" * 100 + b"b" * 100
-    for _ in range(200):  # the queue grows past 64 KiB meanwhile
-        outbox.append(b"c" * 1000)
-    again = outbox.tls_chunk()
-    assert again.startswith(first) and len(again) <= 65536
-    assert b"".join(outbox.buffers[outbox.start :]) == first + b"c" * 200000  # nothing lost or reordered
-    assert outbox.size == 200200
+def test_tls_connections_come_and_go_among_plain_http_on_the_port(certificate):
+    """Many TLS connections, each closed with close_notify, among clients
+    that speak plain HTTP to the TLS port: each is served, none waits."""
+    cert, key = certificate
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = echo_server(ssl_context=context)
+    client_context = ssl.create_default_context(cafile=cert)
+    try:
+        for i in range(300):
+            if i % 3 == 0:  # plain HTTP on the TLS port, as a confused client would
+                with RawClient(server.port, handshake=False) as raw:
+                    raw.sock.sendall(b"GET /chat HTTP/1.1\r\nHost: x\r\n\r\n")
+                    assert raw.at_eof()
+            with RawClient(server.port, ssl_context=client_context) as tls:
+                assert tls_echo(tls, b"x") == b"x"
+                tls.send_frame(Opcode.CLOSE, b"\x03\xe8")
+                assert tls.recv_close() == 1000 and tls.at_eof()
+    finally:
+        server.stop()
+
+
+def test_the_loop_never_sleeps_with_connections_to_flush(certificate, monkeypatch):
+    """A flush can queue more bytes (our TLS close_notify; an on_close handler
+    that tells the others): the loop must write them before it sleeps, not
+    after its select() timeout."""
+    import selectors
+
+    sleeps, loops = [], []
+
+    class RecordingSelector(selectors.DefaultSelector):
+        def select(self, timeout=None):
+            if loops and timeout and loops[0]._dirty:
+                sleeps.append(timeout)
+            return super().select(timeout)
+
+    monkeypatch.setattr(selectors, "DefaultSelector", RecordingSelector)
+    cert, key = certificate
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = start_server(ssl_context=context)
+    loops.append(server._loop)
+    server.resource("/chat", on_message=lambda c, m: c.send(m),
+                    on_close=lambda conn, code, reason: server.broadcast("someone left"))
+    client_context = ssl.create_default_context(cafile=cert)
+    try:
+        with RawClient(server.port, ssl_context=client_context) as stays:
+            for _ in range(20):
+                with RawClient(server.port, ssl_context=client_context) as tls:
+                    assert tls_echo(tls, b"x") == b"x"
+                    tls.send_frame(Opcode.CLOSE, b"\x03\xe8")
+                    assert tls.recv_close() == 1000 and tls.at_eof()
+                assert stays.recv_frame().payload == b"someone left"
+    finally:
+        server.stop()
+    assert sleeps == []
 
 
 def test_ping_flood_without_reading_is_bounded():

@@ -24,6 +24,7 @@ from .protocol import OPEN, ServerProtocol, State
 if TYPE_CHECKING:
     from .loop import Loop
     from .server import Resource
+    from .transport import TLS
 
 log = logging.getLogger("wschat")
 
@@ -40,12 +41,12 @@ class Connection:
         "key", "remote_address", "resource", "subprotocol", "context", "last_seen", "latency",
         "_loop", "_protocol", "_lock", "_room", "_closed", "_head",
         # the loop's: socket, deadline, selector events, stages of the end
-        "_sock", "_tls", "_deadline", "_events", "_ending", "_lingering", "_tls_handshake", "_read_wants_write",
+        "_sock", "_tls", "_deadline", "_events", "_ending", "_lingering",
         # the dispatcher's: handler calls waiting, one running, reading paused
         "_tasks", "_running", "_paused",
     )
 
-    def __init__(self, loop: Loop, sock, address, key: str, protocol: ServerProtocol, *, tls: bool = False):
+    def __init__(self, loop: Loop, sock, address, key: str, protocol: ServerProtocol, *, tls: TLS | None = None):
         self.key = key
         self.remote_address = address
         self.resource: Resource | None = None
@@ -65,8 +66,6 @@ class Connection:
         self._events = 0
         self._ending = False  # the close deadline is set
         self._lingering = False  # our write side is shut; waiting for the peer's EOF
-        self._tls_handshake = tls
-        self._read_wants_write = False
         self._tasks = None
         self._running = False
         self._paused = False

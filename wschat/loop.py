@@ -57,6 +57,7 @@ class Loop:
         self._listener = listener
         self._selector = selectors.DefaultSelector()
         self._buffer = memoryview(bytearray(transport.READ_BUFFER_SIZE))  # every read goes here
+        self._ciphertext = memoryview(bytearray(transport.READ_SIZE))  # and under TLS, comes from here
         self._wake_r, self._wake_w = socket.socketpair()
         for sock in (self._wake_r, self._wake_w):
             sock.setblocking(False)
@@ -145,7 +146,8 @@ class Loop:
         next_check = 0.0
         shutting_down = False
         while True:
-            for key, events in select(0.25 if self._timed else 1.0):
+            # Never sleep on dirty connections: a flush can make more (on_close handlers, close_notify).
+            for key, events in select(0 if self._dirty else 0.25 if self._timed else 1.0):
                 conn = key.data
                 if conn is None:
                     self._accept()
@@ -221,48 +223,31 @@ class Loop:
                 sock.close()
                 continue
             try:
-                sock = transport.prepare(sock, server.ssl_context)
+                tls = transport.prepare(sock, server.ssl_context)
             except (OSError, ValueError) as exc:
                 log.warning("TLS setup failed for %s: %s", address_text(address), exc)
                 sock.close()
                 continue
             protocol = ServerProtocol(max_message_size=server.max_message_size, max_header_size=server.max_header_size)
-            conn = Connection(self, sock, address, str(next(_keys)), protocol, tls=server.ssl_context is not None)
+            conn = Connection(self, sock, address, str(next(_keys)), protocol, tls=tls)
             conn._deadline = time.monotonic() + server.handshake_timeout
             self._handshaking.add(conn)
             self._timed.add(conn)
             self.watch(conn)
-            if conn._tls_handshake:
-                self._tls_handshake(conn)
-
-    def _tls_handshake(self, conn: Connection) -> None:
-        try:
-            done = transport.tls_handshake(conn._sock)
-        except OSError as exc:
-            log.info("%s: TLS handshake failed: %s", conn.key, exc)
-            self._release(conn)
-            return
-        self.watch(conn, write=done is None)
-        if done:
-            conn._tls_handshake = False
-            self._on_readable(conn)  # the request may already sit in TLS buffers
 
     # -- reading ------------------------------------------------------------------------------
 
     def _on_readable(self, conn: Connection) -> None:
-        if conn._tls_handshake:
-            self._tls_handshake(conn)
-            return
+        tls = conn._tls
         try:
-            received = transport.read_into(conn._sock, self._buffer, conn._tls)
+            received = transport.read_into(conn._sock, self._buffer, tls, self._ciphertext)
         except OSError as exc:
-            log.info("%s: read failed: %s", conn.key, exc)
+            failed = "TLS handshake" if tls is not None and tls.handshaking else "read"
+            log.info("%s: %s failed: %s", conn.key, failed, exc)
             received = 0
+        if tls is not None and tls.has_output and received != 0:  # handshake messages, tickets
+            self.flush_soon(conn)
         if received is None:
-            return
-        if received is transport.WANTS_WRITE:  # TLS renegotiation: read again once writable
-            conn._read_wants_write = True
-            self.watch(conn, write=True)
             return
         if not received:
             if conn.resource is not None and conn._protocol.state in (OPEN, CLOSING) and not conn._protocol.close_received:
@@ -296,14 +281,7 @@ class Loop:
     # -- writing --------------------------------------------------------------------------------
 
     def _on_writable(self, conn: Connection) -> None:
-        if conn._tls_handshake:
-            self._tls_handshake(conn)
-            return
-        if conn._read_wants_write:
-            conn._read_wants_write = False
-            self._on_readable(conn)
-        if conn._sock is not None:
-            self._flush(conn)
+        self._flush(conn)
 
     def _flush(self, conn: Connection) -> None:
         """Write what the kernel takes, then see where the connection's life stands."""
@@ -323,14 +301,19 @@ class Loop:
             log.info("%s: write failed: %s", conn.key, failed)
             self._release(conn)
             return
-        self.watch(conn, write=bool(outbox.size))
+        tls = conn._tls
+        unsent = outbox.size or (tls is not None and tls.has_output)
+        self.watch(conn, write=bool(unsent))
         if state is OPEN or state is CONNECTING:
             return
         if not conn._ending:  # the protocol left OPEN: the close deadline starts
             conn._ending = True
             conn._deadline = time.monotonic() + self.server.close_timeout
             self._timed.add(conn)
-        if state is CLOSED and not outbox.size and not conn._lingering:
+        if state is CLOSED and not unsent and tls is not None and not tls.closed and not tls.handshaking:
+            tls.close_notify()  # then written, and the write side shut, on the next flush
+            self.flush_soon(conn)
+        elif state is CLOSED and not unsent and not conn._lingering:
             # All is written: shut our write side and wait (until the deadline)
             # for the peer's EOF, so that closing never resets the connection
             # with our last bytes still in flight.

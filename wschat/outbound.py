@@ -1,7 +1,7 @@
 """What waits to be written to one connection, sans I/O.
 
 ``Outbox`` is a queue of byte buffers that the I/O layer writes with one
-``sendmsg`` (or, under TLS, one record at a time) and then ``consume``\\s.
+``sendmsg`` (or encrypts, under TLS) and then ``consume``\\s.
 ``PreparedMessage`` is a message framed once for many recipients: a
 broadcast appends the same buffers to every outbox.
 
@@ -12,9 +12,6 @@ outbox, and the protocol decides what may be appended to it.
 from __future__ import annotations
 
 from .frames import LARGE_PAYLOAD, Opcode, frame_header
-
-TLS_RECORD = 16384 * 4  # small buffers are joined up to this size for one TLS write
-
 
 class PreparedMessage:
     """A text (``str``) or binary (``bytes``) message framed once.
@@ -110,18 +107,3 @@ class Outbox:
         self.clear()
         if keep is not None:
             self.append(keep)
-
-    def tls_chunk(self) -> bytes | memoryview:
-        """The front buffer, with small buffers behind it joined in (up to
-        ``TLS_RECORD`` bytes).  The result stays at the front until written,
-        so a TLS write retried after ``SSLWantWriteError`` starts with the
-        same bytes, as OpenSSL requires."""
-        buffers, start = self.buffers, self.start
-        if len(buffers) - start > 1 and len(buffers[start]) < TLS_RECORD:
-            end, total = start + 1, len(buffers[start])
-            while end < len(buffers) and total + len(buffers[end]) <= TLS_RECORD:
-                total += len(buffers[end])
-                end += 1
-            if end > start + 1:
-                buffers[start:end] = [b"".join(buffers[start:end])]
-        return buffers[start]

@@ -1,7 +1,16 @@
-"""The bytes on one socket: accepting, TLS handshake steps, reading, writing.
+"""The bytes on one socket: accepting, reading, writing, and TLS in between.
 
 Non-blocking calls only, for a socket the selector says is ready; what to wait
-for next is returned, never waited for.  The loop decides what happens then.
+for next is returned or left in plain sight, never waited for.
+
+TLS runs over memory BIOs (``SSLContext.wrap_bio``): the loop moves every
+byte between the socket and OpenSSL itself.  Over a socket BIO, OpenSSL reads
+the socket on its own, and after a TLS 1.3 post-handshake message it can keep
+an application record it already took from the socket while answering "want
+read" (openssl/openssl#6234): the record is then where select() cannot see it
+and ``pending()`` does not count it, and the connection stalls.  Here nothing
+is ever read that the loop does not hand over, and decrypting goes on until
+OpenSSL's input is empty.
 """
 
 from __future__ import annotations
@@ -12,73 +21,111 @@ import ssl
 from .outbound import Outbox
 
 READ_SIZE = 256 * 1024
-READ_BUFFER_SIZE = READ_SIZE + 64 * 1024  # room for what one TLS record still holds (16 KiB at most)
+READ_BUFFER_SIZE = READ_SIZE + 64 * 1024  # plaintext of one read of ciphertext, and a record it completed
 IOV_MAX = 1024  # buffers per sendmsg call
-WANTS_WRITE = object()  # what read() returns when TLS must write before it can read
-_RETRY = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+TLS_BATCH = 64 * 1024  # plaintext encrypted at a time: what waits encrypted stays this small
+_RETRY = (BlockingIOError, InterruptedError)
 
 
-def prepare(sock: socket.socket, ssl_context: ssl.SSLContext | None) -> socket.socket:
-    """An accepted socket made non-blocking, without Nagle's delay, wrapped
-    for TLS when there is a context (the handshake is done by ``tls_handshake``)."""
+class TLS:
+    """One server-side TLS session whose bytes the loop carries."""
+
+    __slots__ = ("session", "incoming", "outgoing", "unsent", "handshaking", "closed")
+
+    def __init__(self, context: ssl.SSLContext):
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.session = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self.unsent = b""  # encrypted bytes the socket has not taken yet
+        self.handshaking = True
+        self.closed = False  # our close_notify is queued
+
+    @property
+    def has_output(self) -> bool:
+        """Encrypted bytes wait to be written (handshake messages, tickets, alerts, data)."""
+        return bool(self.unsent) or self.outgoing.pending > 0
+
+    def decrypt(self, ciphertext: memoryview, plaintext: memoryview) -> int:
+        """Feed ``ciphertext``; decrypt what it completes into ``plaintext``.
+        Returns the plaintext bytes (0 while handshaking or mid-record), or
+        -1 once the peer sent close_notify.  Raises ``ssl.SSLError``."""
+        self.incoming.write(ciphertext)
+        if self.handshaking:
+            try:
+                self.session.do_handshake()
+            except ssl.SSLWantReadError:
+                return 0
+            self.handshaking = False
+        received, left = 0, -1
+        while True:
+            try:
+                received += self.session.read(len(plaintext) - received, plaintext[received:])
+            except ssl.SSLWantReadError:
+                # After a post-handshake record OpenSSL asks for more although
+                # more records may be in: go on while it still takes bytes in.
+                if self.incoming.pending in (0, left):
+                    return received
+                left = self.incoming.pending
+            except ssl.SSLZeroReturnError:
+                return received or -1
+
+    def close_notify(self) -> None:
+        """Queue our close_notify (the peer's is not waited for)."""
+        self.closed = True
+        try:
+            self.session.unwrap()
+        except ssl.SSLWantReadError:
+            pass
+        except ssl.SSLError:
+            pass  # the session is broken already: nothing more to say
+
+
+def prepare(sock: socket.socket, ssl_context: ssl.SSLContext | None) -> TLS | None:
+    """Make an accepted socket non-blocking and without Nagle's delay; its
+    TLS session when there is a context (the handshake comes with the bytes)."""
     sock.setblocking(False)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    if ssl_context is None:
-        return sock
-    return ssl_context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+    return TLS(ssl_context) if ssl_context is not None else None
 
 
-def tls_handshake(sock: ssl.SSLSocket) -> bool | None:
-    """One step of the TLS handshake: True when done, False while it waits
-    to read, None while it waits to write.  Raises ``OSError`` on failure."""
-    try:
-        sock.do_handshake()
-    except ssl.SSLWantReadError:
-        return False
-    except ssl.SSLWantWriteError:
-        return None
-    return True
-
-
-def read_into(sock: socket.socket, buffer: memoryview, tls: bool):
-    """Read what is there into ``buffer``: how many bytes (0 at EOF), None
-    when nothing yet, ``WANTS_WRITE`` when TLS must write first.  Raises
-    ``OSError`` when the connection is broken (a reset, a TLS error).
+def read_into(sock: socket.socket, buffer: memoryview, tls: TLS | None, spare: memoryview) -> int | None:
+    """Read what is there: the count of plaintext bytes now in ``buffer``
+    (TLS decrypts from ``spare``), 0 at EOF, None when nothing to hand over
+    yet.  Raises ``OSError`` (``ssl.SSLError`` included) when the connection
+    is broken.
 
     One buffer serves every read of the loop: no read allocates, so no read
     costs fresh pages (a fresh 256 KiB allocation per read is an mmap whose
-    pages fault in as the kernel fills them).  ``buffer`` holds ``READ_SIZE``
-    and a TLS record more.
+    pages fault in as the kernel fills them).
     """
     try:
-        received = sock.recv_into(buffer, READ_SIZE)
-        if tls and received:
-            while pending := sock.pending():  # decrypted bytes select() cannot see
-                received += sock.recv_into(buffer[received:], pending)
-        return received
-    except ssl.SSLWantWriteError:
-        return WANTS_WRITE
+        received = sock.recv_into(spare if tls is not None else buffer, READ_SIZE)
     except _RETRY:
         return None
+    if tls is None or not received:
+        return received
+    plaintext = tls.decrypt(spare[:received], buffer)
+    if plaintext < 0:
+        return 0
+    return plaintext or None
 
 
-def write(sock: socket.socket, outbox: Outbox, tls: bool) -> None:
+def write(sock: socket.socket, outbox: Outbox, tls: TLS | None) -> None:
     """Write as much of ``outbox`` as the kernel takes.  Raises ``OSError``
     when the connection is broken.
 
     Plain sockets: one ``sendmsg`` for every queued buffer (``IOV_MAX`` at a
-    time).  TLS writes a record at a time, small buffers joined.
+    time).  TLS: the outbox is encrypted ``TLS_BATCH`` at a time, and what the
+    socket does not take waits encrypted in ``tls.unsent``.
     """
+    if tls is not None:
+        _write_tls(sock, outbox, tls)
+        return
     while outbox.size:
+        buffers = outbox.pending(IOV_MAX)
+        attempted = outbox.size if len(buffers) < IOV_MAX else sum(map(len, buffers))
         try:
-            if tls:
-                data = outbox.tls_chunk()
-                attempted = len(data)
-                sent = sock.send(data)
-            else:
-                buffers = outbox.pending(IOV_MAX)
-                attempted = outbox.size if len(buffers) < IOV_MAX else sum(map(len, buffers))
-                sent = sock.sendmsg(buffers)
+            sent = sock.sendmsg(buffers)
         except _RETRY:
             return
         outbox.consume(sent)
@@ -86,10 +133,37 @@ def write(sock: socket.socket, outbox: Outbox, tls: bool) -> None:
             return
 
 
+def _write_tls(sock: socket.socket, outbox: Outbox, tls: TLS) -> None:
+    while True:
+        if not tls.unsent:
+            if tls.outgoing.pending == 0 and outbox.size and not tls.handshaking:
+                _encrypt(outbox, tls)
+            tls.unsent = tls.outgoing.read()
+            if not tls.unsent:
+                return
+        try:
+            sent = sock.send(tls.unsent)
+        except _RETRY:
+            return
+        tls.unsent = memoryview(tls.unsent)[sent:] if sent < len(tls.unsent) else b""
+        if tls.unsent:
+            return
+
+
+def _encrypt(outbox: Outbox, tls: TLS) -> None:
+    """Encrypt up to ``TLS_BATCH`` bytes from the front of the outbox."""
+    taken = 0
+    while outbox.size and taken < TLS_BATCH:
+        buffer = outbox.buffers[outbox.start]
+        tls.session.write(buffer)
+        outbox.consume(len(buffer))
+        taken += len(buffer)
+
+
 def shutdown_write(sock: socket.socket) -> bool:
-    """Shut our write side (plain TCP, also under TLS: no close_notify); False if the socket is gone."""
+    """Shut our write side; False if the socket is gone."""
     try:
-        socket.socket.shutdown(sock, socket.SHUT_WR)
+        sock.shutdown(socket.SHUT_WR)
         return True
     except OSError:
         return False
