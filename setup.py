@@ -56,6 +56,7 @@ setup(
             "websockets>=12",
             "wsproto>=1.2",
             "playwright>=1.40",
+            "prometheus_client>=0.17",
         ],
         "bench": ["websockets>=12"],
     },

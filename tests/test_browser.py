@@ -34,8 +34,8 @@ def browser():
         browser.close()
 
 
-def chat_server(port=0, static_dir=STATIC_DIR):
-    server = Server("127.0.0.1", port, static_dir=static_dir, ping_interval=0)
+def chat_server(port=0, static_dir=STATIC_DIR, **kwargs):
+    server = Server("127.0.0.1", port, static_dir=static_dir, ping_interval=0, **kwargs)
     Chat(server)
     return server.start()
 
@@ -129,7 +129,7 @@ def test_page_reconnects_after_server_restart(page_for):
 def test_seed_html_client_talks_to_wschat(browser, tmp_path):
     # The seed's page, unchanged but for the address it connects to.
     original = Path(FIXTURES, "seed_client.html").read_text(encoding="utf-8")
-    server = chat_server(static_dir=str(tmp_path))
+    server = chat_server(static_dir=str(tmp_path), page_policy="frame-ancestors 'none'")  # its script is inline
     try:
         page_text = original.replace("ws://localhost:1984/chat", f"ws://127.0.0.1:{server.port}/chat")
         assert page_text != original

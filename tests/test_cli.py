@@ -99,3 +99,56 @@ def test_build_wires_every_option(tmp_path):
     assert server.allowed_origins == ["http://a", "http://b"] and server.ping_timeout is None
     assert server.max_queue == 12345
     assert (chat.history_size, chat.welcome, chat.limits.max_length, chat.limits.rate, chat.limits.max_nick_length) == (9, "", 0, 0, 5)
+
+
+@pytest.mark.parametrize("which", ["certfile", "keyfile"])
+def test_a_missing_certificate_or_key_is_one_line_naming_it(tmp_path, which):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=x",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    missing = tmp_path / "missing.pem"
+    args = {"certfile": [str(missing), str(key)], "keyfile": [str(cert), str(missing)]}[which]
+    result = subprocess.run([sys.executable, "-m", "wschat", "--port", "0", "--certfile", args[0], "--keyfile", args[1]],
+                            capture_output=True, text=True, timeout=20)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and str(missing) in result.stderr
+
+
+def test_history_help_says_who_gets_it():
+    out = subprocess.run([sys.executable, "-m", "wschat", "--help"], capture_output=True, text=True, check=True).stdout
+    assert "wschat.v1 clients" in " ".join(out.split())
+
+
+def test_one_line_to_start_and_one_line_per_join_and_close():
+    process, port = run_server("--log-level", "info")
+    try:
+        with connect(f"ws://127.0.0.1:{port}/chat") as ws:
+            ws.recv(timeout=5)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+        errors = process.stderr.read().splitlines()
+    finally:
+        process.kill()
+        process.communicate()
+    joined = [line for line in errors if "joined room" in line]
+    closed = [line for line in errors if "Closed connection" in line]
+    assert len(joined) == 1 and len(closed) == 1, errors
+    assert not [line for line in errors if "listening" in line or ": open " in line or ": closed (" in line], errors
+
+
+def test_metrics_and_health_from_the_command_line():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    process, port = run_server("--metrics")
+    try:
+        with connect(f"ws://127.0.0.1:{port}/chat"):
+            client = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            client.request("GET", "/metrics")
+            families = {f.name: f for f in text_string_to_metric_families(client.getresponse().read().decode())}
+            assert families["wschat_connections"].samples[0].value == 1
+            client = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            client.request("GET", "/healthz")
+            assert client.getresponse().status == 200
+    finally:
+        process.terminate()
+        process.communicate(timeout=10)

@@ -13,6 +13,7 @@ from typing import Sequence
 
 from . import __version__
 from .chat import DEFAULT_WELCOME, Chat, ChatLimits
+from .files import DEFAULT_PAGE_POLICY
 from .frames import IMPLEMENTATION
 from .server import Server
 
@@ -44,13 +45,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--certfile", help="PEM certificate: serve wss:// and https://")
     add("--keyfile", help="PEM private key for --certfile")
     add("--workers", type=int, default=0, help="run handlers on this many threads (default 0: on the loop)")
-    add("--history", type=int, default=50, help="messages per room replayed to newcomers (default 50)")
+    add("--history", type=int, default=50,
+        help="messages kept per room and replayed to wschat.v1 clients as they join (default 50; "
+             "plain clients, like the seed's page, get live messages only)")
     add("--welcome", default=DEFAULT_WELCOME, help=f"welcome text ('' for none; default {DEFAULT_WELCOME!r})")
     add("--max-chat-length", type=int, default=2000, help="characters per chat message (default 2000; 0: no limit)")
     add("--rate-limit", type=float, default=5.0, help="messages per second per client (default 5; 0: no limit)")
     add("--rate-burst", type=int, default=10, help="messages a client may send at once (default 10)")
     add("--max-nick-length", type=int, default=24, help="characters per nickname (default 24; 0: no limit)")
     add("--static-dir", default=STATIC_DIR, help="folder served over plain HTTP (default: the browser client)")
+    add("--page-policy", default=DEFAULT_PAGE_POLICY, metavar="POLICY",
+        help="Content-Security-Policy of the files served ('' for none; the default suits the bundled client)")
+    add("--metrics", action="store_true", help="serve Prometheus metrics at /metrics (GET /healthz is always there)")
+    add("--forwarded-allow-ip", action="append", dest="forwarded_allow_ips", default=[], metavar="IP",
+        help="a reverse proxy whose X-Forwarded-For gives the client's address (repeatable; '*': any)")
+    add("--max-connections-per-ip", type=int, default=0,
+        help="open WebSockets per client address (429 past it; default 0: no limit)")
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default info")
     args = parser.parse_args(argv)
     if bool(args.certfile) != bool(args.keyfile):
@@ -58,12 +68,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+class SetupError(Exception):
+    """A setting that cannot work: one line for the user, exit code 1."""
+
+
+def tls_context(certfile: str, keyfile: str) -> ssl.SSLContext:
+    for path in (certfile, keyfile):  # OpenSSL's own errors do not say which file
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise SetupError(f"cannot read {path}: {exc.strerror or exc}") from None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except (ssl.SSLError, OSError) as exc:
+        raise SetupError(f"cannot use {certfile} and {keyfile} as certificate and key: {exc}") from None
+    return context
+
+
 def build(args: argparse.Namespace) -> tuple[Server, Chat]:
-    """The server and chat that the arguments describe (not yet listening)."""
-    context = None
-    if args.certfile:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(args.certfile, args.keyfile)
+    """The server and chat that the arguments describe (not yet listening).
+    Raises ``SetupError`` for a certificate or key that cannot be used."""
+    context = tls_context(args.certfile, args.keyfile) if args.certfile else None
     server = Server(
         args.host,
         args.port,
@@ -76,6 +103,10 @@ def build(args: argparse.Namespace) -> tuple[Server, Chat]:
         ping_interval=args.ping_interval,
         ping_timeout=args.ping_timeout or None,
         workers=args.workers,
+        max_connections_per_ip=args.max_connections_per_ip,
+        forwarded_allow_ips=args.forwarded_allow_ips,
+        metrics_path="/metrics" if args.metrics else None,
+        page_policy=args.page_policy or None,
     )
     limits = ChatLimits(args.max_chat_length, args.rate_limit, args.rate_burst, args.max_nick_length)
     chat = Chat(server, args.path, welcome=args.welcome, history=args.history, limits=limits)
@@ -93,7 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     raise_descriptor_limit()
-    server, _ = build(args)
+    try:
+        server, _ = build(args)
+    except SetupError as exc:
+        print(f"wschat: {exc}", file=sys.stderr)
+        return 1
     try:
         server.bind()
     except OSError as exc:

@@ -27,6 +27,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from .connection import Connection
 from .frames import CloseCode
+from .handshake import text_response
 from .logsafe import quoted
 from .names import nick_key, nick_problem, normalize, room_problem
 from .server import Server
@@ -111,7 +112,10 @@ def _text_problem(text: str) -> str | None:
 
 
 class Chat:
-    """A chat on ``server`` at ``path``: the seed's behaviour, and rooms, nicknames and history."""
+    """A chat on ``server`` at ``path``: the seed's behaviour, and rooms, nicknames and history.
+
+    ``page_config`` is where the browser client finds the chat's path and
+    limits (a plain HTTP route; None for none)."""
 
     def __init__(
         self,
@@ -122,6 +126,7 @@ class Chat:
         history: int = 50,
         limits: ChatLimits | None = None,
         max_idle_rooms: int = 100,
+        page_config: str | None = "/wschat.json",
     ):
         self.server = server
         self.welcome = welcome
@@ -140,6 +145,8 @@ class Chat:
             on_error=self.on_error,
             subprotocols=[SUBPROTOCOL],
         )
+        if page_config:
+            server.http_route(page_config, self._page_config)
 
     # -- the public API, for embedding applications -----------------------------
 
@@ -158,6 +165,14 @@ class Chat:
         with self._lock:
             target = self.rooms.get(normalize(room))
             return target.nicks() if target else []
+
+    def _page_config(self, request) -> bytes:
+        """What the browser client needs to know: where the chat is, and its limits."""
+        body = _json({
+            "path": self.resource.path, "subprotocol": SUBPROTOCOL, "history": self.history_size,
+            "maxLength": self.limits.max_length, "maxNickLength": self.limits.max_nick_length,
+        }).encode("utf-8")
+        return text_response(200, body, "application/json; charset=utf-8", head_only=request.method == "HEAD")
 
     # -- handlers ----------------------------------------------------------------
 

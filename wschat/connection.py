@@ -33,12 +33,14 @@ class Connection:
     """One client connection: what handlers and other threads use.
 
     ``context`` is free for the application's own per-connection state.
+    ``client_address`` is the client's IP address: the peer's, or behind a
+    trusted proxy the one it forwarded (see ``Server.forwarded_allow_ips``).
     ``latency`` is the round-trip time of the last answered keepalive ping,
     in seconds (None until one was answered).
     """
 
     __slots__ = (
-        "key", "remote_address", "resource", "subprotocol", "context", "last_seen", "latency",
+        "key", "remote_address", "client_address", "resource", "subprotocol", "context", "last_seen", "latency",
         "_loop", "_protocol", "_lock", "_room", "_closed", "_head",
         # the loop's: socket, deadline, selector events, stages of the end
         "_sock", "_tls", "_deadline", "_events", "_ending", "_lingering",
@@ -49,6 +51,7 @@ class Connection:
     def __init__(self, loop: Loop, sock, address, key: str, protocol: ServerProtocol, *, tls: TLS | None = None):
         self.key = key
         self.remote_address = address
+        self.client_address: str = address[0] if isinstance(address, tuple) else str(address)
         self.resource: Resource | None = None
         self.subprotocol: str | None = None
         self.context = None
@@ -134,7 +137,7 @@ class Connection:
         with self._lock:
             self._make_room(prepared.size, timeout)
             self._protocol.send_frame(prepared.parts, prepared.size)
-        self._loop.flush_soon(self)
+        self._loop.flush_soon(self, messages=1)
 
     def ping(self, payload: bytes = b"") -> None:
         """Send a ping (at most 125 bytes); raises ``ConnectionClosed`` once closing."""
@@ -186,6 +189,7 @@ class Connection:
         to receive and close it with 1008; the close deadline ends it if it
         stays stuck."""
         log.warning("%s: outbound queue over %d bytes, closing slow client", self.key, self._loop.max_queue)
+        self._loop.server.metrics.add("slow_clients")
         self._protocol.close(CloseCode.POLICY_VIOLATION, "client too slow", discard=True)
         self._loop.flush_soon(self)
 

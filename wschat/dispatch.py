@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable
 from .errors import ConnectionClosed, HandshakeError
 from .frames import CloseCode
 from .handshake import Request
-from .logsafe import address_text, quoted
+from .logsafe import quoted
 from .protocol import (
     OPEN,
     BinaryMessage,
@@ -49,6 +49,7 @@ def run_handler(conn: Connection, handler: Callable, args: tuple) -> None:
     except ConnectionClosed:
         log.debug("%s: a handler sent on a closed connection", conn.key)
     except Exception as exc:
+        conn._loop.server.metrics.add("handler_errors")
         log.exception("%s: handler %s failed", conn.key, getattr(handler, "__name__", handler))
         on_error = conn.resource.on_error if conn.resource is not None else None
         if on_error is not None and handler is not on_error:
@@ -61,8 +62,7 @@ def run_handler(conn: Connection, handler: Callable, args: tuple) -> None:
 
 def _log_refusal(conn: Connection, error: HandshakeError, request: Request | None = None) -> None:
     target = f" {request.method} {quoted(request.target)}" if request is not None else ""
-    log.info("%s: refused %s%s: %d %s", conn.key, address_text(conn.remote_address), target, error.status,
-             quoted(error.reason))
+    log.info("%s: refused %s%s: %d %s", conn.key, conn.client_address, target, error.status, quoted(error.reason))
 
 
 class InlineDispatcher:
@@ -75,6 +75,7 @@ class InlineDispatcher:
         """Hand the connection's events to their handlers, in order, until
         the received bytes run out or its backlog of handler calls pauses it."""
         loop = self._loop
+        metrics = loop.server.metrics
         protocol = conn._protocol
         submit = self.submit
         while not conn._paused:
@@ -84,11 +85,13 @@ class InlineDispatcher:
                 break
             kind = type(event)
             if kind is TextMessage or kind is BinaryMessage:
+                metrics.messages_received += 1
                 if conn.resource.on_message is not None:
                     submit(conn, conn.resource.on_message, conn, event.data)
             elif kind is CloseReceived:
                 submit(conn, conn._acknowledge_close)
             elif kind is ConnectionFailed:
+                loop.server.metrics.count("failures", event.error.close_code)
                 log.info("%s: failing the connection with %d: %s", conn.key, event.error.close_code, event.error)
                 if conn.resource.on_error is not None:
                     submit(conn, conn.resource.on_error, conn, event.error)
@@ -103,6 +106,7 @@ class InlineDispatcher:
                 self._answer(conn, event.request)
             elif kind is RequestRefused:
                 loop.answered(conn)
+                metrics.count("handshakes", event.error.status)
                 _log_refusal(conn, event.error)
         if conn._paused:
             loop.watch(conn)
@@ -111,8 +115,11 @@ class InlineDispatcher:
 
     def _answer(self, conn: Connection, request: Request) -> None:
         """Apply the server's answer to a request: upgrade, refuse, or serve a file."""
-        loop = self._loop
-        answer = loop.server.answer(request, len(loop.connections))
+        loop, server = self._loop, self._loop.server
+        conn.client_address = server.client_address(conn.client_address, request)
+        answer = server.answer(request, open_count=len(loop.connections),
+                               ip_count=loop.connections_from(conn.client_address), stopping=loop.stopping)
+        server.metrics.count("handshakes", answer.status)
         if answer.accepted is None:
             loop.answered(conn)
             with conn._lock:
@@ -120,15 +127,15 @@ class InlineDispatcher:
             if answer.refusal is not None:
                 _log_refusal(conn, answer.refusal, request)
             else:
-                log.debug("%s: %s %s", conn.key, request.method, quoted(request.target))
+                log.debug("%s: %s %s %d", conn.key, request.method, quoted(request.target), answer.status)
             return
         conn.resource, conn.subprotocol, conn._head = answer.resource, answer.accepted.subprotocol, request.raw
         with conn._lock:
             conn._protocol.accept(answer.response, rsv=answer.accepted.rsv)
         loop.opened(conn)
-        if log.isEnabledFor(logging.INFO):  # one line per connection: no formatting when it is off
-            log.info("%s: open %s from %s%s", conn.key, quoted(request.path), address_text(conn.remote_address),
-                     f" ({conn.subprotocol})" if conn.subprotocol else "")
+        if log.isEnabledFor(logging.DEBUG):  # one line per connection: no formatting when it is off
+            log.debug("%s: open %s from %s%s", conn.key, quoted(request.path), conn.client_address,
+                      f" ({conn.subprotocol})" if conn.subprotocol else "")
         if conn.resource.on_open is not None:
             self.submit(conn, conn.resource.on_open, conn)
 

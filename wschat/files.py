@@ -14,10 +14,14 @@ from .errors import HandshakeError
 from .handshake import Request, build_error_response, build_response
 
 MAX_FILE_SIZE = 16 << 20
+#: The Content-Security-Policy of served files: what the bundled browser client needs, nothing more.
+DEFAULT_PAGE_POLICY = ("default-src 'self'; connect-src 'self'; img-src 'self' data:; style-src 'self'; "
+                       "script-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
 
 
-def file_response(root: str | None, request: Request) -> bytes:
-    """The HTTP response for ``request`` served from the directory ``root``."""
+def file_response(root: str | None, request: Request, policy: str | None = DEFAULT_PAGE_POLICY) -> bytes:
+    """The HTTP response for ``request`` served from the directory ``root``,
+    with ``policy`` as its Content-Security-Policy (None: none)."""
     head_only = request.method == "HEAD"
 
     def error(status: int, reason: str, headers: tuple = ()) -> bytes:
@@ -42,8 +46,12 @@ def file_response(root: str | None, request: Request) -> bytes:
         ("Content-Type", content_type),
         ("Cache-Control", "no-cache"),
         ("X-Content-Type-Options", "nosniff"),
+        ("X-Frame-Options", "DENY"),
+        ("Referrer-Policy", "no-referrer"),
         ("Connection", "close"),
     ]
+    if policy:
+        headers.append(("Content-Security-Policy", policy))
     return build_response(200, headers, body, with_length=True, head_only=head_only)
 
 

@@ -272,10 +272,21 @@ def build_response(
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head_only else body)
 
 
+SECURITY_HEADERS = (
+    ("X-Content-Type-Options", "nosniff"),
+    ("Content-Security-Policy", "default-src 'none'; frame-ancestors 'none'"),
+)
+
+
+def text_response(status: int, body: bytes, content_type: str = "text/plain; charset=utf-8", *,
+                  head_only: bool = False, headers: Iterable[tuple[str, str]] = ()) -> bytes:
+    """A whole response that closes the connection: ``body`` (but not for HEAD),
+    never cached, never sniffed as another type, never framed."""
+    headers = [*headers, ("Content-Type", content_type), ("Cache-Control", "no-store"), *SECURITY_HEADERS,
+               ("Connection", "close")]
+    return build_response(status, headers, body, with_length=True, head_only=head_only)
+
+
 def build_error_response(error: HandshakeError, *, head_only: bool = False) -> bytes:
     """A plain-text HTTP error response that closes the connection (no body for HEAD)."""
-    headers = list(error.headers)
-    headers += [("Content-Type", "text/plain; charset=utf-8"), ("X-Content-Type-Options", "nosniff"),
-                ("Connection", "close")]
-    body = (error.reason + "\n").encode("utf-8")
-    return build_response(error.status, headers, body, with_length=True, head_only=head_only)
+    return text_response(error.status, (error.reason + "\n").encode("utf-8"), head_only=head_only, headers=error.headers)

@@ -54,6 +54,8 @@ class Loop:
         self.connections: dict[str, Connection] = {}  # the socket map: open WebSockets
         self.map_lock = threading.Lock()
         self.stopped = threading.Event()  # set by the server once it has forgotten this run
+        self._metrics = server.metrics
+        self._per_ip: dict[str, int] = {}  # open WebSockets by client address: the loop's own
         self._listener = listener
         self._selector = selectors.DefaultSelector()
         self._buffer = memoryview(bytearray(transport.READ_BUFFER_SIZE))  # every read goes here
@@ -82,6 +84,25 @@ class Loop:
     def on_loop_thread(self) -> bool:
         return threading.get_ident() == self._thread_id
 
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def gauges(self) -> dict[str, tuple[str, float]]:
+        """The loop's gauges, for the metrics (on the loop thread)."""
+        with self.map_lock:
+            conns = list(self.connections.values())
+        return {
+            "wschat_connections": ("WebSocket connections open.", len(conns)),
+            "wschat_handshakes_in_progress": ("Connections whose request is not answered yet.", len(self._handshaking)),
+            "wschat_queued_bytes": ("Bytes waiting in the outbound queues of open connections.",
+                                    sum(conn._protocol.outbox.size for conn in conns)),
+        }
+
+    def connections_from(self, address: str) -> int:
+        """How many WebSockets are open from ``address`` (on the loop thread)."""
+        return self._per_ip.get(address, 0)
+
     def is_own_thread(self) -> bool:
         """Whether the caller is one of the threads that stopping waits for."""
         return self.on_loop_thread() or self.dispatcher.is_worker_thread() or self.pinger.is_timer_thread()
@@ -91,21 +112,22 @@ class Loop:
         with self.map_lock:
             return [conn for conn in self.connections.values() if conn._protocol.state is OPEN]
 
-    def flush_soon(self, conn: Connection) -> None:
-        """``conn`` has bytes to write: flush it on the loop's next pass."""
-        self._mark_dirty((conn,))
+    def flush_soon(self, conn: Connection, messages: int = 0) -> None:
+        """``conn`` has bytes to write (``messages`` new ones): flush it on the loop's next pass."""
+        self._mark_dirty((conn,), messages)
 
     def send_many(self, message: PreparedMessage, connections: Iterable[Connection]) -> int:
         """Queue one prepared message for many connections (never blocks;
         see ``queue_for_many``), then wake the loop once."""
         queued = queue_for_many(message, connections, self.max_queue)
         if queued:
-            self._mark_dirty(queued)
+            self._mark_dirty(queued, len(queued))
         return len(queued)
 
-    def _mark_dirty(self, conns) -> None:
+    def _mark_dirty(self, conns, messages: int = 0) -> None:
         with self._dirty_lock:
             self._dirty.update(conns)
+            self._metrics.messages_sent += messages  # one writer at a time: this lock's holder
             if self._wake_sent or self.on_loop_thread():
                 return  # the loop flushes dirty connections before it sleeps
             self._wake_sent = True
@@ -255,6 +277,7 @@ class Loop:
             self._release(conn)
             return
         conn.last_seen = time.monotonic()
+        self._metrics.bytes_received += received
         protocol = conn._protocol
         with conn._lock:
             protocol.receive_data(self._buffer[:received])  # parsed where it lies, in the loop's buffer
@@ -271,6 +294,7 @@ class Loop:
         self._handshaking.discard(conn)
         self._timed.discard(conn)
         conn._deadline = None
+        self._per_ip[conn.client_address] = self._per_ip.get(conn.client_address, 0) + 1
         with self.map_lock:
             self.connections[conn.key] = conn
 
@@ -288,12 +312,14 @@ class Loop:
         protocol = conn._protocol
         outbox = protocol.outbox
         with conn._lock:
+            before = outbox.size
             try:
                 transport.write(conn._sock, outbox, conn._tls)
             except OSError as exc:
                 failed = exc
             else:
                 failed = None
+            self._metrics.bytes_sent += before - outbox.size
             if conn._room is not None:
                 conn._room.notify_all()
             state = protocol.state
@@ -375,26 +401,26 @@ class Loop:
         if closed is not None:
             closed.set()
         if conn.resource is not None:
-            if log.isEnabledFor(logging.INFO):
-                log.info("%s: closed (%s)", conn.key, conn._describe_close())
+            self._metrics.count("closes", conn.close_code)
+            count = self._per_ip.pop(conn.client_address, 1) - 1
+            if count:
+                self._per_ip[conn.client_address] = count
+            log.debug("%s: closed (%s)", conn.key, conn._describe_close())
             if conn.resource.on_close is not None:
                 self.dispatcher.submit(conn, conn.resource.on_close, conn, conn.close_code, conn.close_reason)
 
     def _begin_shutdown(self) -> None:
+        """Close every WebSocket with 1001.  The listener stays open until the
+        end: meanwhile the health check answers 503 and upgrades get 503."""
         log.info("shutting down")
-        if not self._accept_resume:
-            self._selector.unregister(self._listener)
-        self._listener.close()
-        for conn in list(self._handshaking):
-            self._release(conn)
         for conn in self.snapshot():
             conn.close(1001, "server shutting down")
 
     def _all_gone(self) -> bool:
-        """Whether every connection has said its last word (shutdown may end)."""
-        if self._dirty or self._handshaking or self.connections:
+        """Whether every WebSocket has said its last word (shutdown may end)."""
+        if self._dirty or self.connections:
             return False
-        return all(conn._lingering for conn in self._timed)
+        return all(conn._lingering or conn._protocol.state is CONNECTING for conn in self._timed)
 
     def _release_all(self) -> None:
         self.pinger.stop()

@@ -11,6 +11,7 @@ works on a snapshot.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import ssl
@@ -19,10 +20,19 @@ from dataclasses import dataclass
 from typing import Callable, Collection, Iterable, Sequence
 
 from .connection import Connection
-from .files import file_response
+from .files import DEFAULT_PAGE_POLICY, file_response
 from .errors import HandshakeError
-from .handshake import DEFAULT_MAX_HEADER_SIZE, Accepted, Extension, Request, build_error_response, negotiate
+from .handshake import (
+    DEFAULT_MAX_HEADER_SIZE,
+    Accepted,
+    Extension,
+    Request,
+    build_error_response,
+    negotiate,
+    text_response,
+)
 from .loop import Loop
+from .metrics import Metrics
 from .outbound import PreparedMessage
 from .protocol import DEFAULT_MAX_MESSAGE_SIZE
 
@@ -69,6 +79,18 @@ class Answer:
     accepted: Accepted | None = None
     refusal: HandshakeError | None = None
 
+    @property
+    def status(self) -> int:
+        return int(self.response[9:12])
+
+
+def _is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
 
 class Server:
     """A WebSocket server on a selectors loop.
@@ -87,6 +109,15 @@ class Server:
     seconds is closed with 1011.  ``workers`` > 0 runs handlers on a thread
     pool, one at a time per connection and in order; a connection with
     ``max_pending_calls`` handler calls waiting is not read until half are done.
+
+    Operating it: ``health_path`` answers 200 while serving and 503 while
+    shutting down; ``metrics_path`` (off by default) serves ``metrics`` in the
+    Prometheus text format.  Behind a reverse proxy, ``forwarded_allow_ips``
+    names the proxies whose ``X-Forwarded-For`` gives the client's address
+    (``"*"``: any), which logs and ``max_connections_per_ip`` (429 past it) use.
+    Files from ``static_dir`` carry ``page_policy`` as their
+    Content-Security-Policy (the default suits the bundled client; a page with
+    inline scripts needs another, or None).
     """
 
     def __init__(
@@ -109,6 +140,11 @@ class Server:
         ping_timeout: float | None = 20.0,
         workers: int = 0,
         max_pending_calls: int = 16,
+        max_connections_per_ip: int = 0,
+        forwarded_allow_ips: Iterable[str] = (),
+        health_path: str | None = "/healthz",
+        metrics_path: str | None = None,
+        page_policy: str | None = DEFAULT_PAGE_POLICY,
     ):
         self.host = host
         self.requested_port = port
@@ -127,8 +163,17 @@ class Server:
         self.ping_timeout = ping_timeout
         self.workers = workers
         self.max_pending_calls = max_pending_calls
+        self.max_connections_per_ip = max_connections_per_ip
+        self.forwarded_allow_ips = frozenset(forwarded_allow_ips)
+        self.page_policy = page_policy
+        self.metrics = Metrics()
         self._resources: tuple[Resource, ...] = ()  # replaced whole, never changed in place
+        self._http_routes: dict[str, Callable[[Request], bytes]] = {}  # likewise
         self._resources_lock = threading.Lock()
+        if health_path:
+            self.http_route(health_path, self._health)
+        if metrics_path:
+            self.http_route(metrics_path, self._metrics)
         self._listener: socket.socket | None = None
         self._loop: Loop | None = None
         self._thread: threading.Thread | None = None
@@ -152,24 +197,69 @@ class Server:
         """The resource that serves ``path`` (longest match), or None."""
         return next((r for r in self._resources if r.matches(path)), None)
 
+    def http_route(self, path: str, responder: Callable[[Request], bytes]) -> None:
+        """Answer plain HTTP GET and HEAD requests for exactly ``path`` with
+        ``responder(request)``: the bytes of a whole response (``text_response``
+        builds one).  It runs on the loop thread, so it must be quick."""
+        with self._resources_lock:
+            self._http_routes = {**self._http_routes, path: responder}
+
+    def _health(self, request: Request) -> bytes:
+        loop = self._loop
+        if loop is None or loop.stopping:
+            return text_response(503, b"shutting down\n", head_only=request.method == "HEAD")
+        return text_response(200, b"ok\n", head_only=request.method == "HEAD")
+
+    def _metrics(self, request: Request) -> bytes:
+        loop = self._loop
+        gauges = loop.gauges() if loop is not None else {}
+        body = self.metrics.render(gauges)
+        return text_response(200, body, "text/plain; version=0.0.4; charset=utf-8", head_only=request.method == "HEAD")
+
     # -- answering requests (called by the loop) --------------------------------------------
 
-    def answer(self, request: Request, open_count: int) -> Answer:
+    def answer(self, request: Request, *, open_count: int = 0, ip_count: int = 0, stopping: bool = False) -> Answer:
         """What a request gets, sans I/O: an upgrade to one of the resources,
-        a file, or a refusal.  ``open_count`` is how many WebSockets are open."""
-        resource = self.route(request.path)
+        a plain HTTP route, a file, or a refusal.  ``open_count`` is how many
+        WebSockets are open, ``ip_count`` how many from the request's client."""
+        head_only = request.method == "HEAD"
         try:
+            responder = None if request.is_upgrade else self._http_routes.get(request.path)
+            if responder is not None:
+                if request.method not in ("GET", "HEAD"):
+                    raise HandshakeError(405, f"method {request.method} not allowed", (("Allow", "GET, HEAD"),))
+                return Answer(responder(request))
+            resource = self.route(request.path)
             if resource is None:
                 if request.is_upgrade:
                     raise HandshakeError(404, "no WebSocket endpoint at this path")
-                return Answer(file_response(self.static_dir, request))
+                return Answer(file_response(self.static_dir, request, self.page_policy))
+            if stopping:
+                raise HandshakeError(503, "server shutting down", (("Retry-After", "5"),))
             if open_count >= self.max_connections:
                 raise HandshakeError(503, "too many connections", (("Retry-After", "5"),))
+            if self.max_connections_per_ip and ip_count >= self.max_connections_per_ip:
+                raise HandshakeError(429, "too many connections from this address", (("Retry-After", "5"),))
             accepted = negotiate(request, allowed_origins=self.allowed_origins,
                                  subprotocols=resource.subprotocols, extensions=self.extensions)
         except HandshakeError as error:
-            return Answer(build_error_response(error, head_only=request.method == "HEAD"), refusal=error)
+            return Answer(build_error_response(error, head_only=head_only), refusal=error)
         return Answer(accepted.response(), resource, accepted)
+
+    def client_address(self, peer: str, request: Request) -> str:
+        """The client's address: the peer's own, or, when the peer is a trusted
+        proxy, the nearest address in ``X-Forwarded-For`` that is not one."""
+        trusted = self.forwarded_allow_ips
+        if not trusted or (peer not in trusted and "*" not in trusted):
+            return peer
+        hops = [hop.strip() for value in request.fields.get("x-forwarded-for", ()) for hop in value.split(",")]
+        for hop in reversed(hops):
+            if not _is_ip(hop):
+                break  # garbage: believe no further
+            peer = hop
+            if hop not in trusted and "*" not in trusted:
+                break
+        return peer
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -226,7 +316,7 @@ class Server:
             return self._loop
 
     def _serve(self, loop: Loop) -> None:
-        log.info("listening on %s", self.url)
+        log.debug("listening on %s", self.url)
         try:
             loop.run()
         finally:
