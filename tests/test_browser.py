@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from wschat.__main__ import STATIC_DIR
-from wschat.chat import Chat
+from wschat.chat import Chat, ChatLimits
 from wschat.server import Server
 
 CHROMIUM = "/usr/bin/chromium"
@@ -34,9 +34,9 @@ def browser():
         browser.close()
 
 
-def chat_server(port=0, static_dir=STATIC_DIR, **kwargs):
+def chat_server(port=0, static_dir=STATIC_DIR, path="/chat", chat=None, **kwargs):
     server = Server("127.0.0.1", port, static_dir=static_dir, ping_interval=0, **kwargs)
-    Chat(server)
+    server.chat = Chat(server, path, **(chat or {}))
     return server.start()
 
 
@@ -51,17 +51,19 @@ def server():
 def page_for(browser):
     contexts = []
 
-    def open_page(server, nick, room=""):
-        context = browser.new_context()
+    def open_page(server, nick, room="", viewport=None, join=True):
+        context = browser.new_context(viewport=viewport or {"width": 1000, "height": 700})
         contexts.append(context)
         page = context.new_page()
-        page.dialogs = []
+        page.dialogs, page.failed = [], []
         page.on("dialog", lambda dialog: (page.dialogs.append(dialog.message), dialog.dismiss()))
+        page.on("response", lambda response: response.status >= 400 and page.failed.append(response.url))
         page.goto(f"http://127.0.0.1:{server.port}/?nick={nick}&room={room}")
         assert page.is_visible("#join") and page.is_hidden("#chat")
-        page.click("button[type=submit]")
-        page.wait_for_selector("#status.online")
-        assert page.is_hidden("#join") and page.is_visible("#chat")
+        if join:
+            page.click("button[type=submit]")
+            page.wait_for_selector("#status.online")
+            assert page.is_hidden("#join") and page.is_visible("#chat")
         return page
 
     yield open_page
@@ -148,3 +150,115 @@ def test_seed_html_client_talks_to_wschat(browser, tmp_path):
         page.close()
     finally:
         server.stop()
+
+
+def texts(page, selector="#messages li.message .text"):
+    return page.locator(selector).all_text_contents()
+
+
+def test_the_page_finds_the_chat_where_the_server_put_it_and_takes_its_limits(page_for):
+    server = chat_server(path="/talk", chat={"limits": ChatLimits(max_length=30, max_nick_length=8)})
+    try:
+        page = page_for(server, "erin")
+        assert page.evaluate("document.getElementById('message').maxLength") == 30
+        assert page.evaluate("document.getElementById('nick').maxLength") == 8
+        send(page, "at another path")
+        last_message(page, "at another path")
+        assert page.failed == []  # no 404: not for the chat, not for a favicon
+    finally:
+        server.stop()
+
+
+def test_reconnect_after_a_restart_keeps_the_lines_without_duplicates(page_for):
+    server = chat_server()
+    port = server.port
+    alice, bob = page_for(server, "alice"), page_for(server, "bob")
+    send(alice, "before the restart")
+    last_message(bob, "before the restart")
+    server.stop()
+    bob.wait_for_selector("#status.offline")
+    server = chat_server(port)
+    try:
+        bob.wait_for_selector("#status.online", timeout=20000)
+        alice.wait_for_selector("#status.online", timeout=20000)
+        send(alice, "after the restart")
+        last_message(bob, "after the restart")
+        assert texts(bob) == ["before the restart", "after the restart"]
+        assert bob.locator("#messages li.notice", has_text="server restarted").count() == 1
+    finally:
+        server.stop()
+
+
+def test_reconnect_without_a_restart_shows_what_was_missed_once(server, page_for):
+    alice = page_for(server, "alice")
+    send(alice, "one")
+    last_message(alice, "one")
+    [conn] = server.connections()
+    conn.close(1012, "service restart")  # the page reconnects; the room and its sequence go on
+    alice.wait_for_selector("#status.offline")
+    server.chat.post("while away", nick="ci")
+    alice.wait_for_selector("#status.online", timeout=20000)
+    last_message(alice, "while away")
+    send(alice, "two")
+    last_message(alice, "two")
+    assert texts(alice) == ["one", "while away", "two"]
+    assert alice.locator("#messages li.notice", has_text="restarted").count() == 0
+
+
+def test_a_refused_connection_stops_retrying_with_a_message(page_for):
+    server = chat_server(allowed_origins=["http://elsewhere.example"])  # the page's origin is refused: 403
+    try:
+        page = page_for(server, "frank", join=False)
+        page.clock.install()  # the page's timers (its backoff) run when the test says so
+        page.click("button[type=submit]")
+        refusal = page.locator("#messages li.error", has_text="refuses")
+        for _ in range(20):
+            if refusal.count():
+                break
+            page.clock.run_for(35_000)  # past any backoff
+            page.wait_for_function("!document.getElementById('status').textContent.startsWith('connecting')")
+        assert page.text_content("#status") == "disconnected"
+        refusals = server.metrics.handshakes[403]
+        assert refusals >= 3
+        page.clock.run_for(120_000)  # had it kept trying, it would have tried by now
+        assert server.metrics.handshakes[403] == refusals and page.text_content("#status") == "disconnected"
+    finally:
+        server.stop()
+
+
+def test_a_1008_close_stops_retrying_with_the_reason(page_for):
+    server = chat_server(chat={"limits": ChatLimits(rate=0.001, burst=1)})
+    try:
+        page = page_for(server, "gina")
+        for i in range(3):  # one within the burst, one refused, one too many: closed
+            send(page, f"flood {i}")
+        page.locator("#messages li.error", has_text="rate limit exceeded").wait_for()
+        assert page.text_content("#status") == "disconnected"
+    finally:
+        server.stop()
+
+
+def test_on_a_phone_the_user_list_is_one_tap_away(server, page_for):
+    page_for(server, "hal")
+    phone = page_for(server, "ivy", viewport={"width": 375, "height": 667})
+    assert phone.is_hidden("#users-pane") and phone.is_visible("#people")
+    phone.click("#people")
+    assert phone.is_visible("#users-pane")
+    assert phone.locator("#users li").all_text_contents() == ["hal", "ivy"]
+    assert phone.get_attribute("#people", "aria-expanded") == "true"
+
+
+def test_unicode_room_names_from_the_form(server, page_for):
+    page = page_for(server, "zoe", room="café")
+    assert page.text_content("#room-label") == "room café as zoe"
+    assert server.chat.users("café") == ["zoe"]
+
+
+def test_the_chosen_nickname_comes_back_when_it_is_free_again(server, page_for):
+    from websockets.sync.client import connect
+
+    with connect(f"ws://127.0.0.1:{server.port}/chat?nick=dora", subprotocols=["wschat.v1"]):
+        page = page_for(server, "dora")
+        assert page.text_content("#room-label").startswith("room main as guest-")
+    # The other holder left, as our own previous connection would once the server drops it.
+    page.locator("#room-label", has_text="as dora").wait_for(timeout=15000)

@@ -120,7 +120,8 @@ def test_structured_join_message_and_leave(make_chat):
     chat = make_chat(workers=2)
     with structured(chat, "/lobby", "alice") as alice:
         welcome = recv_json(alice)
-        assert welcome == {"type": "welcome", "text": DEFAULT_WELCOME, "room": "lobby", "nick": "alice", "users": ["alice"], "history": []}
+        assert welcome == {"type": "welcome", "text": DEFAULT_WELCOME, "room": "lobby", "nick": "alice", "users": ["alice"],
+                           "history": [], "epoch": chat.rooms["lobby"].epoch}
         with structured(chat, "/lobby", "bob") as bob:
             assert recv_json(bob, "welcome")["users"] == ["alice", "bob"]
             assert recv_json(alice) == {"type": "join", "room": "lobby", "nick": "bob", "time": pytest.approx(0, abs=1e13)}

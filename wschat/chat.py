@@ -19,6 +19,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import secrets
 import threading
 import time
 from collections import deque
@@ -80,6 +81,7 @@ class Room:
     plain: dict = field(default_factory=dict)  # Connection -> None: insertion-ordered sets,
     structured: dict = field(default_factory=dict)  # updated in O(1) on join and leave
     seq: int = 0
+    epoch: str = field(default_factory=lambda: secrets.token_hex(6))  # new room, new sequence: a page starts over
 
     def add(self, member: Member) -> None:
         self.members[nick_key(member.nick)] = member
@@ -199,7 +201,7 @@ class Chat:
             conn.context = member
             if structured:
                 conn.send(_json({
-                    "type": "welcome", "text": self.welcome, "room": name, "nick": nick,
+                    "type": "welcome", "text": self.welcome, "room": name, "nick": nick, "epoch": room.epoch,
                     "users": sorted([*room.nicks(), nick]), "history": list(room.history),
                 }))
                 if wanted and problem:
