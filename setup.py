@@ -57,6 +57,7 @@ setup(
             "wsproto>=1.2",
             "playwright>=1.40",
             "prometheus_client>=0.17",
+            "docutils>=0.22",
         ],
         "bench": ["websockets>=12"],
     },

@@ -39,3 +39,11 @@ def test_the_run_command_as_written_runs_the_c_accelerator(tmp_path):
     result = subprocess.run(command, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=280)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "C accelerator in use" in result.stdout, result.stdout + result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["README.rst", "docs/deploying.rst"])
+def test_the_documents_render_without_a_warning(name):
+    import docutils.core
+
+    docutils.core.publish_string((ROOT / name).read_text(encoding="utf-8"), writer="null",
+                                 settings_overrides={"halt_level": 2, "report_level": 2})

@@ -1,0 +1,119 @@
+"""docs/deploying.rst as written: its nginx configuration in front of ``python -m wschat``.
+
+Needs Debian's nginx (``.ci/run`` installs it); skipped with the reason where
+it is absent, unless WSCHAT_REQUIRE_SERVICES=1 (set by CI) makes that a failure.
+"""
+
+import http.client
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
+
+ROOT = Path(__file__).resolve().parent.parent
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+
+if not os.path.exists(NGINX) and not os.environ.get("WSCHAT_REQUIRE_SERVICES"):
+    pytest.skip(f"nginx is not installed at {NGINX} (apt-get install nginx)", allow_module_level=True)
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def documented_nginx_config() -> str:
+    """The nginx block of docs/deploying.rst, as a reader would copy it."""
+    text = (ROOT / "docs" / "deploying.rst").read_text(encoding="utf-8")
+    block = text.split("map $http_upgrade $connection_upgrade {", 1)[1].split("\nand wschat behind it", 1)[0]
+    lines = ("    map $http_upgrade $connection_upgrade {" + block).splitlines()
+    return "\n".join(line[4:] for line in lines).strip() + "\n"
+
+
+def wait_for_port(port, process):
+    import socket
+
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def behind_nginx(tmp_path, request):
+    """wschat as the guide runs it (and ``request.param``'s options), nginx in front: nginx's port."""
+    wschat_port, nginx_port = free_port(), free_port()
+    wschat = subprocess.Popen(
+        [sys.executable, "-m", "wschat", "--host", "127.0.0.1", "--port", str(wschat_port),
+         "--forwarded-allow-ip", "127.0.0.1", "--metrics", "--welcome", "", "--log-level", "warning",
+         *getattr(request, "param", ())],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    config = documented_nginx_config()
+    config = config.replace("server 127.0.0.1:1984;", f"server 127.0.0.1:{wschat_port};")
+    config = config.replace("listen 80;", f"listen 127.0.0.1:{nginx_port};")
+    assert str(wschat_port) in config and str(nginx_port) in config
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "nginx.conf").write_text(
+        f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/logs/error.log;\nevents {{}}\n"
+        f"http {{\naccess_log off;\nclient_body_temp_path {tmp_path};\nproxy_temp_path {tmp_path};\n{config}}}\n")
+    nginx = subprocess.Popen([NGINX, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-g", "daemon off;"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_port(wschat_port, wschat)
+        wait_for_port(nginx_port, nginx)
+        yield nginx_port
+    finally:
+        for process in (nginx, wschat):
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            process.communicate()
+
+
+def test_the_documented_nginx_config_passes_websockets_pages_and_health(behind_nginx):
+    port = behind_nginx
+    with connect(f"ws://127.0.0.1:{port}/chat") as a, connect(f"ws://127.0.0.1:{port}/chat") as b:
+        a.send("through nginx")
+        assert b.recv(timeout=5) == "through nginx"
+    client = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    client.request("GET", "/")
+    response = client.getresponse()
+    assert response.status == 200 and b"chat.js" in response.read()
+    client = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    client.request("GET", "/healthz")
+    assert client.getresponse().status == 200
+
+
+@pytest.mark.parametrize("behind_nginx", [("--max-connections-per-ip", "1")], indirect=True)
+def test_behind_nginx_wschat_sees_each_client_not_the_proxy(behind_nginx):
+    port = behind_nginx
+    # nginx appends the address it saw; wschat trusts nginx (127.0.0.1) and takes the hop before it.
+    # The test's clients are all on 127.0.0.1, so a header they send stands in for their real addresses.
+    url = f"ws://127.0.0.1:{port}/chat"
+    with connect(url, additional_headers={"X-Forwarded-For": "203.0.113.1"}), \
+            connect(url, additional_headers={"X-Forwarded-For": "203.0.113.2"}):  # two clients, one proxy
+        with pytest.raises(InvalidStatus) as info:
+            connect(url, additional_headers={"X-Forwarded-For": "203.0.113.1"})
+        assert info.value.response.status_code == 429  # the first client's second connection
+        client = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        client.request("GET", "/metrics")
+        response = client.getresponse()
+        assert response.status == 200  # allowed from 127.0.0.1 only, by the config
+        assert re.search(rb"^wschat_connections 2$", response.read(), re.M)
