@@ -216,7 +216,7 @@ def test_a_refused_connection_stops_retrying_with_a_message(page_for):
             if refusal.count():
                 break
             page.clock.run_for(35_000)  # past any backoff
-            page.wait_for_function("!document.getElementById('status').textContent.startsWith('connecting')")
+            page.locator("#status:not(.connecting)").wait_for()  # the try is over (no eval: the page's CSP forbids it)
         assert page.text_content("#status") == "disconnected"
         refusals = server.metrics.handshakes[403]
         assert refusals >= 3
@@ -262,3 +262,23 @@ def test_the_chosen_nickname_comes_back_when_it_is_free_again(server, page_for):
         assert page.text_content("#room-label").startswith("room main as guest-")
     # The other holder left, as our own previous connection would once the server drops it.
     page.locator("#room-label", has_text="as dora").wait_for(timeout=15000)
+
+
+def test_backoff_grows_while_connections_open_but_never_welcome(page_for):
+    """A server that accepts and then closes (here: a chat whose on_open fails,
+    1011) must not be retried every second: only a welcome resets the backoff."""
+    server = chat_server()
+    server.chat.resource.on_open = lambda conn: 1 / 0
+    try:
+        page = page_for(server, "kim", join=False)
+        page.clock.install()
+        page.click("button[type=submit]")
+        delays = []
+        for _ in range(5):
+            page.locator("#status", has_text="retrying in").wait_for()
+            delays.append(int(page.text_content("#status").split("retrying in ")[1].split(" ")[0]))
+            page.clock.run_for(35_000)  # the timer fires: the status says "reconnecting" until the next close
+        assert delays[-1] >= 8 and delays == sorted(delays), delays  # 1, 2, 4, 8, 16 s, give or take the jitter
+        assert page.locator("#messages li.error").count() == 0  # a 1011 is no refusal: it keeps trying
+    finally:
+        server.stop()
