@@ -1,8 +1,10 @@
+from types import SimpleNamespace
+
 import pytest
 
 from wschat import handshake
 from wschat.errors import HandshakeError
-from wschat.handshake import accept_key, find_head_end, negotiate, parse_request
+from wschat.handshake import accept_key, find_head_end, negotiate, parse_extensions, parse_request
 
 KEY = "dGhlIHNhbXBsZSBub25jZQ=="
 
@@ -103,32 +105,47 @@ def test_subprotocol_server_preference():
     assert negotiate(request(), subprotocols=["wschat.v1"]).subprotocol is None
 
 
-class FakeDeflate:
-    name = "permessage-deflate"
-    rsv = 0b100
+class FakeExtension:
+    name = "x-fake"
 
     def __init__(self):
         self.offers = []
 
     def accept(self, params):
         self.offers.append(params)
-        return None if ("refuse", None) in params else "server_no_context_takeover"
+        if ("refuse", None) in params:
+            return None
+        return SimpleNamespace(response="x-fake; agreed", rsv=0b010)
 
 
 def test_extension_negotiation_hook():
-    ext = FakeDeflate()
-    lines = GOOD + ['Sec-WebSocket-Extensions: x-unknown, permessage-deflate; client_max_window_bits; server_max_window_bits="10"', "Sec-WebSocket-Extensions: permessage-deflate"]
+    ext = FakeExtension()
+    lines = GOOD + ['Sec-WebSocket-Extensions: x-unknown, x-fake; client_max_window_bits; server_max_window_bits="10"',
+                    "Sec-WebSocket-Extensions: x-fake"]
     accepted = negotiate(request(lines), extensions=[ext])
-    assert ext.offers == [[("client_max_window_bits", None), ("server_max_window_bits", "10")]]
-    assert accepted.extensions == [ext] and accepted.rsv == 0b100
-    assert b"\r\nSec-WebSocket-Extensions: permessage-deflate; server_no_context_takeover\r\n" in accepted.response()
+    assert ext.offers == [[("client_max_window_bits", None), ("server_max_window_bits", "10")]]  # the first it took
+    assert accepted.rsv == 0b010 and accepted.agreement("x-fake").response == "x-fake; agreed"
+    assert b"\r\nSec-WebSocket-Extensions: x-fake; agreed\r\n" in accepted.response()
 
 
-def test_extension_declined():
-    ext = FakeDeflate()
-    accepted = negotiate(request(GOOD + ["Sec-WebSocket-Extensions: permessage-deflate; refuse, , permessage-deflate; refuse"]), extensions=[ext])
+def test_extension_declined_then_the_next_offer_taken():
+    ext = FakeExtension()
+    accepted = negotiate(request(GOOD + ["Sec-WebSocket-Extensions: x-fake; refuse, , x-fake; refuse"]), extensions=[ext])
     assert accepted.extensions == [] and accepted.extension_header is None
     assert b"Extensions" not in accepted.response()
+    assert len(ext.offers) == 2
+    accepted = negotiate(request(GOOD + ["Sec-WebSocket-Extensions: x-fake; refuse, x-fake"]), extensions=[ext])
+    assert accepted.extension_header == "x-fake; agreed"
+
+
+@pytest.mark.parametrize("header, offers", [
+    ("a, b; c=d", [("a", []), ("b", [("c", "d")])]),
+    ('a; c="quoted, with \\"escapes\\""', [("a", [("c", 'quoted, with "escapes"')])]),
+    (" A ; C = 1 , , b ,", [("a", [("c", "1")]), ("b", [])]),
+    ("a;;", []), ("a; =1", []), ("a; c=", []), ('a; c="open', []), ("a b", []), ("a=1", []), ("a; c=1=2", []),
+])
+def test_extension_header_grammar(header, offers):
+    assert parse_extensions(request(GOOD + [f"Sec-WebSocket-Extensions: {header}"])) == offers
 
 
 def test_find_head_end_and_size_limit():

@@ -42,6 +42,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="bytes queued for one client before it is closed as too slow (1008; default 16 MiB)")
     add("--allowed-origin", action="append", dest="allowed_origins", metavar="ORIGIN",
         help="accept browsers from this Origin only (repeatable; default: any)")
+    add("--no-compression", action="store_true", help="decline permessage-deflate (RFC 7692; on by default)")
     add("--certfile", help="PEM certificate: serve wss:// and https://")
     add("--keyfile", help="PEM private key for --certfile")
     add("--workers", type=int, default=0, help="run handlers on this many threads (default 0: on the loop)")
@@ -106,6 +107,7 @@ def build(args: argparse.Namespace) -> tuple[Server, Chat]:
         max_connections_per_ip=args.max_connections_per_ip,
         forwarded_allow_ips=args.forwarded_allow_ips,
         metrics_path="/metrics" if args.metrics else None,
+        compression=not args.no_compression,
         page_policy=args.page_policy or None,
     )
     limits = ChatLimits(args.max_chat_length, args.rate_limit, args.rate_burst, args.max_nick_length)

@@ -101,6 +101,12 @@ class Connection:
         return request.headers if request else None
 
     @property
+    def compression(self) -> str | None:
+        """The permessage-deflate parameters agreed on (as answered), or None."""
+        deflate = self._protocol.deflate
+        return deflate.response if deflate is not None else None
+
+    @property
     def state(self) -> State:
         return self._protocol.state
 
@@ -135,8 +141,9 @@ class Connection:
         """
         prepared = message if isinstance(message, PreparedMessage) else PreparedMessage(message)
         with self._lock:
-            self._make_room(prepared.size, timeout)
-            self._protocol.send_frame(prepared.parts, prepared.size)
+            parts, size = prepared.frame_for(self._protocol.deflate)
+            self._make_room(size, timeout)
+            self._protocol.send_frame(parts, size)
         self._loop.flush_soon(self, messages=1)
 
     def ping(self, payload: bytes = b"") -> None:
@@ -224,11 +231,15 @@ def queue_for_many(message: PreparedMessage, connections: Iterable[Connection], 
     the mark ``limit`` is closed as too slow.  For speed it does inline what
     ``ServerProtocol.send_frame`` does: the state test and the append, under
     each connection's lock."""
-    parts, size = message.parts, message.size
+    plain_parts, plain_size = message.parts, message.size
     queued = []
     for conn in connections:
         protocol = conn._protocol
         outbox = protocol.outbox
+        if protocol.deflate is None:
+            parts, size = plain_parts, plain_size
+        else:  # compressed once per agreement, not once per recipient
+            parts, size = message.frame_for(protocol.deflate)
         with conn._lock:
             if protocol.state is not OPEN:
                 continue

@@ -17,6 +17,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable
 
+from .deflate import NAME as DEFLATE
 from .errors import ConnectionClosed, HandshakeError
 from .frames import CloseCode
 from .handshake import Request
@@ -131,7 +132,7 @@ class InlineDispatcher:
             return
         conn.resource, conn.subprotocol, conn._head = answer.resource, answer.accepted.subprotocol, request.raw
         with conn._lock:
-            conn._protocol.accept(answer.response, rsv=answer.accepted.rsv)
+            conn._protocol.accept(answer.response, rsv=answer.accepted.rsv, deflate=answer.accepted.agreement(DEFLATE))
         loop.opened(conn)
         if log.isEnabledFor(logging.DEBUG):  # one line per connection: no formatting when it is off
             log.debug("%s: open %s from %s%s", conn.key, quoted(request.path), conn.client_address,

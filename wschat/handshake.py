@@ -120,35 +120,84 @@ def parse_request(head: bytes) -> Request:
     return Request(method.decode("ascii"), target.decode("ascii"), version.decode("ascii"), headers, bytes(head))
 
 
-class Extension(Protocol):
-    """An extension offered to the negotiation hook.
+class Agreement(Protocol):
+    """What an extension settled for a connection (one object may serve many)."""
 
-    ``accept`` gets the parameters of one offer, e.g. ``[("client_max_window_bits", None)]``,
-    and returns the parameter string for the response (``""`` for none) to
-    accept it, or None to decline.  ``rsv`` is the mask of RSV bits
-    (0b100 is RSV1) frames may carry once it is accepted.
+    response: str  # the extension's entry in the response's Sec-WebSocket-Extensions
+    rsv: int  # the RSV bits (0b100 is RSV1) frames may carry from now on
+
+
+class Extension(Protocol):
+    """An extension the server supports, offered to the negotiation.
+
+    ``accept`` gets the parameters of one offer, e.g.
+    ``[("client_max_window_bits", None)]``, and returns an ``Agreement`` to
+    accept it, or None to decline it (RFC 7692 asks to decline, not fail, an
+    offer with parameters it does not know or values it cannot take).
     """
 
     name: str
-    rsv: int
 
-    def accept(self, params: list[tuple[str, str | None]]) -> str | None: ...
+    def accept(self, params: list[tuple[str, str | None]]) -> Agreement | None: ...
+
+
+_EXTENSION_TOKEN = re.compile(r'\s*(?:([!#$%&\'*+\-.^_`|~0-9A-Za-z]+)|"((?:[^"\\]|\\.)*)"|([;,=]))')
 
 
 def parse_extensions(request: Request) -> list[tuple[str, list[tuple[str, str | None]]]]:
-    """The offers of ``Sec-WebSocket-Extensions``: ``[(name, [(param, value)])]``."""
+    """The offers of ``Sec-WebSocket-Extensions``, in order: ``[(name, [(param, value)])]``.
+
+    Names and parameter names are lower-cased; a quoted value is unquoted.
+    A header that does not follow the grammar of RFC 6455 section 9.1
+    contributes no offer at all: it is declined, not guessed at.
+    """
     offers = []
     for value in request.fields.get("sec-websocket-extensions", ()):
-        for offer in value.split(","):
-            name, *params = [part.strip() for part in offer.split(";")]
-            if not name:
-                continue
-            parsed = []
-            for param in params:
-                key, sep, val = param.partition("=")
-                parsed.append((key.strip().lower(), val.strip().strip('"') if sep else None))
-            offers.append((name.lower(), parsed))
+        offers += _parse_extension_list(value)
     return offers
+
+
+def _parse_extension_list(value: str) -> list[tuple[str, list[tuple[str, str | None]]]]:
+    items, position = [], 0
+    while position < len(value.rstrip()):
+        match = _EXTENSION_TOKEN.match(value, position)
+        if match is None:
+            return []
+        token, quoted, mark = match.groups()
+        items.append(("token", token) if token else ("quoted", re.sub(r"\\(.)", r"\1", quoted)) if quoted is not None
+                     else ("mark", mark))
+        position = match.end()
+    offers: list = []
+    expect = "name"  # what the grammar allows next
+    for kind, text in items:
+        if expect == "name":
+            if kind == "mark" and text == ",":
+                continue  # an empty list element: ignored, as RFC 9110 section 5.6.1 asks
+            if kind != "token":
+                return []
+            offers.append((text.lower(), []))
+            expect = "after"
+        elif expect == "after":  # after a name or a whole parameter
+            if text == ";" and kind == "mark":
+                expect = "param"
+            elif text == "," and kind == "mark":
+                expect = "name"
+            elif text == "=" and kind == "mark" and offers[-1][1] and offers[-1][1][-1][1] is None:
+                expect = "value"
+            else:
+                return []
+        elif expect == "param":
+            if kind != "token":
+                return []
+            offers[-1][1].append((text.lower(), None))
+            expect = "after"
+        elif expect == "value":
+            if kind == "mark":
+                return []
+            name, _ = offers[-1][1].pop()
+            offers[-1][1].append((name, text))
+            expect = "after"
+    return offers if expect in ("after", "name") else []
 
 
 @dataclass
@@ -166,9 +215,13 @@ class Accepted:
     def rsv(self) -> int:
         """The RSV bits the accepted extensions allow."""
         bits = 0
-        for extension in self.extensions:
-            bits |= extension.rsv
+        for agreement in self.extensions:
+            bits |= agreement.rsv
         return bits
+
+    def agreement(self, name: str) -> Agreement | None:
+        """The agreement of the extension called ``name``, if it was accepted."""
+        return next((agreement for agreement in self.extensions if agreement.response.split(";", 1)[0] == name), None)
 
     def response(self) -> bytes:
         """The ``101 Switching Protocols`` response."""
@@ -240,16 +293,16 @@ def negotiate(
         accepted.subprotocol_token = offered[accepted.subprotocol.lower()]
 
     by_name = {extension.name.lower(): extension for extension in extensions}
-    answers = []
-    for name, params in parse_extensions(request):
+    settled = set()
+    for name, params in parse_extensions(request):  # the client's order is its preference
         extension = by_name.get(name)
-        if extension is None or extension in accepted.extensions:
+        if extension is None or name in settled:
             continue
-        answer = extension.accept(params)
-        if answer is not None:
-            accepted.extensions.append(extension)
-            answers.append(f"{extension.name}; {answer}" if answer else extension.name)
-    accepted.extension_header = ", ".join(answers) or None
+        agreement = extension.accept(params)
+        if agreement is not None:
+            settled.add(name)
+            accepted.extensions.append(agreement)
+    accepted.extension_header = ", ".join(agreement.response for agreement in accepted.extensions) or None
     return accepted
 
 

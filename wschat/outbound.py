@@ -18,10 +18,12 @@ class PreparedMessage:
 
     Server frames are not masked, so the same buffers serve every recipient:
     one buffer for a small message, header and payload apart for a large one
-    (whose payload is then never copied).
+    (whose payload is then never copied).  For connections that agreed on
+    permessage-deflate, ``frame_for`` compresses it once per agreement (the
+    server never keeps a compression context, so the same bytes suit all).
     """
 
-    __slots__ = ("parts", "size", "opcode")
+    __slots__ = ("parts", "size", "opcode", "payload", "_variants")
 
     def __init__(self, message: str | bytes | bytearray | memoryview, opcode: int | None = None):
         if isinstance(message, str):
@@ -29,12 +31,32 @@ class PreparedMessage:
         else:
             payload, default = bytes(message), Opcode.BINARY
         self.opcode = default if opcode is None else opcode
-        header = frame_header(self.opcode, len(payload))
-        self.parts = (header + payload,) if len(payload) < LARGE_PAYLOAD else (header, payload)
-        self.size = len(header) + len(payload)
+        self.payload = payload
+        self.parts, self.size = _frame(self.opcode, payload, 0)
+        self._variants: dict | None = None  # agreement -> (parts, size)
+
+    def frame_for(self, agreement) -> tuple[tuple, int]:
+        """The frame for a connection with this permessage-deflate ``agreement`` (or None)."""
+        if agreement is None or self.opcode >= 0x8:
+            return self.parts, self.size
+        variants = self._variants
+        if variants is None:
+            variants = self._variants = {}
+        variant = variants.get(agreement)
+        if variant is None:
+            compressed = agreement.compress(self.payload)
+            variant = variants[agreement] = ((self.parts, self.size) if compressed is None
+                                             else _frame(self.opcode, compressed, agreement.rsv))
+        return variant
 
     def __repr__(self) -> str:
         return f"<PreparedMessage {Opcode(self.opcode).name} {self.size} bytes>"
+
+
+def _frame(opcode: int, payload: bytes, rsv: int) -> tuple[tuple, int]:
+    header = frame_header(opcode, len(payload), rsv=rsv)
+    parts = (header + payload,) if len(payload) < LARGE_PAYLOAD else (header, payload)
+    return parts, len(header) + len(payload)
 
 
 class Outbox:

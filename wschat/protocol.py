@@ -28,7 +28,7 @@ import enum
 import os
 from dataclasses import dataclass
 
-from .errors import ConnectionClosed, HandshakeError, InvalidPayload, ProtocolError, WebSocketError
+from .errors import ConnectionClosed, HandshakeError, InvalidPayload, MessageTooBig, ProtocolError, WebSocketError
 from .frames import (
     MAX_CONTROL_PAYLOAD,
     CloseCode,
@@ -114,8 +114,8 @@ class ServerProtocol:
 
     __slots__ = (
         "state", "outbox", "request", "close_sent", "close_received", "max_message_size", "max_header_size",
-        "client", "_reading", "_head", "_searched", "_parser", "_opcode", "_parts", "_size", "_decoder",
-        "_in_frame",
+        "client", "deflate", "_reading", "_head", "_searched", "_parser", "_opcode", "_parts", "_size", "_decoder",
+        "_in_frame", "_inflater", "_compressed",
     )
 
     def __init__(self, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
@@ -127,6 +127,9 @@ class ServerProtocol:
         self.max_message_size = max_message_size
         self.max_header_size = max_header_size
         self.client = client
+        self.deflate = None  # the permessage-deflate agreement, once accepted
+        self._inflater = None  # while a compressed message arrives (or for good, with context takeover)
+        self._compressed = False  # the message being received is compressed
         self._reading = True  # false once input can only be discarded
         self._head: bytearray | None = None
         self._searched = 0
@@ -166,7 +169,7 @@ class ServerProtocol:
         self._reading = False
         self.state = CLOSED
         self.outbox.clear()
-        self._head = self._parts = None
+        self._head = self._parts = self._inflater = None
 
     def next_event(self) -> Event | None:
         """The next event the received bytes complete, or None until more arrive."""
@@ -177,7 +180,8 @@ class ServerProtocol:
         parser = self._parser
         try:
             while True:
-                parser.max_payload = self.max_message_size - self._size if self._size else self.max_message_size
+                if self.deflate is None:  # the frame's declared length is checked before its payload comes
+                    parser.max_payload = self.max_message_size - self._size if self._size else self.max_message_size
                 frame = parser.next_frame()
                 if frame is None:
                     return None
@@ -224,15 +228,21 @@ class ServerProtocol:
         return RequestReceived(request)
 
     def _data(self, frame: tuple) -> TextMessage | BinaryMessage | None:
-        opcode, payload, fin, _, more = frame
+        opcode, payload, fin, rsv, more = frame
         if self._in_frame:
             pass  # the next piece of a frame whose start was checked
         elif opcode == Opcode.CONTINUATION:
             if self._opcode is None:
                 raise ProtocolError("continuation frame without a message to continue")
+            if rsv:
+                raise ProtocolError("RSV1 set on a continuation frame")
         elif self._opcode is not None:
             raise ProtocolError("new data frame inside a fragmented message")
         elif fin and not more:  # the common case: a whole message in one piece
+            if rsv:
+                payload = self._inflate_whole(payload)
+            elif len(payload) > self.max_message_size:  # with deflate the parser bounds the wire size only
+                raise MessageTooBig(f"message larger than {self.max_message_size} bytes")
             if opcode == Opcode.TEXT:
                 try:
                     return TextMessage(payload.decode("utf-8"))
@@ -242,11 +252,20 @@ class ServerProtocol:
         else:
             self._opcode = opcode
             self._parts = []
+            self._compressed = bool(rsv)
             if opcode == Opcode.TEXT:
                 self._decoder = _Utf8Decoder()
         self._in_frame = more
+        last = fin and not more
+        if self._compressed:  # inflated in bounded steps: the limit applies to what comes out
+            payload = self._inflater_for_message().feed(payload, self.max_message_size - self._size)
+            if last:
+                payload += self._inflater.finish(self.max_message_size - self._size - len(payload))
+                self._end_inflation()
+        elif self._size + len(payload) > self.max_message_size:
+            raise MessageTooBig(f"message larger than {self.max_message_size} bytes")
         if self._decoder is not None:
-            self._check_utf8(payload, final=fin and not more)
+            self._check_utf8(payload, final=last)
         self._append(payload)
         if more or not fin:
             return None
@@ -254,7 +273,25 @@ class ServerProtocol:
         text = self._decoder is not None
         self._opcode = self._parts = self._decoder = None
         self._size = 0
+        self._compressed = False
         return TextMessage(data.decode("utf-8")) if text else BinaryMessage(data)
+
+    def _inflater_for_message(self):
+        if self._inflater is None:
+            self._inflater = self.deflate.inflater()
+        return self._inflater
+
+    def _end_inflation(self) -> None:
+        """After a message: no inflater is kept unless the client keeps its context."""
+        if self.deflate.client_no_context_takeover:
+            self._inflater = None
+
+    def _inflate_whole(self, payload: bytes) -> bytes:
+        inflater = self._inflater_for_message()
+        data = inflater.feed(payload, self.max_message_size)
+        data += inflater.finish(self.max_message_size - len(data))
+        self._end_inflation()
+        return data
 
     def _check_utf8(self, payload: bytes, final: bool) -> None:
         """Fail as soon as the bytes so far cannot start valid UTF-8."""
@@ -280,6 +317,8 @@ class ServerProtocol:
 
     def _control(self, frame: tuple) -> Ping | Pong | CloseReceived:
         opcode, payload = frame[0], frame[1]
+        if frame[3]:
+            raise ProtocolError("RSV bits set on a control frame")
         if opcode == Opcode.PING:
             if self.state is OPEN:
                 self.outbox.append(self._frame(Opcode.PONG, payload))
@@ -293,15 +332,20 @@ class ServerProtocol:
 
     # -- answering the request ----------------------------------------------------------------
 
-    def accept(self, response: bytes, *, rsv: int = 0) -> None:
+    def accept(self, response: bytes, *, rsv: int = 0, deflate=None) -> None:
         """Upgrade: queue the ``101`` response; frames flow from here on.
-        ``rsv`` is the RSV bits the negotiated extensions allow."""
+        ``rsv`` is the RSV bits the negotiated extensions allow; ``deflate``
+        the permessage-deflate agreement, if one was reached."""
         if not self.awaiting_answer:
             raise ConnectionClosed("no request waits for an answer")
         self.outbox.append(response)
         self.state = OPEN
+        self.deflate = deflate
         self.request = None  # what a connection keeps of it is the raw head: the parsed headers are large
-        self._parser = FrameParser(require_mask=True, max_payload=self.max_message_size, allowed_rsv=rsv, partial=True)
+        # With deflate, a frame's wire length says little of the message's size (the inflater
+        # bounds that): the parser only refuses lengths no honest compressed frame has.
+        wire_limit = self.max_message_size + (self.max_message_size >> 6) + 1024 if deflate else self.max_message_size
+        self._parser = FrameParser(require_mask=True, max_payload=wire_limit, allowed_rsv=rsv, partial=True)
         early, self._head = self._head, None
         if early:
             self._parser.feed(bytes(early))

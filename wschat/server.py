@@ -31,6 +31,7 @@ from .handshake import (
     negotiate,
     text_response,
 )
+from .deflate import PerMessageDeflate
 from .loop import Loop
 from .metrics import Metrics
 from .outbound import PreparedMessage
@@ -110,6 +111,10 @@ class Server:
     pool, one at a time per connection and in order; a connection with
     ``max_pending_calls`` handler calls waiting is not read until half are done.
 
+    ``compression`` is permessage-deflate (RFC 7692), on unless None: the
+    settings are ``deflate.PerMessageDeflate``'s; a broadcast is compressed
+    once, and an idle connection keeps no zlib state.
+
     Operating it: ``health_path`` answers 200 while serving and 503 while
     shutting down; ``metrics_path`` (off by default) serves ``metrics`` in the
     Prometheus text format.  Behind a reverse proxy, ``forwarded_allow_ips``
@@ -129,6 +134,7 @@ class Server:
         static_dir: str | None = None,
         allowed_origins: Iterable[str] | None = None,
         extensions: Sequence[Extension] = (),
+        compression: PerMessageDeflate | bool | None = True,
         max_connections: int = 10000,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         max_header_size: int = DEFAULT_MAX_HEADER_SIZE,
@@ -151,7 +157,10 @@ class Server:
         self.ssl_context = ssl_context
         self.static_dir = static_dir
         self.allowed_origins = list(allowed_origins) if allowed_origins is not None else None
-        self.extensions = tuple(extensions)
+        if compression is True:
+            compression = PerMessageDeflate()
+        self.compression: PerMessageDeflate | None = compression or None
+        self.extensions = (*extensions, self.compression) if self.compression else tuple(extensions)
         self.max_connections = max_connections
         self.max_message_size = max_message_size
         self.max_header_size = max_header_size
