@@ -23,7 +23,6 @@ still gets its answer.
 
 from __future__ import annotations
 
-import codecs
 import enum
 import os
 from dataclasses import dataclass
@@ -40,10 +39,9 @@ from .frames import (
 )
 from .handshake import DEFAULT_MAX_HEADER_SIZE, Request, build_error_response, find_head_end, parse_request
 from .outbound import Outbox
+from .reassembly import Reassembly
 
 DEFAULT_MAX_MESSAGE_SIZE = 1 << 20
-SMALL_PIECE = 512  # payload pieces smaller than this are joined as they come: no per-fragment overhead
-_Utf8Decoder = codecs.getincrementaldecoder("utf-8")
 
 
 class State(enum.IntEnum):
@@ -114,8 +112,7 @@ class ServerProtocol:
 
     __slots__ = (
         "state", "outbox", "request", "close_sent", "close_received", "max_message_size", "max_header_size",
-        "client", "deflate", "_reading", "_head", "_searched", "_parser", "_opcode", "_parts", "_size", "_decoder",
-        "_in_frame", "_inflater", "_compressed",
+        "client", "deflate", "_reading", "_head", "_searched", "_parser", "_message", "_inflater",
     )
 
     def __init__(self, *, max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
@@ -129,16 +126,11 @@ class ServerProtocol:
         self.client = client
         self.deflate = None  # the permessage-deflate agreement, once accepted
         self._inflater = None  # while a compressed message arrives (or for good, with context takeover)
-        self._compressed = False  # the message being received is compressed
         self._reading = True  # false once input can only be discarded
         self._head: bytearray | None = None
         self._searched = 0
         self._parser: FrameParser | None = None
-        self._opcode: int | None = None  # of the message being received
-        self._parts: list | None = None
-        self._size = 0
-        self._decoder = None
-        self._in_frame = False  # the last piece received was not its frame's last
+        self._message: Reassembly | None = None  # a message arriving in pieces
         if client:
             self.state = OPEN
             self._parser = FrameParser(require_mask=False, max_payload=max_message_size, partial=True)
@@ -169,7 +161,7 @@ class ServerProtocol:
         self._reading = False
         self.state = CLOSED
         self.outbox.clear()
-        self._head = self._parts = self._inflater = None
+        self._head = self._message = self._inflater = None
 
     def next_event(self) -> Event | None:
         """The next event the received bytes complete, or None until more arrive."""
@@ -181,7 +173,7 @@ class ServerProtocol:
         try:
             while True:
                 if self.deflate is None:  # the frame's declared length is checked before its payload comes
-                    parser.max_payload = self.max_message_size - self._size if self._size else self.max_message_size
+                    parser.max_payload = self.max_message_size - (self._message.size if self._message else 0)
                 frame = parser.next_frame()
                 if frame is None:
                     return None
@@ -210,7 +202,7 @@ class ServerProtocol:
         """Received bytes held: an unfinished request head, frame or message."""
         if self._parser is None:
             return len(self._head or b"")
-        return self._parser.buffered + self._size
+        return self._parser.buffered + (self._message.size if self._message else 0)
 
     def _next_request(self) -> RequestReceived | RequestRefused | None:
         head = self._head
@@ -229,14 +221,15 @@ class ServerProtocol:
 
     def _data(self, frame: tuple) -> TextMessage | BinaryMessage | None:
         opcode, payload, fin, rsv, more = frame
-        if self._in_frame:
+        message = self._message
+        if message is not None and message.in_frame:
             pass  # the next piece of a frame whose start was checked
         elif opcode == Opcode.CONTINUATION:
-            if self._opcode is None:
+            if message is None:
                 raise ProtocolError("continuation frame without a message to continue")
             if rsv:
                 raise ProtocolError("RSV1 set on a continuation frame")
-        elif self._opcode is not None:
+        elif message is not None:
             raise ProtocolError("new data frame inside a fragmented message")
         elif fin and not more:  # the common case: a whole message in one piece
             if rsv:
@@ -250,31 +243,16 @@ class ServerProtocol:
                     raise InvalidPayload("text message is not valid UTF-8") from None
             return BinaryMessage(payload)
         else:
-            self._opcode = opcode
-            self._parts = []
-            self._compressed = bool(rsv)
-            if opcode == Opcode.TEXT:
-                self._decoder = _Utf8Decoder()
-        self._in_frame = more
-        last = fin and not more
-        if self._compressed:  # inflated in bounded steps: the limit applies to what comes out
-            payload = self._inflater_for_message().feed(payload, self.max_message_size - self._size)
-            if last:
-                payload += self._inflater.finish(self.max_message_size - self._size - len(payload))
-                self._end_inflation()
-        elif self._size + len(payload) > self.max_message_size:
-            raise MessageTooBig(f"message larger than {self.max_message_size} bytes")
-        if self._decoder is not None:
-            self._check_utf8(payload, final=last)
-        self._append(payload)
-        if more or not fin:
+            inflater = self._inflater_for_message() if rsv else None
+            message = self._message = Reassembly(opcode, self.max_message_size, inflater)
+        message.in_frame = more
+        data = message.add(payload, fin and not more)
+        if data is None:
             return None
-        data = b"".join(self._parts)
-        text = self._decoder is not None
-        self._opcode = self._parts = self._decoder = None
-        self._size = 0
-        self._compressed = False
-        return TextMessage(data.decode("utf-8")) if text else BinaryMessage(data)
+        self._message = None
+        if message.compressed:
+            self._end_inflation()
+        return TextMessage(data) if message.opcode == Opcode.TEXT else BinaryMessage(data)
 
     def _inflater_for_message(self):
         if self._inflater is None:
@@ -292,28 +270,6 @@ class ServerProtocol:
         data += inflater.finish(self.max_message_size - len(data))
         self._end_inflation()
         return data
-
-    def _check_utf8(self, payload: bytes, final: bool) -> None:
-        """Fail as soon as the bytes so far cannot start valid UTF-8."""
-        try:
-            self._decoder.decode(payload, final)
-        except UnicodeDecodeError:
-            raise InvalidPayload("text message is not valid UTF-8") from None
-        pending = self._decoder.getstate()[0]
-        if len(pending) > 1 and pending[0] == 0xED and pending[1] >= 0xA0:  # CPython waits for a third byte
-            raise InvalidPayload("text message is not valid UTF-8 (a surrogate)")
-
-    def _append(self, payload: bytes) -> None:
-        """Keep a piece of the message; small ones are joined at once, so
-        memory stays within a small factor of the message, however it is cut."""
-        self._size += len(payload)
-        parts = self._parts
-        if len(payload) >= SMALL_PIECE:
-            parts.append(payload)
-        elif parts and type(parts[-1]) is bytearray:
-            parts[-1] += payload
-        else:
-            parts.append(bytearray(payload))
 
     def _control(self, frame: tuple) -> Ping | Pong | CloseReceived:
         opcode, payload = frame[0], frame[1]
