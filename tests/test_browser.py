@@ -282,3 +282,16 @@ def test_backoff_grows_while_connections_open_but_never_welcome(page_for):
         assert page.locator("#messages li.error").count() == 0  # a 1011 is no refusal: it keeps trying
     finally:
         server.stop()
+
+
+def test_chromium_negotiates_per_message_deflate(server, page_for):
+    page = page_for(server, "lena")
+    negotiated = page.evaluate("""() => new Promise((resolve, reject) => {
+        const ws = new WebSocket(`ws://${location.host}/chat`);
+        ws.onopen = () => { resolve(ws.extensions); ws.close(); };
+        ws.onerror = () => reject("no connection");
+    })""")
+    assert negotiated == "permessage-deflate; server_no_context_takeover; client_no_context_takeover"
+    assert [conn.compression for conn in server.connections()] == [negotiated]  # the page's chat connection
+    send(page, "compressed both ways " * 10)  # the page's own connection compresses too
+    last_message(page, "compressed both ways " * 10)

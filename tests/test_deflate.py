@@ -229,3 +229,13 @@ def test_an_incompressible_message_at_the_limit_passes_compressed():
     data = compressed(payload)
     assert len(data) > len(payload)
     assert pull(protocol, client_frame(Opcode.BINARY, data, rsv=0b100)) == [BinaryMessage(payload)]
+
+
+def test_messages_compressed_one_after_another_each_inflate_alone():
+    """The reused compressor's full flush: no message refers to an earlier one."""
+    extension = PerMessageDeflate()
+    agreement = extension.accept([])
+    texts = [f"the same long phrase again and again, message {i} " * 5 for i in range(20)]
+    for text in texts:
+        [frame] = server_frames(PreparedMessage(text).frame_for(agreement)[0])
+        assert zlib.decompressobj(-15).decompress(frame.payload + b"\x00\x00\xff\xff") == text.encode()

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from collections import deque
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -42,6 +43,9 @@ HANDSHAKE = (
     b"GET /chat HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
 )
+# What Chrome offers: permessage-deflate, letting the server choose the client's window.
+HANDSHAKE_DEFLATE = HANDSHAKE[:-2] + b"Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n\r\n"
+DEFLATE_TAIL = b"\x00\x00\xff\xff"
 TAG_SIZE = 14  # six digits of sender, eight of sequence number, at the start of each payload
 
 
@@ -78,6 +82,21 @@ class FrameMaker:
     def frames(self, start: int, stop: int) -> bytes:
         filler = self.filler
         return b"".join(part for seq in range(start, stop) for part in (self.heads[seq], filler))
+
+
+class CompressedFrameMaker:
+    """One sender's frames for a permessage-deflate connection: each message
+    compressed on its own (as any client may) and masked before the clock starts."""
+
+    def __init__(self, sender: int, size: int, messages: int, wbits: int):
+        self._frames = []
+        for seq in range(messages):
+            compressor = zlib.compressobj(6, zlib.DEFLATED, -wbits)
+            data = compressor.compress(payload(sender, seq, size)) + compressor.flush(zlib.Z_SYNC_FLUSH)
+            self._frames.append(encode_frame(Opcode.TEXT, data[:-4], rsv=0b100, mask=os.urandom(4)))
+
+    def frames(self, start: int, stop: int) -> bytes:
+        return b"".join(self._frames[start:stop])
 
 
 def server_header(size: int) -> bytes:
@@ -132,9 +151,19 @@ def verify(streams: list[bytes], size: int, senders: int, messages: int) -> None
 # -- clients -----------------------------------------------------------------------
 
 
+class Deflate:
+    """What a load-generator client agreed on with the server (permessage-deflate)."""
+
+    def __init__(self, response: str):
+        params = {p.strip().split("=")[0]: p.strip().partition("=")[2] for p in response.split(";")[1:]}
+        self.shared = "server_no_context_takeover" in params  # each message inflates alone: cacheable
+        self.client_wbits = int(params.get("client_max_window_bits") or 15)
+        self.inflater = zlib.decompressobj(-15)  # for a server that keeps its context
+
+
 class Client:
     __slots__ = ("sock", "index", "head", "chunks", "received", "carry", "sent", "echoed", "times", "out", "done",
-                 "stage", "offset", "tags")
+                 "stage", "offset", "tags", "deflate", "frames")
 
     def __init__(self, sock: socket.socket, index: int):
         self.sock = sock
@@ -151,6 +180,8 @@ class Client:
         self.stage = ""
         self.offset = 0  # position in the current frame (framed reading)
         self.tags: list[bytes] = []
+        self.deflate: Deflate | None = None
+        self.frames = 0  # frames read (compressed reading)
 
     def queue(self, data: bytes) -> None:
         self.out = memoryview(bytes(self.out) + data if self.out else data)
@@ -179,6 +210,10 @@ def handshake_done(client: Client, data: bytes) -> bool:
         return False
     if not client.head.startswith(b"HTTP/1.1 101"):
         raise BenchError(f"handshake refused: {bytes(client.head[:60])!r}")
+    for line in bytes(client.head[:end]).decode("latin-1").split("\r\n"):
+        name, _, value = line.partition(":")
+        if name.lower() == "sec-websocket-extensions" and value.strip().startswith("permessage-deflate"):
+            client.deflate = Deflate(value.strip())
     rest = bytes(client.head[end + 4 :])
     client.head = None
     if rest:
@@ -187,8 +222,10 @@ def handshake_done(client: Client, data: bytes) -> bool:
     return True
 
 
-def open_clients(port: int, count: int, *, concurrency: int = 50, timeout: float = 120.0) -> tuple[list[Client], float]:
-    """Open and upgrade ``count`` connections, ``concurrency`` at a time.
+def open_clients(port: int, count: int, *, concurrency: int = 50, timeout: float = 120.0,
+                 deflate: bool = False) -> tuple[list[Client], float]:
+    """Open and upgrade ``count`` connections, ``concurrency`` at a time
+    (offering permessage-deflate with ``deflate``).
 
     Returns the clients and the handshakes per second.  ``concurrency`` stays
     under every server's listen backlog so that none is slowed by SYN retries.
@@ -213,7 +250,7 @@ def open_clients(port: int, count: int, *, concurrency: int = 50, timeout: float
                     error = client.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
                     if error:
                         raise BenchError(f"connect failed: {os.strerror(error)}")
-                    client.sock.send(HANDSHAKE)  # small: fits an empty socket buffer
+                    client.sock.send(HANDSHAKE_DEFLATE if deflate else HANDSHAKE)  # small: fits an empty buffer
                     selector.modify(client.sock, selectors.EVENT_READ, client)
                     continue
                 data = client.sock.recv(65536)
@@ -239,13 +276,21 @@ def close_clients(clients: list[Client]) -> None:
 
 
 def run_fanout(port: int, clients: int = 50, messages: int = 200, size: int = 64, window: int = 10,
-               stall: float = 10.0, pid: int | None = None) -> dict:
+               stall: float = 10.0, pid: int | None = None, deflate: bool = False) -> dict:
     """Every client sends ``messages`` messages, at most ``window`` not yet
-    echoed back to it; every message goes to every client."""
-    peers, _ = open_clients(port, clients)
+    echoed back to it; every message goes to every client.  With ``deflate``
+    the clients offer permessage-deflate, compress what they send, and inflate
+    every frame they read to check it."""
+    peers, _ = open_clients(port, clients, deflate=deflate)
     header = server_header(size)
     frame_len = len(header) + size
-    makers = [FrameMaker(i, size, messages) for i in range(clients)]
+    if deflate:
+        if any(peer.deflate is None for peer in peers):
+            raise BenchError("the server declined permessage-deflate")
+        wbits = max(9, peers[0].deflate.client_wbits)
+        makers = [CompressedFrameMaker(i, size, messages, wbits) for i in range(clients)]
+    else:
+        makers = [FrameMaker(i, size, messages) for i in range(clients)]
     tags = [header + f"{i:06d}".encode() for i in range(clients)]
     expected = clients * messages * frame_len
     latencies: list[float] = []
@@ -293,7 +338,49 @@ def run_fanout(port: int, clients: int = 50, messages: int = 200, size: int = 64
             peer.received += size_read
             peer.offset = (peer.offset + size_read) % frame_len
 
-    read = read_bulk if size < 4096 else read_framed
+    cache: dict[bytes, bytes] = {}  # compressed payload -> tag, where each message inflates alone
+    owners = [f"{i:06d}".encode() for i in range(clients)]
+
+    def read_deflated(peer: Client) -> int:
+        """Any frames: parse each, inflate the compressed ones, keep the tag."""
+        size_read = peer.sock.recv_into(scratch)
+        if not size_read:
+            raise BenchError(f"client {peer.index}: the server closed the connection")
+        peer.received += size_read
+        buffer = peer.carry
+        buffer += scratch[:size_read]
+        position, own, end = 0, 0, len(buffer)
+        while end - position >= 2:
+            length, head = buffer[position + 1], 2
+            if length >= 126:
+                head = 4 if length == 126 else 10
+                if end - position < head:
+                    break
+                length = int.from_bytes(buffer[position + 2 : position + head], "big")
+            stop = position + head + length
+            if stop > end:
+                break
+            body = bytes(buffer[position + head : stop])
+            if buffer[position] & 0x40:  # RSV1: compressed
+                if peer.deflate.shared:
+                    tag = cache.get(body)
+                    if tag is None:
+                        tag = cache[body] = zlib.decompressobj(-15).decompress(body + DEFLATE_TAIL, TAG_SIZE)
+                else:  # the server's context carries over: inflate all of it, in order
+                    tag = peer.deflate.inflater.decompress(body + DEFLATE_TAIL)[:TAG_SIZE]
+            else:
+                tag = body[:TAG_SIZE]
+            peer.tags.append(header + tag)
+            own += tag.startswith(owners[peer.index])
+            peer.frames += 1
+            position = stop
+        del buffer[:position]
+        return own
+
+    read = read_deflated if deflate else read_bulk if size < 4096 else read_framed
+    if deflate:
+        for peer in peers:
+            peer.carry = bytearray()
 
     def pump(peer: Client, now: float) -> None:
         allowed = min(messages, peer.echoed + window)
@@ -333,14 +420,14 @@ def run_fanout(port: int, clients: int = 50, messages: int = 200, size: int = 64
                     peer.echoed += own
                     latencies.extend(now - peer.times.popleft() for _ in range(own))
                     pump(peer, now)
-                if not peer.done and peer.received >= expected:
+                if not peer.done and (peer.frames >= clients * messages if deflate else peer.received >= expected):
                     peer.done = True
                     remaining -= 1
         elapsed = last - start
         loadgen_cpu = time.process_time() - cpu_start
         server_cpu = cpu_seconds(pid) - server_start
         for peer in peers:
-            tags_seen = peer.tags if read is read_framed else tags_of(b"".join(peer.chunks), size, peer.index)
+            tags_seen = peer.tags if read is not read_bulk else tags_of(b"".join(peer.chunks), size, peer.index)
             verify_tags(peer.index, tags_seen, size, clients, messages)
     finally:
         selector.close()
@@ -374,10 +461,13 @@ def rss_kib(pid: int) -> int:
     raise BenchError("no VmRSS")
 
 
-def run_idle(port: int, count: int, pid: int) -> dict:
-    """Hold ``count`` idle connections; then one message to all of them."""
+def run_idle(port: int, count: int, pid: int, deflate: bool = False) -> dict:
+    """Hold ``count`` idle connections (that agreed on permessage-deflate, with
+    ``deflate``); then one message to all of them."""
     before = rss_kib(pid)
-    peers, rate = open_clients(port, count)
+    peers, rate = open_clients(port, count, deflate=deflate)
+    if deflate and any(peer.deflate is None for peer in peers):
+        raise BenchError("the server declined permessage-deflate")
     selector = selectors.DefaultSelector()
     try:
         after = rss_kib(pid)
@@ -399,11 +489,20 @@ def run_idle(port: int, count: int, pid: int) -> dict:
                     raise BenchError(f"client {peer.index}: closed while idle")
                 peer.chunks.append(data)
                 peer.received += len(data)
-                if peer.received >= expected:
+                whole = b"".join(peer.chunks)
+                if peer.received >= (2 + (whole[1] & 0x7F) if deflate and len(whole) >= 2 else expected):
                     selector.unregister(peer.sock)
                     waiting -= 1
         elapsed = time.perf_counter() - start
-        verify([b"".join(p.chunks) for p in peers], size, 1, 1)
+        if deflate:  # one compressed frame each: the broadcast's tag, inflated
+            for peer in peers:
+                frame = b"".join(peer.chunks)
+                body = frame[2:]
+                text = zlib.decompressobj(-15).decompress(body + DEFLATE_TAIL) if frame[0] & 0x40 else body
+                if text != payload(0, 0, size):
+                    raise BenchError(f"client {peer.index}: the broadcast came out wrong")
+        else:
+            verify([b"".join(p.chunks) for p in peers], size, 1, 1)
     finally:
         selector.close()
         close_clients(peers)
@@ -488,8 +587,10 @@ def _server_process_setup() -> None:
 
 
 class RunningServer:
-    def __init__(self, name: str):
+    def __init__(self, name: str, deflate: bool = False):
         command, env, *cwd = SERVERS[name]
+        if deflate and name.startswith("ws-"):
+            command = [*command, "deflate"]  # python-websockets compresses only when told to
         self.name = name
         self.port = free_port()
         self.log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty server never blocks on it
@@ -531,6 +632,13 @@ def scenarios(quick: bool) -> dict:
         "idle": lambda s: run_idle(s.port, 200 if quick else 2000, s.process.pid),
         "idle-10k": lambda s: run_idle(s.port, 1000 if quick else 10000, s.process.pid),
         "churn": lambda s: run_churn(s.port, total=100 if quick else 1000),
+        # permessage-deflate offered by the clients, as browsers do (and on in every server):
+        "fanout-deflate": lambda s: run_fanout(s.port, 50, max(10, int(200 * scale)), 64, window=10,
+                                               pid=s.process.pid, deflate=True),
+        "large-64k-deflate": lambda s: run_fanout(s.port, 4, int(1000 * scale), 65536, window=2, pid=s.process.pid,
+                                                  deflate=True),
+        "idle-deflate": lambda s: run_idle(s.port, 200 if quick else 2000, s.process.pid, deflate=True),
+        "idle-10k-deflate": lambda s: run_idle(s.port, 1000 if quick else 10000, s.process.pid, deflate=True),
     }
 
 
@@ -549,7 +657,8 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--servers", default="wschat,ws-threading,ws-asyncio", help=f"from {', '.join(SERVERS)}")
     parser.add_argument("--scenarios", default="fanout,large-64k,large-1m,idle,churn",
-                        help="from fanout, large-64k, large-1m, idle, idle-10k, churn")
+                        help="from fanout, large-64k, large-1m, idle, idle-10k, churn, and with permessage-deflate "
+                             "fanout-deflate, large-64k-deflate, idle-deflate, idle-10k-deflate")
     parser.add_argument("--quick", action="store_true", help="small counts: a smoke run")
     parser.add_argument("--baseline", metavar="DIR",
                         help="also run the wschat of another checkout (e.g. a git worktree of an older commit) "
@@ -574,7 +683,7 @@ def main(argv=None) -> int:
             for name in servers:  # interleaved: A B C A B C ...
                 if (scenario, name) in failed:
                     continue
-                server = RunningServer(name)
+                server = RunningServer(name, deflate=scenario.endswith("-deflate"))
                 try:
                     figures = table[scenario](server)
                 except (BenchError, OSError) as error:
