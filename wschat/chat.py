@@ -31,6 +31,7 @@ from .frames import CloseCode
 from .handshake import text_response
 from .logsafe import quoted
 from .names import nick_key, nick_problem, normalize, room_problem
+from .outbound import PreparedMessage
 from .server import Server
 
 log = logging.getLogger("wschat")
@@ -104,13 +105,14 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _text_problem(text: str) -> str | None:
-    """Why ``text`` cannot be sent as UTF-8 (a lone surrogate from JSON), or None."""
+def _prepare_text(server: Server, text: str) -> tuple[PreparedMessage | None, str | None]:
+    """The plain clients' frame of ``text``, or why it cannot be sent: framing
+    encodes it, and a lone surrogate (valid JSON, not Unicode) fails there,
+    before anything is stored."""
     try:
-        text.encode("utf-8")
+        return server.prepare(text), None
     except UnicodeEncodeError as exc:
-        return f"text is not valid Unicode (a lone surrogate at character {exc.start})"
-    return None
+        return None, f"text is not valid Unicode (a lone surrogate at character {exc.start})"
 
 
 class Chat:
@@ -155,13 +157,13 @@ class Chat:
     def post(self, text: str, room: str = DEFAULT_ROOM, nick: str = "server") -> None:
         """Post a chat message to ``room`` as ``nick`` (from any thread).
         Raises ``ValueError`` for text that is not valid Unicode."""
-        problem = _text_problem(text)
+        plain, problem = _prepare_text(self.server, text)
         if problem is not None:
             raise ValueError(problem)
         with self._lock:
             target = self.rooms.get(normalize(room))
             if target is not None:
-                self._publish(target, nick, text)
+                self._publish(target, nick, text, plain)
 
     def users(self, room: str = DEFAULT_ROOM) -> list[str]:
         with self._lock:
@@ -301,25 +303,25 @@ class Chat:
         if limit and len(text) > limit:
             self._notify(member, "too_long", f"message longer than {limit} characters; not sent")
             return
-        problem = _text_problem(text)
+        plain, problem = _prepare_text(self.server, text)
         if problem is not None:
             self._notify(member, "bad_request", f"{problem}; not sent")
             return
         with self._lock:
-            self._publish(member.room, member.nick, text)
+            self._publish(member.room, member.nick, text, plain)
 
-    def _publish(self, room: Room, nick: str, text: str) -> None:
+    def _publish(self, room: Room, nick: str, text: str, plain: PreparedMessage) -> None:
         """Give a message its sequence number and queue it for every member
-        (lock held).  It is encoded before it is kept: nothing that cannot be
-        sent ever reaches the history."""
-        record = {"type": "message", "room": room.name, "nick": nick, "text": text, "time": _now_ms(), "seq": room.seq + 1}
-        structured = self.server.prepare(_json(record))
+        (lock held).  ``plain`` is its frame for plain clients: that it could
+        be framed is what proves the text sendable, before it is kept.  The
+        JSON form is made only for a room with wschat.v1 members."""
         room.seq += 1
+        record = {"type": "message", "room": room.name, "nick": nick, "text": text, "time": _now_ms(), "seq": room.seq}
         room.history.append(record)
         if room.plain:
-            self.server.broadcast(text, connections=room.plain)
+            self.server.broadcast(plain, connections=room.plain)
         if room.structured:
-            self.server.broadcast(structured, connections=room.structured)
+            self.server.broadcast(_json(record), connections=room.structured)
 
     def _rename(self, member: Member, nick: str) -> None:
         with self._lock:

@@ -232,14 +232,19 @@ def queue_for_many(message: PreparedMessage, connections: Iterable[Connection], 
     ``ServerProtocol.send_frame`` does: the state test and the append, under
     each connection's lock."""
     plain_parts, plain_size = message.parts, message.size
+    agreement = agreed_parts = agreed_size = None  # the last agreement met: most connections share one
     queued = []
     for conn in connections:
         protocol = conn._protocol
         outbox = protocol.outbox
-        if protocol.deflate is None:
+        deflate = protocol.deflate
+        if deflate is None:
             parts, size = plain_parts, plain_size
+        elif deflate is agreement:
+            parts, size = agreed_parts, agreed_size
         else:  # compressed once per agreement, not once per recipient
-            parts, size = message.frame_for(protocol.deflate)
+            parts, size = agreed_parts, agreed_size = message.frame_for(deflate)
+            agreement = deflate
         with conn._lock:
             if protocol.state is not OPEN:
                 continue
