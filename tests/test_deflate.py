@@ -239,3 +239,10 @@ def test_messages_compressed_one_after_another_each_inflate_alone():
     for text in texts:
         [frame] = server_frames(PreparedMessage(text).frame_for(agreement)[0])
         assert zlib.decompressobj(-15).decompress(frame.payload + b"\x00\x00\xff\xff") == text.encode()
+
+
+def test_a_small_bomb_fed_one_byte_at_a_time_is_refused_too(feed):
+    protocol = deflate_protocol(max_message_size=64 * 1024)
+    bomb = compressed(bytes(4 << 20))  # 4 MiB of zeros in about 4 kB
+    events = feed(protocol, client_frame(Opcode.BINARY, bomb, rsv=0b100))
+    assert isinstance(events[-1], ConnectionFailed) and isinstance(events[-1].error, MessageTooBig)
