@@ -36,11 +36,12 @@ class Connection:
     ``client_address`` is the client's IP address: the peer's, or behind a
     trusted proxy the one it forwarded (see ``Server.forwarded_allow_ips``).
     ``latency`` is the round-trip time of the last answered keepalive ping,
-    in seconds (None until one was answered).
+    in seconds (None until one was answered).  ``user`` is who the
+    resource's ``authorize`` hook said the client is (None: anonymous).
     """
 
     __slots__ = (
-        "key", "remote_address", "client_address", "resource", "subprotocol", "context", "last_seen", "latency",
+        "key", "remote_address", "client_address", "resource", "subprotocol", "user", "context", "last_seen", "latency",
         "_loop", "_protocol", "_lock", "_room", "_closed", "_head",
         # the loop's: socket, deadline, selector events, stages of the end
         "_sock", "_tls", "_deadline", "_events", "_ending", "_lingering",
@@ -54,6 +55,7 @@ class Connection:
         self.client_address: str = address[0] if isinstance(address, tuple) else str(address)
         self.resource: Resource | None = None
         self.subprotocol: str | None = None
+        self.user: object = None
         self.context = None
         self.last_seen = time.monotonic()
         self.latency: float | None = None

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Callable
 from .deflate import NAME as DEFLATE
 from .errors import ConnectionClosed, HandshakeError
 from .frames import CloseCode
-from .handshake import Request
+from .handshake import Answer, Request
 from .logsafe import quoted
 from .protocol import (
     OPEN,
@@ -59,6 +59,19 @@ def run_handler(conn: Connection, handler: Callable, args: tuple) -> None:
             except Exception:
                 log.exception("%s: error handler failed", conn.key)
         conn.close(CloseCode.INTERNAL_ERROR, "internal server error")
+
+
+def authorize(conn: Connection, request: Request, hook: Callable) -> tuple[object, HandshakeError | None]:
+    """Run an authorize hook: ``(user, None)``, or ``(None, the refusal)``;
+    a failing hook is logged and refuses with 500."""
+    try:
+        return hook(request), None
+    except HandshakeError as error:
+        return None, error
+    except Exception:
+        conn._loop.server.metrics.add("handler_errors")
+        log.exception("%s: authorize hook %s failed", conn.key, getattr(hook, "__name__", hook))
+        return None, HandshakeError(500, "internal server error")
 
 
 def _log_refusal(conn: Connection, error: HandshakeError, request: Request | None = None) -> None:
@@ -115,22 +128,58 @@ class InlineDispatcher:
             loop.flush_soon(conn)
 
     def _answer(self, conn: Connection, request: Request) -> None:
-        """Apply the server's answer to a request: upgrade, refuse, or serve a file."""
+        """Apply the server's answer to a request: upgrade (once authorized), refuse, or serve a file."""
         loop, server = self._loop, self._loop.server
-        conn.client_address = server.client_address(conn.client_address, request)
+        conn.client_address = request.client_address = server.client_address(conn.client_address, request)
         answer = server.answer(request, open_count=len(loop.connections),
                                ip_count=loop.connections_from(conn.client_address), stopping=loop.stopping)
-        server.metrics.count("handshakes", answer.status)
         if answer.accepted is None:
-            loop.answered(conn)
-            with conn._lock:
-                conn._protocol.respond(answer.response)
-            if answer.refusal is not None:
-                _log_refusal(conn, answer.refusal, request)
-            else:
-                log.debug("%s: %s %s %d", conn.key, request.method, quoted(request.target), answer.status)
-            return
-        conn.resource, conn.subprotocol, conn._head = answer.resource, answer.accepted.subprotocol, request.raw
+            self._respond(conn, request, answer)
+        elif answer.resource.authorize is None:
+            self._open(conn, request, answer, None)
+        else:
+            self._authorize(conn, request, answer)
+
+    def _authorize(self, conn: Connection, request: Request, answer: Answer) -> None:
+        """Run the resource's hook, here on the loop thread."""
+        self._decide(conn, request, answer, *authorize(conn, request, answer.resource.authorize))
+
+    def _decide(self, conn: Connection, request: Request, answer: Answer, user: object,
+                refusal: HandshakeError | None) -> None:
+        if refusal is None:
+            self._open(conn, request, answer, user)
+        else:
+            self._respond(conn, request, Answer.refusing(refusal))
+
+    def refuse(self, conn: Connection, error: HandshakeError) -> None:
+        """Refuse a request whose hook has not answered in time (on the loop thread)."""
+        self._respond(conn, None, Answer.refusing(error))
+        self._resume_after_hook(conn)
+
+    def _resume_after_hook(self, conn: Connection) -> None:
+        with conn._lock:
+            conn._paused = False
+        self._loop.watch(conn)
+        self.process(conn)  # frames that came right behind the request
+        if conn._protocol.outbox.size:
+            self._loop.flush_soon(conn)
+
+    def _respond(self, conn: Connection, request: Request | None, answer: Answer) -> None:
+        """Answer with a plain HTTP response: a refusal, a route or a file."""
+        self._loop.answered(conn)
+        self._loop.server.metrics.count("handshakes", answer.status)
+        with conn._lock:
+            conn._protocol.respond(answer.response)
+        if answer.refusal is not None:
+            _log_refusal(conn, answer.refusal, request)
+        else:
+            log.debug("%s: %s %s %d", conn.key, request.method, quoted(request.target), answer.status)
+
+    def _open(self, conn: Connection, request: Request, answer: Answer, user: object) -> None:
+        """Upgrade: the 101, into the socket map, ``on_open``."""
+        loop = self._loop
+        loop.server.metrics.count("handshakes", 101)
+        conn.resource, conn.subprotocol, conn.user, conn._head = answer.resource, answer.accepted.subprotocol, user, request.raw
         with conn._lock:
             conn._protocol.accept(answer.response, rsv=answer.accepted.rsv, deflate=answer.accepted.agreement(DEFLATE))
         loop.opened(conn)
@@ -157,12 +206,43 @@ class PoolDispatcher(InlineDispatcher):
         super().__init__(loop)
         self.max_pending = max(1, max_pending)
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="wschat-handler", initializer=self._enter)
+        # Authorize hooks get threads of their own: slow ones hold up other handshakes, never handlers.
+        self._hooks = ThreadPoolExecutor(workers, thread_name_prefix="wschat-authorize", initializer=self._enter)
 
     def _enter(self) -> None:
         _worker.dispatcher = self
 
     def is_worker_thread(self) -> bool:
         return getattr(_worker, "dispatcher", None) is self
+
+    def _authorize(self, conn: Connection, request: Request, answer: Answer) -> None:
+        """Run the hook on a hook thread; the connection is not read meanwhile."""
+        with conn._lock:
+            conn._paused = True
+        try:
+            self._hooks.submit(self._run_hook, conn, request, answer)
+        except RuntimeError:  # shutting down
+            self.refuse(conn, HandshakeError(503, "server shutting down", (("Retry-After", "5"),)))
+
+    def _run_hook(self, conn: Connection, request: Request, answer: Answer) -> None:
+        if not conn._protocol.awaiting_answer:
+            return  # answered by the handshake deadline while it waited for a thread
+        user, refusal = authorize(conn, request, answer.resource.authorize)
+        self._loop.call_soon(self._decide_late, conn, request, answer, user, refusal)
+
+    def _decide_late(self, conn: Connection, request: Request, answer: Answer, user: object,
+                     refusal: HandshakeError | None) -> None:
+        """The hook's verdict, back on the loop thread, where the world moved on meanwhile."""
+        if conn._sock is None or not conn._protocol.awaiting_answer:
+            return  # gone, or answered by the handshake deadline
+        loop = self._loop
+        if refusal is None:
+            try:
+                loop.server.admit(len(loop.connections), loop.connections_from(conn.client_address), loop.stopping)
+            except HandshakeError as error:
+                refusal = error
+        self._decide(conn, request, answer, user, refusal)
+        self._resume_after_hook(conn)
 
     def submit(self, conn: Connection, handler: Callable, *args) -> None:
         with conn._lock:
@@ -197,4 +277,5 @@ class PoolDispatcher(InlineDispatcher):
             run_handler(conn, handler, args)
 
     def shutdown(self) -> None:
+        self._hooks.shutdown(wait=False, cancel_futures=True)  # a hook still running finds the loop gone
         self._executor.shutdown(wait=True)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from email.message import Message
 from http import HTTPStatus
 from typing import Iterable, Protocol, Sequence
+from urllib.parse import parse_qs
 
 from .errors import HandshakeError
 
@@ -39,6 +40,8 @@ class Request:
 
     ``raw`` is what a connection keeps after the handshake (one bytes
     object); ``Connection.request`` parses it again when asked.
+    ``client_address`` is the client's IP address, once the server knows it
+    (see ``Server.client_address``).
     """
 
     method: str
@@ -47,6 +50,7 @@ class Request:
     headers: Message
     raw: bytes = b""
     fields: dict[str, list[str]] = field(default_factory=dict)  # lower-cased name -> values, for lookups
+    client_address: str = ""
 
     def __post_init__(self) -> None:
         if not self.fields:
@@ -57,6 +61,26 @@ class Request:
     def path(self) -> str:
         """The target without its query string."""
         return self.target.split("?", 1)[0]
+
+    @property
+    def query(self) -> dict[str, list[str]]:
+        """The query string's parameters, decoded: ``?a=1&a=2`` gives ``{"a": ["1", "2"]}``."""
+        return parse_qs(self.target.partition("?")[2])
+
+    @property
+    def cookies(self) -> dict[str, str]:
+        """The cookies the client sent, by name (the first of a repeated name).
+        A malformed pair is skipped, not the whole header."""
+        jar: dict[str, str] = {}
+        for header in self.fields.get("cookie", ()):
+            for pair in header.split(";"):
+                name, equals, value = pair.strip().partition("=")
+                if equals and name and _COOKIE_NAME.fullmatch(name):
+                    value = value.strip()
+                    if len(value) > 1 and value[0] == value[-1] == '"':
+                        value = value[1:-1]
+                    jar.setdefault(name, value)
+        return jar
 
     def tokens(self, name: str) -> list[str]:
         """The comma-separated tokens of every ``name`` header, lower-cased."""
@@ -88,6 +112,7 @@ def find_head_end(buffer: bytes | bytearray, max_size: int = DEFAULT_MAX_HEADER_
     return end + 4
 
 
+_COOKIE_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _TARGET = re.compile(rb"/[\x21-\x7e]*")
 _METHOD = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _BAD_HEAD = re.compile(rb"\r(?!\n)|\n[ \t]|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -343,3 +368,22 @@ def text_response(status: int, body: bytes, content_type: str = "text/plain; cha
 def build_error_response(error: HandshakeError, *, head_only: bool = False) -> bytes:
     """A plain-text HTTP error response that closes the connection (no body for HEAD)."""
     return text_response(error.status, (error.reason + "\n").encode("utf-8"), head_only=head_only, headers=error.headers)
+
+
+@dataclass(slots=True)
+class Answer:
+    """The answer to a request: the response, and for an upgrade the
+    resource and the terms agreed; for a refusal, why."""
+
+    response: bytes
+    resource: object = None  # the server's Resource, for an upgrade
+    accepted: Accepted | None = None
+    refusal: HandshakeError | None = None
+
+    @classmethod
+    def refusing(cls, error: HandshakeError, *, head_only: bool = False) -> Answer:
+        return cls(build_error_response(error, head_only=head_only), refusal=error)
+
+    @property
+    def status(self) -> int:
+        return int(self.response[9:12])

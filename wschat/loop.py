@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Iterable
 from . import transport
 from .connection import Connection, queue_for_many
 from .dispatch import InlineDispatcher, PoolDispatcher
+from .errors import HandshakeError
 from .logsafe import address_text
 from .outbound import PreparedMessage
 from .pinger import Pinger
@@ -64,7 +65,7 @@ class Loop:
         for sock in (self._wake_r, self._wake_w):
             sock.setblocking(False)
         self._dirty: set[Connection] = set()  # with bytes to write; guarded by _dirty_lock
-        self._resumed: set[Connection] = set()  # whose backlog drained; guarded by _dirty_lock
+        self._calls: list = []  # (callback, args) to run on the loop thread; guarded by _dirty_lock
         self._dirty_lock = threading.Lock()
         self._wake_sent = False
         self._handshaking: set[Connection] = set()  # the loop's own, like _timed
@@ -133,11 +134,15 @@ class Loop:
             self._wake_sent = True
         self._wake()
 
+    def call_soon(self, callback, *args) -> None:
+        """Run ``callback(*args)`` on the loop thread, on its next pass."""
+        with self._dirty_lock:
+            self._calls.append((callback, args))
+        self._wake()
+
     def resume_reading(self, conn: Connection) -> None:
         """A paused connection's handler backlog drained (from a worker)."""
-        with self._dirty_lock:
-            self._resumed.add(conn)
-        self._wake()
+        self.call_soon(self._resume, conn)
 
     def request_stop(self, timeout: float) -> None:
         """Begin the shutdown.  From any thread, a signal handler included:
@@ -208,20 +213,27 @@ class Loop:
             pass
 
     def _flush_dirty(self) -> None:
+        """Run what other threads asked of the loop, then write every dirty
+        connection (those the calls dirty wait for the next pass, which does not sleep)."""
         with self._dirty_lock:
             dirty, self._dirty = self._dirty, set()
-            resumed, self._resumed = self._resumed, set()
+            calls, self._calls = self._calls, []
             self._wake_sent = False
-        for conn in resumed:
-            if conn._sock is not None and conn._paused:
-                with conn._lock:
-                    conn._paused = False
-                self.dispatcher.process(conn)
-                self.watch(conn)
-                dirty.add(conn)
+        for callback, args in calls:
+            try:
+                callback(*args)
+            except Exception:  # a bug must not take the loop down
+                log.exception("unexpected error in %r", callback)
         for conn in dirty:
             if conn._sock is not None:
                 self._flush(conn)
+
+    def _resume(self, conn: Connection) -> None:
+        if conn._sock is not None and conn._paused:
+            with conn._lock:
+                conn._paused = False
+            self.watch(conn)
+            self.dispatcher.process(conn)
 
     # -- accepting --------------------------------------------------------------------------
 
@@ -369,6 +381,10 @@ class Loop:
             if conn._sock is None:
                 self._timed.discard(conn)
             elif conn._deadline is not None and now >= conn._deadline:
+                if conn._protocol.awaiting_answer:  # its authorize hook is still running
+                    log.warning("%s: authorization took longer than the handshake timeout", conn.key)
+                    self.dispatcher.refuse(conn, HandshakeError(503, "authorization timed out", (("Retry-After", "5"),)))
+                    continue
                 if conn._protocol.state is CONNECTING:
                     log.info("%s: handshake timeout for %s", conn.key, address_text(conn.remote_address))
                 elif not conn._lingering:

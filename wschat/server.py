@@ -16,21 +16,12 @@ import logging
 import socket
 import ssl
 import threading
-from dataclasses import dataclass
 from typing import Callable, Collection, Iterable, Sequence
 
 from .connection import Connection
 from .files import DEFAULT_PAGE_POLICY, file_response
 from .errors import HandshakeError
-from .handshake import (
-    DEFAULT_MAX_HEADER_SIZE,
-    Accepted,
-    Extension,
-    Request,
-    build_error_response,
-    negotiate,
-    text_response,
-)
+from .handshake import DEFAULT_MAX_HEADER_SIZE, Answer, Extension, Request, negotiate, text_response
 from .deflate import PerMessageDeflate
 from .loop import Loop
 from .metrics import Metrics
@@ -47,6 +38,14 @@ class Resource:
     ``on_message(conn, message)`` with ``str`` or ``bytes``,
     ``on_close(conn, code, reason)`` and ``on_error(conn, exception)``.
     The path also matches its sub-paths: ``/chat`` serves ``/chat/lobby``.
+
+    ``authorize(request)`` (optional) decides before the upgrade, once the
+    request passed every other check: it returns who the client is (any
+    object, kept as ``Connection.user``; None for anonymous), or raises
+    ``HandshakeError(status, reason, headers)`` to refuse with that status,
+    headers and ``reason`` as the body.  Any other exception is a 500.  With
+    ``Server(workers=...)`` it runs on threads of its own (it may look up a
+    session in a database); otherwise on the loop thread, so it must be quick.
     """
 
     def __init__(
@@ -58,8 +57,10 @@ class Resource:
         on_close: Callable | None = None,
         on_error: Callable | None = None,
         subprotocols: Sequence[str] = (),
+        authorize: Callable[[Request], object] | None = None,
     ):
         self.path = path.rstrip("/") or "/"
+        self.authorize = authorize
         self.on_open = on_open
         self.on_message = on_message
         self.on_close = on_close
@@ -68,21 +69,6 @@ class Resource:
 
     def matches(self, path: str) -> bool:
         return path == self.path or path.startswith(self.path if self.path.endswith("/") else self.path + "/")
-
-
-@dataclass(slots=True)
-class Answer:
-    """The answer to a request: the response, and for an upgrade the
-    resource and the terms agreed; for a refusal, why."""
-
-    response: bytes
-    resource: Resource | None = None
-    accepted: Accepted | None = None
-    refusal: HandshakeError | None = None
-
-    @property
-    def status(self) -> int:
-        return int(self.response[9:12])
 
 
 def _is_ip(text: str) -> bool:
@@ -243,17 +229,21 @@ class Server:
                 if request.is_upgrade:
                     raise HandshakeError(404, "no WebSocket endpoint at this path")
                 return Answer(file_response(self.static_dir, request, self.page_policy))
-            if stopping:
-                raise HandshakeError(503, "server shutting down", (("Retry-After", "5"),))
-            if open_count >= self.max_connections:
-                raise HandshakeError(503, "too many connections", (("Retry-After", "5"),))
-            if self.max_connections_per_ip and ip_count >= self.max_connections_per_ip:
-                raise HandshakeError(429, "too many connections from this address", (("Retry-After", "5"),))
+            self.admit(open_count, ip_count, stopping)
             accepted = negotiate(request, allowed_origins=self.allowed_origins,
                                  subprotocols=resource.subprotocols, extensions=self.extensions)
         except HandshakeError as error:
-            return Answer(build_error_response(error, head_only=head_only), refusal=error)
+            return Answer.refusing(error, head_only=head_only)
         return Answer(accepted.response(), resource, accepted)
+
+    def admit(self, open_count: int, ip_count: int, stopping: bool) -> None:
+        """Raise the ``HandshakeError`` that the limits give a new WebSocket, if any."""
+        if stopping:
+            raise HandshakeError(503, "server shutting down", (("Retry-After", "5"),))
+        if open_count >= self.max_connections:
+            raise HandshakeError(503, "too many connections", (("Retry-After", "5"),))
+        if self.max_connections_per_ip and ip_count >= self.max_connections_per_ip:
+            raise HandshakeError(429, "too many connections from this address", (("Retry-After", "5"),))
 
     def client_address(self, peer: str, request: Request) -> str:
         """The client's address: the peer's own, or, when the peer is a trusted
