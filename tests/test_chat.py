@@ -5,9 +5,10 @@ import logging
 import threading
 
 import pytest
-from websockets.exceptions import ConnectionClosedError
+from websockets.exceptions import ConnectionClosedError, InvalidStatus
 from websockets.sync.client import connect
 
+from wschat import HandshakeError
 from wschat.chat import DEFAULT_WELCOME, Chat, ChatLimits
 
 from .helpers import start_server
@@ -333,3 +334,100 @@ def test_unicode_room_names_from_the_url(make_chat):
         with pytest.raises(ConnectionClosedError) as info:
             bad.recv(timeout=5)
         assert info.value.rcvd.code == 1008
+
+
+# -- identities from the app (Chat's authorize hook) -------------------------------------
+
+
+def user_from_cookie(request):
+    """The test app's session: a cookie names the user; no cookie, anonymous."""
+    return request.cookies.get("user")
+
+
+def as_user(chat, user, room="", nick=None):
+    query = f"?nick={nick}" if nick else ""
+    return connect(chat.url + room + query, subprotocols=["wschat.v1"], additional_headers={"Cookie": f"user={user}"})
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_app_user_is_the_nickname_and_cannot_be_changed(make_chat, workers):
+    chat = make_chat(authorize=user_from_cookie, workers=workers)
+    with as_user(chat, "ann", nick="someone_else") as ann:
+        welcome = recv_json(ann, "welcome")
+        assert (welcome["nick"], welcome["identified"]) == ("ann", True)
+        ann.send(json.dumps({"type": "nick", "nick": "bob"}))
+        assert "cannot change" in recv_json(ann, "error")["text"]
+        ann.send(json.dumps({"type": "message", "text": "hi"}))
+        assert recv_json(ann, "message")["nick"] == "ann"
+        with structured(chat, nick="ann") as anonymous:  # the name is held: an anonymous client is a guest
+            welcome = recv_json(anonymous, "welcome")
+            assert welcome["nick"].startswith("guest-") and "identified" not in welcome
+        assert chat.users() == ["ann"]
+
+
+def test_an_anonymous_holder_gives_the_name_up_to_its_user(make_chat):
+    chat = make_chat(authorize=user_from_cookie)
+    with structured(chat, nick="ann") as squatter:
+        assert recv_json(squatter, "welcome")["nick"] == "ann"
+        with as_user(chat, "ann") as ann:
+            assert recv_json(ann, "welcome")["nick"] == "ann"
+            renamed = recv_json(squatter, "error")
+            assert renamed["code"] == "renamed" and "you are now guest-" in renamed["text"]
+            change = recv_json(squatter, "nick")
+            assert change["old"] == "ann" and change["nick"].startswith("guest-")
+            assert sorted(chat.users()) == sorted(["ann", change["nick"]])
+
+
+def test_one_user_in_several_tabs_joins_once_and_leaves_once(make_chat):
+    chat = make_chat(authorize=user_from_cookie)
+    with structured(chat, nick="watcher") as watcher:
+        recv_json(watcher, "welcome")
+        with as_user(chat, "ann") as tab1:
+            recv_json(tab1, "welcome")
+            assert recv_json(watcher, "join")["nick"] == "ann"
+            with as_user(chat, "ann") as tab2:
+                assert recv_json(tab2, "welcome")["users"] == ["ann", "watcher"]
+                tab1.send(json.dumps({"type": "message", "text": "from tab 1"}))
+                assert recv_json(tab2, "message")["text"] == "from tab 1"  # every tab sees it
+                assert recv_json(watcher, "message")["text"] == "from tab 1"
+            assert chat.closed.acquire(timeout=5)
+            assert chat.users() == ["ann", "watcher"]  # one tab is still there
+            tab1.send(json.dumps({"type": "message", "text": "still here"}))
+            event = recv_json(watcher)
+            assert (event["type"], event["text"]) == ("message", "still here")  # no leave came before it
+        assert recv_json(watcher, "leave")["nick"] == "ann"
+        assert chat.users() == ["watcher"]
+
+
+def test_two_users_cannot_share_a_nickname(make_chat):
+    chat = make_chat(authorize=lambda request: request.cookies.get("user"), nick_of=str.lower)
+    with as_user(chat, "Ann") as first:
+        recv_json(first, "welcome")
+        with as_user(chat, "ANN") as second:  # another app user, the same nickname
+            with pytest.raises(ConnectionClosedError) as closed:
+                second.recv(timeout=5)
+            assert closed.value.rcvd.code == 1008 and "another user" in closed.value.rcvd.reason
+
+
+def test_a_user_name_that_cannot_be_a_nickname_is_refused_at_the_handshake(make_chat, caplog):
+    chat = make_chat(authorize=user_from_cookie)
+    with pytest.raises(InvalidStatus) as refused:
+        as_user(chat, "ann@example.com")
+    assert refused.value.response.status_code == 403
+    assert b"cannot be a nickname" in refused.value.response.body
+    assert "cannot be a nickname" in caplog.text
+
+
+def test_a_refusing_hook_keeps_anonymous_people_out(make_chat):
+    def members_only(request):
+        if "user" not in request.cookies:
+            raise HandshakeError(401, "log in first")
+        return request.cookies["user"]
+
+    chat = make_chat(authorize=members_only)
+    with pytest.raises(InvalidStatus) as refused:
+        structured(chat, nick="ann")
+    assert refused.value.response.status_code == 401 and refused.value.response.body == b"log in first\n"
+    with as_user(chat, "ann") as ann:
+        assert recv_json(ann, "welcome")["nick"] == "ann"
+    assert chat.page_config("Ann")["user"] == "Ann" and chat.page_config()["user"] is None

@@ -24,11 +24,13 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .connection import Connection
 from .frames import CloseCode
-from .handshake import text_response
+from .errors import HandshakeError
+from .handshake import Request, text_response
 from .logsafe import quoted
 from .names import nick_key, nick_problem, normalize, room_problem
 from .outbound import PreparedMessage
@@ -68,6 +70,7 @@ class Member:
     room: Room
     nick: str
     structured: bool  # speaks wschat.v1 JSON
+    identified: bool = False  # the nick is the app's user name (see Chat's ``authorize``)
     tokens: float = 0.0
     refilled: float = field(default_factory=time.monotonic)
 
@@ -78,22 +81,37 @@ class Room:
 
     name: str
     history: deque
-    members: dict = field(default_factory=dict)  # nick_key(nick) -> Member
+    members: dict = field(default_factory=dict)  # nick_key(nick) -> [Member]: one, or one user's several tabs
     plain: dict = field(default_factory=dict)  # Connection -> None: insertion-ordered sets,
     structured: dict = field(default_factory=dict)  # updated in O(1) on join and leave
     seq: int = 0
     epoch: str = field(default_factory=lambda: secrets.token_hex(6))  # new room, new sequence: a page starts over
 
-    def add(self, member: Member) -> None:
-        self.members[nick_key(member.nick)] = member
+    def add(self, member: Member) -> bool:
+        """Seat ``member``; True when its nick is new here (a join to announce)."""
+        holders = self.members.setdefault(nick_key(member.nick), [])
+        holders.append(member)
         (self.structured if member.structured else self.plain)[member.conn] = None
+        return len(holders) == 1
 
-    def remove(self, member: Member) -> None:
-        del self.members[nick_key(member.nick)]
+    def remove(self, member: Member) -> bool:
+        """Unseat ``member``; True when its nick is gone from here (a leave to announce)."""
+        key = nick_key(member.nick)
+        holders = self.members.get(key, [])
+        if member not in holders:
+            return False
+        holders.remove(member)
         (self.structured if member.structured else self.plain).pop(member.conn, None)
+        if holders:
+            return False
+        del self.members[key]
+        return True
+
+    def holders(self, nick: str) -> list[Member]:
+        return self.members.get(nick_key(nick), [])
 
     def nicks(self) -> list[str]:
-        return sorted(member.nick for member in self.members.values())
+        return sorted(holders[0].nick for holders in self.members.values())
 
 
 def _json(event: dict) -> str:
@@ -119,7 +137,15 @@ class Chat:
     """A chat on ``server`` at ``path``: the seed's behaviour, and rooms, nicknames and history.
 
     ``page_config`` is where the browser client finds the chat's path and
-    limits (a plain HTTP route; None for none)."""
+    limits (a plain HTTP route; None for none).
+
+    ``authorize`` is the resource's hook (see ``Resource``): it refuses a
+    handshake, or names the app's user.  A named user's nickname is
+    ``nick_of(user)``, normalized; it cannot be changed, an anonymous client
+    holding it is renamed to a guest, and the user's several tabs share it (one
+    join, one leave).  Without a hook, or when it returns None, people choose
+    their nicknames as before.
+    """
 
     def __init__(
         self,
@@ -131,8 +157,12 @@ class Chat:
         limits: ChatLimits | None = None,
         max_idle_rooms: int = 100,
         page_config: str | None = "/wschat.json",
+        authorize: Callable[[Request], object] | None = None,
+        nick_of: Callable[[object], str] = str,
     ):
         self.server = server
+        self.nick_of = nick_of
+        self._app_authorize = authorize
         self.welcome = welcome
         self.history_size = history
         self.limits = limits or ChatLimits()
@@ -148,6 +178,7 @@ class Chat:
             on_close=self.on_close,
             on_error=self.on_error,
             subprotocols=[SUBPROTOCOL],
+            authorize=self._authorize if authorize is not None else None,
         )
         if page_config:
             server.http_route(page_config, self._page_config)
@@ -170,13 +201,34 @@ class Chat:
             target = self.rooms.get(normalize(room))
             return target.nicks() if target else []
 
-    def _page_config(self, request) -> bytes:
-        """What the browser client needs to know: where the chat is, and its limits."""
-        body = _json({
+    def page_config(self, user: object = None) -> dict:
+        """What the browser client needs to know: where the chat is, its
+        limits, and the nickname of the app's ``user`` when one is logged in
+        (an app that serves the page itself serves this as ``wschat.json``)."""
+        return {
             "path": self.resource.path, "subprotocol": SUBPROTOCOL, "history": self.history_size,
             "maxLength": self.limits.max_length, "maxNickLength": self.limits.max_nick_length,
-        }).encode("utf-8")
+            "user": None if user is None else self.nick_for(user),
+        }
+
+    def nick_for(self, user: object) -> str:
+        """The nickname of the app's ``user``."""
+        return normalize(str(self.nick_of(user)).strip())
+
+    def _page_config(self, request) -> bytes:
+        body = _json(self.page_config()).encode("utf-8")
         return text_response(200, body, "application/json; charset=utf-8", head_only=request.method == "HEAD")
+
+    def _authorize(self, request: Request) -> object:
+        """The app's hook, and a check that its user's name can be a nickname."""
+        user = self._app_authorize(request)
+        if user is not None:
+            nick = self.nick_for(user)
+            problem = nick_problem(nick, self.limits.max_nick_length)
+            if problem is not None:
+                log.warning("user name %s cannot be a nickname: %s", quoted(nick, 40), problem)
+                raise HandshakeError(403, f"your user name cannot be a nickname here: {problem}")
+        return user
 
     # -- handlers ----------------------------------------------------------------
 
@@ -191,27 +243,40 @@ class Chat:
             conn.close(CloseCode.POLICY_VIOLATION, "invalid room name")
             return
         structured = conn.subprotocol == SUBPROTOCOL
-        wanted = normalize(parse_qs(urlsplit(conn.target).query).get("nick", [""])[0].strip())
+        identified = conn.user is not None
+        if identified:
+            wanted = self.nick_for(conn.user)
+        else:
+            wanted = normalize(parse_qs(urlsplit(conn.target).query).get("nick", [""])[0].strip())
         with self._lock:
             room = self.rooms.get(name)
+            if identified and room is not None and not self._make_way(room, wanted, conn.user):
+                conn.close(CloseCode.POLICY_VIOLATION, "another user has this nickname")
+                return
             if room is None:
                 room = self.rooms[name] = Room(name, deque(maxlen=self.history_size))
             self._idle.pop(name, None)
-            problem = self._nick_problem(room, wanted) if wanted else "no nickname asked for"
-            nick = wanted if problem is None else self._guest_nick(room)
-            member = Member(conn, room, nick, structured, tokens=float(self.limits.burst))
+            if identified:
+                problem, nick = None, wanted
+            else:
+                problem = self._nick_problem(room, wanted) if wanted else "no nickname asked for"
+                nick = wanted if problem is None else self._guest_nick(room)
+            member = Member(conn, room, nick, structured, identified, tokens=float(self.limits.burst))
             conn.context = member
             if structured:
-                conn.send(_json({
+                welcome = {
                     "type": "welcome", "text": self.welcome, "room": name, "nick": nick, "epoch": room.epoch,
-                    "users": sorted([*room.nicks(), nick]), "history": list(room.history),
-                }))
+                    "users": sorted({*room.nicks(), nick}), "history": list(room.history),
+                }
+                if identified:
+                    welcome["identified"] = True
+                conn.send(_json(welcome))
                 if wanted and problem:
                     self._notify(member, "nick_refused", f"{problem}; you are {nick}")
             elif self.welcome:
                 conn.send(self.welcome)
-            room.add(member)
-            self._tell_structured(room, {"type": "join", "room": name, "nick": nick, "time": _now_ms()}, skip=conn)
+            if room.add(member):
+                self._tell_structured(room, {"type": "join", "room": name, "nick": nick, "time": _now_ms()}, skip=conn)
         log.info("%s joined room %s as %s from %s", conn.key, quoted(name), quoted(nick), conn.remote_address[0])
 
     def on_message(self, conn: Connection, message: str | bytes) -> None:
@@ -274,11 +339,10 @@ class Chat:
             return
         with self._lock:
             room = member.room
-            if room.members.get(nick_key(member.nick)) is member:
-                room.remove(member)
+            if room.remove(member):  # its nick's last connection here
                 self._tell_structured(room, {"type": "leave", "room": room.name, "nick": member.nick, "time": _now_ms()})
-            if not room.members:
-                self._forget_idle(room)
+                if not room.members:
+                    self._forget_idle(room)
 
     def _forget_idle(self, room: Room) -> None:
         """An empty room keeps its history for newcomers, but only the
@@ -325,23 +389,42 @@ class Chat:
 
     def _rename(self, member: Member, nick: str) -> None:
         with self._lock:
-            room = member.room
-            problem = self._nick_problem(room, nick, member)
+            if member.identified:
+                problem = "your nickname is your user name: it cannot change"
+            else:
+                problem = self._nick_problem(member.room, nick, member)
             if problem is None:
-                room.remove(member)
-                old, member.nick = member.nick, nick
-                room.add(member)
-                self._tell_structured(room, {"type": "nick", "room": room.name, "old": old, "nick": nick, "time": _now_ms()})
+                self._move(member, nick)
         if problem is not None:
             self._notify(member, "nick_refused", problem)
+
+    def _move(self, member: Member, nick: str) -> None:
+        """Give ``member`` another nickname, and say so (lock held)."""
+        room = member.room
+        room.remove(member)
+        old, member.nick = member.nick, nick
+        room.add(member)
+        self._tell_structured(room, {"type": "nick", "room": room.name, "old": old, "nick": nick, "time": _now_ms()})
+
+    def _make_way(self, room: Room, nick: str, user: object) -> bool:
+        """Clear ``nick`` for the app's ``user`` (lock held): anonymous holders
+        become guests; False when another identified user holds it."""
+        holders = room.holders(nick)
+        if holders and holders[0].identified:
+            return holders[0].conn.user == user
+        for squatter in list(holders):
+            guest = self._guest_nick(room)
+            self._notify(squatter, "renamed", f"the user {nick} joined and has that name; you are now {guest}")
+            self._move(squatter, guest)
+        return True
 
     def _nick_problem(self, room: Room, nick: str, member: Member | None = None) -> str | None:
         """Why ``nick`` is refused in ``room`` (``member`` may keep its own, re-cased)."""
         problem = nick_problem(nick, self.limits.max_nick_length)
         if problem is not None:
             return f"nickname {quoted(nick, 40)} refused: {problem}"
-        holder = room.members.get(nick_key(nick))
-        if holder is not None and holder is not member:
+        holders = room.holders(nick)
+        if holders and holders[0] is not member:
             return f"nickname {quoted(nick, 40)} is taken in this room"
         return None
 

@@ -24,6 +24,11 @@
     } catch (error) { /* an older server, or none: the defaults stand */ }
     setLimit($("message"), config.maxLength);
     setLimit($("nick"), config.maxNickLength);
+    if (config.user) {  // logged in to the app that serves the page: that is the nickname
+      $("nick").value = config.user;
+      $("nick").readOnly = true;
+      $("nick-hint").textContent = "(your login)";
+    }
   }
 
   function setLimit(input, limit) {
@@ -109,6 +114,7 @@
       for (const old of fresh) showMessage(old, true);
       if (msg.text && first) notice(msg.text);
       state.nick = msg.nick;
+      if (msg.identified) state.chosen = msg.nick;  // the app's user name: nothing to reclaim
       state.users = msg.users;
       state.retry = 0;  // a welcome, not a mere open, is a success
       state.refusedOpens = 0;
