@@ -58,6 +58,8 @@ setup(
             "playwright>=1.40",
             "prometheus_client>=0.17",
             "docutils>=0.22",
+            "flask>=2.3",
+            "gunicorn>=22",
         ],
         "bench": ["websockets>=12"],
     },

@@ -48,7 +48,7 @@ _keys = itertools.count(1)
 class Loop:
     """Everything one run of a server holds: selector, sockets, connections."""
 
-    def __init__(self, server: Server, listener: socket.socket):
+    def __init__(self, server: Server, listener: socket.socket | None):
         self.server = server
         self.max_queue = server.max_queue
         self.send_timeout = server.send_timeout
@@ -66,6 +66,7 @@ class Loop:
             sock.setblocking(False)
         self._dirty: set[Connection] = set()  # with bytes to write; guarded by _dirty_lock
         self._calls: list = []  # (callback, args) to run on the loop thread; guarded by _dirty_lock
+        self._ended = False  # no more calls are taken; likewise
         self._dirty_lock = threading.Lock()
         self._wake_sent = False
         self._handshaking: set[Connection] = set()  # the loop's own, like _timed
@@ -77,7 +78,8 @@ class Loop:
         self.dispatcher = (PoolDispatcher(self, server.workers, server.max_pending_calls) if server.workers
                            else InlineDispatcher(self))
         self.pinger = Pinger(self, server.ping_interval, server.ping_timeout)
-        self._selector.register(listener, READ, None)
+        if listener is not None:
+            self._selector.register(listener, READ, None)
         self._selector.register(self._wake_r, READ, self._wake_r)
 
     # -- thread-safe, for any thread -----------------------------------------------------
@@ -134,11 +136,15 @@ class Loop:
             self._wake_sent = True
         self._wake()
 
-    def call_soon(self, callback, *args) -> None:
-        """Run ``callback(*args)`` on the loop thread, on its next pass."""
+    def call_soon(self, callback, *args) -> bool:
+        """Run ``callback(*args)`` on the loop thread, on its next pass;
+        False when the loop has ended (it will not run)."""
         with self._dirty_lock:
+            if self._ended:
+                return False
             self._calls.append((callback, args))
         self._wake()
+        return True
 
     def resume_reading(self, conn: Connection) -> None:
         """A paused connection's handler backlog drained (from a worker)."""
@@ -194,7 +200,7 @@ class Loop:
             if now >= next_check:
                 next_check = now + 0.2
                 self._check_deadlines(now)
-                if self._accept_resume and now >= self._accept_resume and not self._stopping:
+                if self._accept_resume and now >= self._accept_resume and not self._stopping:  # listener paused
                     self._accept_resume = 0.0
                     self._selector.register(self._listener, READ, None)
             if self._stopping:
@@ -252,22 +258,37 @@ class Loop:
                 else:  # the client left before we took it
                     log.debug("accept failed: %s", exc)
                 return
-            if len(self._handshaking) >= server.max_connections:
-                log.warning("too many connections in handshake; dropping %s", address_text(address))
-                sock.close()
-                continue
-            try:
-                tls = transport.prepare(sock, server.ssl_context)
-            except (OSError, ValueError) as exc:
-                log.warning("TLS setup failed for %s: %s", address_text(address), exc)
-                sock.close()
-                continue
-            protocol = ServerProtocol(max_message_size=server.max_message_size, max_header_size=server.max_header_size)
-            conn = Connection(self, sock, address, str(next(_keys)), protocol, tls=tls)
-            conn._deadline = time.monotonic() + server.handshake_timeout
-            self._handshaking.add(conn)
-            self._timed.add(conn)
-            self.watch(conn)
+            self._take(sock, address, server.ssl_context)
+
+    def adopt(self, sock: socket.socket, address, data: bytes) -> None:
+        """Serve a connection that another server accepted and began to read
+        (``data``: the start of its request), as if accepted here."""
+        conn = self._take(sock, address, None)
+        if conn is not None and data:
+            with conn._lock:
+                conn._protocol.receive_data(data)
+            self.dispatcher.process(conn)
+
+    def _take(self, sock: socket.socket, address, ssl_context) -> Connection | None:
+        """A new connection, waiting for its request under the handshake deadline."""
+        server = self.server
+        if len(self._handshaking) >= server.max_connections:
+            log.warning("too many connections in handshake; dropping %s", address_text(address))
+            sock.close()
+            return None
+        try:
+            tls = transport.prepare(sock, ssl_context)
+        except (OSError, ValueError) as exc:
+            log.warning("connection setup failed for %s: %s", address_text(address), exc)
+            sock.close()
+            return None
+        protocol = ServerProtocol(max_message_size=server.max_message_size, max_header_size=server.max_header_size)
+        conn = Connection(self, sock, address, str(next(_keys)), protocol, tls=tls)
+        conn._deadline = time.monotonic() + server.handshake_timeout
+        self._handshaking.add(conn)
+        self._timed.add(conn)
+        self.watch(conn)
+        return conn
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -440,12 +461,15 @@ class Loop:
 
     def _release_all(self) -> None:
         self.pinger.stop()
+        with self._dirty_lock:
+            self._ended = True
+        self._flush_dirty()  # the last calls: what they take in is released below
         with self.map_lock:
             remaining = list(self.connections.values())
         for conn in remaining + list(self._timed) + list(self._handshaking) + list(self._dirty):
             self._release(conn)
         self.dispatcher.shutdown()
-        if self._listener.fileno() >= 0:
+        if self._listener is not None:
             self._listener.close()
         self._selector.close()
         self._wake_r.close()

@@ -85,7 +85,8 @@ class Server:
     Use ``serve_forever()`` in the calling thread, or ``start()`` for a
     background thread and ``stop()`` (also as a context manager); a stopped
     server can be started again.  Port 0 picks a free port, readable from
-    ``port`` once bound.
+    ``port`` once bound; port None opens none: the connections then come
+    from another server through ``adopt`` (see ``wschat.wsgi``).
 
     Limits: ``max_connections`` open WebSockets (503 past it);
     ``handshake_timeout`` for TLS and the request head; ``max_header_size``
@@ -114,7 +115,7 @@ class Server:
     def __init__(
         self,
         host: str = "127.0.0.1",
-        port: int = 1984,
+        port: int | None = 1984,
         *,
         ssl_context: ssl.SSLContext | None = None,
         static_dir: str | None = None,
@@ -263,20 +264,28 @@ class Server:
     # -- life cycle ------------------------------------------------------------------
 
     @property
-    def port(self) -> int:
+    def port(self) -> int | None:
         listener = self._listener
         return self.requested_port if listener is None else listener.getsockname()[1]
 
     @property
-    def url(self) -> str:
+    def url(self) -> str | None:
+        """``ws://host:port`` (``wss`` with TLS); None without a port."""
+        if self.port is None:
+            return None
         scheme = "wss" if self.ssl_context else "ws"
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{scheme}://{host}:{self.port}"
 
+    @property
+    def running(self) -> bool:
+        loop = self._loop
+        return loop is not None and not loop.stopping
+
     def bind(self) -> None:
         """Open the listening socket (done by ``start``; raises OSError when the port is taken)."""
         with self._run_lock:
-            if self._listener is not None:
+            if self._listener is not None or self.requested_port is None:
                 return
             family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
             listener = socket.socket(family, socket.SOCK_STREAM)
@@ -315,7 +324,7 @@ class Server:
             return self._loop
 
     def _serve(self, loop: Loop) -> None:
-        log.debug("listening on %s", self.url)
+        log.debug("listening on %s", self.url or "no port: connections are handed over")
         try:
             loop.run()
         finally:
@@ -355,6 +364,27 @@ class Server:
         self.stop()
 
     # -- the public, thread-safe API ----------------------------------------------------
+
+    def adopt(self, sock: socket.socket, data: bytes = b"") -> None:
+        """Serve a plain socket that another server accepted, ``data`` being
+        what it read of it already (the request head, and any bytes behind
+        it): wschat answers the request as if it had read it itself.  From any
+        thread; the socket is wschat's from now on (while shutting down, the
+        request gets a 503 like any other).  Raises RuntimeError when the
+        server is not running, and ValueError for a TLS socket; the socket is
+        then closed."""
+        if isinstance(sock, ssl.SSLSocket):
+            sock.close()
+            raise ValueError("a TLS socket cannot be handed over (its session state stays behind)")
+        try:
+            address = sock.getpeername()
+        except OSError:  # the client left already
+            sock.close()
+            return
+        loop = self._loop
+        if loop is None or not loop.call_soon(loop.adopt, sock, address, data):
+            sock.close()
+            raise RuntimeError("the wschat server is not running")
 
     def connections(self, path: str | None = None) -> list[Connection]:
         """A snapshot of the open connections (of the resource serving ``path``)."""

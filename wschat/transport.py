@@ -84,7 +84,8 @@ def prepare(sock: socket.socket, ssl_context: ssl.SSLContext | None) -> TLS | No
     """Make an accepted socket non-blocking and without Nagle's delay; its
     TLS session when there is a context (the handshake comes with the bytes)."""
     sock.setblocking(False)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if sock.family != socket.AF_UNIX:  # a WSGI server's socket may be a Unix one
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return TLS(ssl_context) if ssl_context is not None else None
 
 
