@@ -5,6 +5,8 @@ it is absent, unless WSCHAT_REQUIRE_SERVICES=1 (set by CI) makes that a failure.
 """
 
 import http.client
+import importlib.util
+import json
 import os
 import re
 import shutil
@@ -33,12 +35,15 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def documented_nginx_config() -> str:
-    """The nginx block of docs/deploying.rst, as a reader would copy it."""
+def documented_block(start: str, end: str) -> str:
+    """A configuration block of docs/deploying.rst, as a reader would copy it."""
     text = (ROOT / "docs" / "deploying.rst").read_text(encoding="utf-8")
-    block = text.split("map $http_upgrade $connection_upgrade {", 1)[1].split("\nand wschat behind it", 1)[0]
-    lines = ("    map $http_upgrade $connection_upgrade {" + block).splitlines()
+    block = text.split(start, 1)[1].split(end, 1)[0]
+    lines = ("    " + start + block).splitlines()
     return "\n".join(line[4:] for line in lines).strip() + "\n"
+
+
+MAP_BLOCK = ("map $http_upgrade $connection_upgrade {", "\n    upstream wschat {")
 
 
 def wait_for_port(port, process):
@@ -54,19 +59,11 @@ def wait_for_port(port, process):
             time.sleep(0.05)
 
 
-@pytest.fixture
-def behind_nginx(tmp_path, request):
-    """wschat as the guide runs it (and ``request.param``'s options), nginx in front: nginx's port."""
-    wschat_port, nginx_port = free_port(), free_port()
-    wschat = subprocess.Popen(
-        [sys.executable, "-m", "wschat", "--host", "127.0.0.1", "--port", str(wschat_port),
-         "--forwarded-allow-ip", "127.0.0.1", "--metrics", "--welcome", "", "--log-level", "warning",
-         *getattr(request, "param", ())],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    config = documented_nginx_config()
-    config = config.replace("server 127.0.0.1:1984;", f"server 127.0.0.1:{wschat_port};")
+def run_behind_nginx(tmp_path, config: str, upstreams: dict[str, subprocess.Popen]):
+    """nginx with ``config`` (``listen 80`` made a free loopback port) in front of
+    ``upstreams`` (port -> process, stopped afterwards): yields nginx's port."""
+    nginx_port = free_port()
     config = config.replace("listen 80;", f"listen 127.0.0.1:{nginx_port};")
-    assert str(wschat_port) in config and str(nginx_port) in config
     (tmp_path / "logs").mkdir()
     (tmp_path / "nginx.conf").write_text(
         f"pid {tmp_path}/nginx.pid;\nerror_log {tmp_path}/logs/error.log;\nevents {{}}\n"
@@ -74,17 +71,71 @@ def behind_nginx(tmp_path, request):
     nginx = subprocess.Popen([NGINX, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-g", "daemon off;"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        wait_for_port(wschat_port, wschat)
+        for port, process in upstreams.items():
+            wait_for_port(port, process)
         wait_for_port(nginx_port, nginx)
         yield nginx_port
     finally:
-        for process in (nginx, wschat):
+        for process in (nginx, *upstreams.values()):
             process.send_signal(signal.SIGTERM)
             try:
                 process.wait(10)
             except subprocess.TimeoutExpired:
                 process.kill()
             process.communicate()
+
+
+def start_wschat(port: int, *options: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "wschat", "--host", "127.0.0.1", "--port", str(port),
+         "--forwarded-allow-ip", "127.0.0.1", "--welcome", "", "--log-level", "warning", *options],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture
+def behind_nginx(tmp_path, request):
+    """wschat as the guide runs it (and ``request.param``'s options), nginx in front: nginx's port."""
+    wschat_port = free_port()
+    wschat = start_wschat(wschat_port, "--metrics", *getattr(request, "param", ()))
+    config = documented_block(*MAP_BLOCK) + documented_block("upstream wschat {", "\nand wschat behind it")
+    config = config.replace("server 127.0.0.1:1984;", f"server 127.0.0.1:{wschat_port};")
+    assert str(wschat_port) in config
+    yield from run_behind_nginx(tmp_path, config, {wschat_port: wschat})
+
+
+@pytest.fixture
+def site_behind_nginx(tmp_path):
+    """The guide's site: an application (on gunicorn) and wschat, nginx in front: nginx's port."""
+    if importlib.util.find_spec("gunicorn") is None and not os.environ.get("WSCHAT_REQUIRE_SERVICES"):
+        pytest.skip("gunicorn is not installed (pip install -e '.[test]')")
+    app_port, wschat_port = free_port(), free_port()
+    app = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-b", f"127.0.0.1:{app_port}", "--chdir", str(ROOT / "tests" / "fixtures"),
+         "site_app:app"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "HOME": str(tmp_path)})
+    wschat = start_wschat(wschat_port)
+    config = documented_block(*MAP_BLOCK) + documented_block("upstream app {", "\nwith the application and wschat")
+    config = config.replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{app_port};")
+    config = config.replace("server 127.0.0.1:1984;", f"server 127.0.0.1:{wschat_port};")
+    assert str(app_port) in config and str(wschat_port) in config
+    yield from run_behind_nginx(tmp_path, config, {app_port: app, wschat_port: wschat})
+
+
+def test_the_documented_site_sends_the_chat_to_wschat_and_the_rest_to_the_app(site_behind_nginx):
+    port = site_behind_nginx
+    for room in ("/chat", "/chat/lobby"):
+        with connect(f"ws://127.0.0.1:{port}{room}") as a, connect(f"ws://127.0.0.1:{port}{room}") as b:
+            a.send(f"hello {room}")
+            assert b.recv(timeout=5) == f"hello {room}"
+    for path, expected in [("/", b"the app served /\n"), ("/chatter", b"the app served /chatter\n"),
+                           ("/account?x=1", b"the app served /account\n")]:
+        client = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        client.request("GET", path)
+        response = client.getresponse()
+        assert (response.status, response.read()) == (200, expected)
+    client = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    client.request("GET", "/wschat.json")
+    response = client.getresponse()
+    assert response.status == 200 and json.loads(response.read())["path"] == "/chat"
 
 
 def test_the_documented_nginx_config_passes_websockets_pages_and_health(behind_nginx):

@@ -145,7 +145,7 @@ def test_the_chat_tells_the_page_where_it_is_and_its_limits():
         status, headers, body = http(server.port, "/wschat.json")
         assert status == 200 and headers["content-type"].startswith("application/json")
         assert json.loads(body) == {"path": "/talk", "subprotocol": "wschat.v1", "history": 50,
-                                    "maxLength": 2000, "maxNickLength": 24}
+                                    "maxLength": 2000, "maxNickLength": 24, "user": None}
         assert http(server.port, "/wschat.json", "POST")[0] == 405
     finally:
         server.stop()
