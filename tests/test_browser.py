@@ -296,3 +296,46 @@ def test_chromium_negotiates_per_message_deflate(server, page_for):
     assert {conn.compression for conn in server.connections()} == {negotiated}
     send(page, "compressed both ways " * 10)  # the page's own connection compresses too
     last_message(page, "compressed both ways " * 10)
+
+
+def test_the_flask_example_page_chats_as_the_logged_in_user(browser):
+    # tools/flask_example.py on werkzeug: the app's page, the chat in it, one port.
+    pytest.importorskip("flask")
+    import importlib.util
+    import threading
+
+    from werkzeug.serving import make_server
+
+    spec = importlib.util.spec_from_file_location("flask_example", Path(__file__).parent.parent / "tools" / "flask_example.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    app, server, _ = example.create_app()
+    server.start()
+    http = make_server("127.0.0.1", 0, app, threaded=True)
+    thread = threading.Thread(target=http.serve_forever)
+    thread.start()
+    context = browser.new_context()
+    try:
+        page = context.new_page()
+        page.goto(f"http://127.0.0.1:{http.server_port}/")
+        page.fill("input[name=user]", "ann")
+        page.click("text=Log in")
+        page.locator("header", has_text="logged in as ann").wait_for()
+        chat = page.frame_locator("iframe")
+        nick = chat.locator("#nick")
+        nick.wait_for()
+        assert nick.input_value() == "ann" and nick.evaluate("input => input.readOnly")
+        assert chat.locator("#nick-hint").text_content() == "(your login)"
+        chat.locator("#join button[type=submit]").click()
+        chat.locator("#status.online").wait_for()
+        assert chat.locator("#room-label").text_content() == "room main as ann"
+        chat.locator("#message").fill("hello from the app page")
+        chat.locator("#message").press("Enter")
+        line = chat.locator("#messages li.message", has=chat.locator("span.text", has_text="hello from the app page"))
+        line.wait_for()
+        assert line.locator(".nick").text_content() == "ann"
+    finally:
+        context.close()
+        http.shutdown()
+        thread.join(5)
+        server.stop()

@@ -1,5 +1,6 @@
 """The loop, the transport and the dispatcher: the paths the end-to-end tests do not reach."""
 
+import contextlib
 import socket
 import ssl
 import threading
@@ -223,3 +224,22 @@ def test_frames_cut_anywhere_across_many_connections_arrive_intact():
     finally:
         server.stop()
     assert errors == []
+
+
+def test_broadcast_excludes_one_or_several_connections():
+    recorder = Recorder()
+    with start_server() as server:
+        server.resource("/chat", **recorder.handlers())
+        with contextlib.ExitStack() as stack:
+            clients = [stack.enter_context(connect(f"ws://127.0.0.1:{server.port}/chat")) for _ in range(4)]
+            conns = [recorder.wait("open")[1] for _ in clients]
+            by_conn = dict(zip(conns, clients))  # opened in order: one client at a time
+            assert server.broadcast("all but one", exclude=conns[0]) == 3
+            assert server.broadcast("all but two", exclude=[conns[1], conns[2]]) == 2
+            assert server.broadcast("to everyone") == 4
+            received = {conn: [] for conn in conns}
+            for conn, client in by_conn.items():
+                while (message := client.recv(timeout=5)) != "to everyone":
+                    received[conn].append(message)
+            assert [received[conn] for conn in conns] == [
+                ["all but two"], ["all but one"], ["all but one"], ["all but one", "all but two"]]

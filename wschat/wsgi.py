@@ -82,11 +82,10 @@ def hand_over(environ: dict, server: Server) -> None:
     if not server.running:
         raise HandOverError("the wschat server is not running")
     head = request_head(environ)
-    taken = socket.socket(fileno=os.dup(sock.fileno()))
     dead_end, other_end = socket.socketpair()
-    os.dup2(dead_end.fileno(), sock.fileno())  # the WSGI server's descriptor now leads nowhere
-    dead_end.close()
-    other_end.close()
+    with dead_end, other_end:
+        taken = socket.socket(fileno=os.dup(sock.fileno()))
+        os.dup2(dead_end.fileno(), sock.fileno())  # the WSGI server's descriptor now leads nowhere
     try:
         server.adopt(taken, head + _read_ahead(environ))
     except RuntimeError as error:  # stopped meanwhile; the socket is closed
