@@ -29,7 +29,7 @@ from websockets.sync.client import connect
 from wschat import Server
 from wschat.wsgi import WebSocketMiddleware, request_head
 
-from .helpers import RawClient
+from .helpers import REQUEST, RawClient
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "tools" / "flask_example.py"
@@ -269,3 +269,30 @@ def test_a_tls_socket_or_a_stopped_server_cannot_take_the_hand_over():
         assert b"not running" in body
         other.sendall(b"x")
         assert plain.recv(1) == b"x"  # the socket stayed the WSGI server's
+
+
+def test_adopt_takes_plain_sockets_of_a_running_server_only():
+    import ssl
+
+    server = Server(port=None)
+    server.resource("/chat", on_message=lambda conn, message: conn.send(message))
+    mine, theirs = socket.socketpair()
+    with theirs:
+        with pytest.raises(RuntimeError, match="not running"):
+            server.adopt(mine)
+        assert mine.fileno() == -1  # closed: the caller gave it away
+        tls = ssl.create_default_context().wrap_socket(socket.socket(), do_handshake_on_connect=False,
+                                                       server_hostname="x")
+        with pytest.raises(ValueError, match="TLS"):
+            server.adopt(tls)
+    with server:
+        client, served = socket.socketpair()
+        with client:
+            server.adopt(served, REQUEST)  # a Unix socket works too: no TCP options are set on it
+            client.settimeout(10)
+            assert client.recv(4096).startswith(b"HTTP/1.1 101 ")
+            client.sendall(b"\x81\x82\0\0\0\0hi")
+            assert client.recv(100) == b"\x81\x02hi"
+        gone = socket.socket()
+        server.adopt(gone)  # never connected: no peer, closed at once
+        assert gone.fileno() == -1
