@@ -7,11 +7,14 @@ Two dialects share every room:
   the welcome and limits off, the chat is an echo.
 * Clients that negotiate the subprotocol ``wschat.v1`` speak JSON (see
   README.rst): nicknames, join/leave notices, the user list, and the room's
-  recent history replayed on join.
+  recent history replayed on join, or exactly what they missed when they
+  come back (``?since=SEQ&epoch=EPOCH``).
 
 A room is the path below the resource: ``/chat`` is the room ``main``,
-``/chat/lobby`` the room ``lobby``.  Each message is encoded once per dialect
-and the same bytes go to every member.
+``/chat/lobby`` the room ``lobby``.  What is shared between processes (the
+order of messages, history, who holds which nickname) is the engine's
+(``engine.py``); the chat keeps its own connections, and each message is
+encoded once per dialect for all of them.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import secrets
 import threading
 import time
 from collections import deque
@@ -28,11 +30,12 @@ from typing import Callable
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .connection import Connection
-from .frames import CloseCode
+from .engine import JOINED, TAKEN, Claim, Engine, EngineUnavailable, History, MemoryEngine, encode
 from .errors import HandshakeError
+from .frames import CloseCode
 from .handshake import Request, text_response
 from .logsafe import quoted
-from .names import nick_key, nick_problem, normalize, room_problem
+from .names import nick_problem, normalize, room_problem
 from .outbound import PreparedMessage
 from .server import Server
 
@@ -42,6 +45,7 @@ SUBPROTOCOL = "wschat.v1"
 DEFAULT_WELCOME = "Welcome to Corvusoft Chat!"
 DEFAULT_ROOM = "main"
 MAX_REQUEST = 64 * 1024  # characters in one wschat.v1 request when messages have no length limit
+TRY_AGAIN_LATER = 1013  # close code (IANA registry): the chat's engine cannot be reached
 
 
 @dataclass
@@ -67,8 +71,9 @@ class Member:
     """A connection's place in the chat (kept in ``Connection.context``)."""
 
     conn: Connection
-    room: Room
+    room: LocalRoom
     nick: str
+    holder: str  # its claim on the nickname, for the engine
     structured: bool  # speaks wschat.v1 JSON
     identified: bool = False  # the nick is the app's user name (see Chat's ``authorize``)
     tokens: float = 0.0
@@ -76,47 +81,30 @@ class Member:
 
 
 @dataclass(eq=False)
-class Room:
-    """A room's members and history; changed only under the chat's lock."""
+class LocalRoom:
+    """This process's side of a room: its members here, and the messages
+    delivered to them; changed only under the chat's lock."""
 
     name: str
-    history: deque
-    members: dict = field(default_factory=dict)  # nick_key(nick) -> [Member]: one, or one user's several tabs
+    recent: deque  # the last messages delivered here: they complete a newcomer's history
+    members: dict = field(default_factory=dict)  # holder -> Member
     plain: dict = field(default_factory=dict)  # Connection -> None: insertion-ordered sets,
     structured: dict = field(default_factory=dict)  # updated in O(1) on join and leave
-    seq: int = 0
-    epoch: str = field(default_factory=lambda: secrets.token_hex(6))  # new room, new sequence: a page starts over
+    joining: int = 0  # members between their claim and their welcome
+    seq: int | None = None  # the last message delivered here
+    epoch: str | None = None  # the sequence it belongs to
 
-    def add(self, member: Member) -> bool:
-        """Seat ``member``; True when its nick is new here (a join to announce)."""
-        holders = self.members.setdefault(nick_key(member.nick), [])
-        holders.append(member)
+    def add(self, member: Member) -> None:
+        self.members[member.holder] = member
         (self.structured if member.structured else self.plain)[member.conn] = None
-        return len(holders) == 1
 
-    def remove(self, member: Member) -> bool:
-        """Unseat ``member``; True when its nick is gone from here (a leave to announce)."""
-        key = nick_key(member.nick)
-        holders = self.members.get(key, [])
-        if member not in holders:
-            return False
-        holders.remove(member)
+    def remove(self, member: Member) -> None:
+        self.members.pop(member.holder, None)
         (self.structured if member.structured else self.plain).pop(member.conn, None)
-        if holders:
-            return False
-        del self.members[key]
-        return True
 
-    def holders(self, nick: str) -> list[Member]:
-        return self.members.get(nick_key(nick), [])
-
-    def nicks(self) -> list[str]:
-        return sorted(holders[0].nick for holders in self.members.values())
-
-
-def _json(event: dict) -> str:
-    """One wschat.v1 message, the same compact form everywhere."""
-    return json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+    @property
+    def empty(self) -> bool:
+        return not self.members and not self.joining
 
 
 def _now_ms() -> int:
@@ -133,18 +121,29 @@ def _prepare_text(server: Server, text: str) -> tuple[PreparedMessage | None, st
         return None, f"text is not valid Unicode (a lone surrogate at character {exc.start})"
 
 
+def _since(conn: Connection) -> tuple[int | None, str | None]:
+    """What a returning wschat.v1 client saw last: ``?since=SEQ&epoch=EPOCH``."""
+    query = parse_qs(urlsplit(conn.target).query)
+    since = query.get("since", [""])[0]
+    if not since.isascii() or not since.isdigit() or len(since) > 18:
+        return None, None
+    return int(since), query.get("epoch", [None])[0]
+
+
 class Chat:
     """A chat on ``server`` at ``path``: the seed's behaviour, and rooms, nicknames and history.
 
-    ``page_config`` is where the browser client finds the chat's path and
-    limits (a plain HTTP route; None for none).
+    ``engine`` holds what processes share (``MemoryEngine(history,
+    max_idle_rooms)`` by default, this process alone; see ``engine.py`` and
+    ``redis_engine.py``).  ``page_config`` is where the browser client finds
+    the chat's path and limits (a plain HTTP route; None for none).
 
     ``authorize`` is the resource's hook (see ``Resource``): it refuses a
     handshake, or names the app's user.  A named user's nickname is
-    ``nick_of(user)``, normalized; it cannot be changed, an anonymous client
-    holding it is renamed to a guest, and the user's several tabs share it (one
-    join, one leave).  Without a hook, or when it returns None, people choose
-    their nicknames as before.
+    ``nick_of(user)``, normalized, and ``user_id(user)`` tells users apart:
+    the nickname cannot be changed, an anonymous client holding it is renamed
+    to a guest, and the user's several tabs share it (one join, one leave).
+    Without a hook, or when it returns None, people choose their nicknames.
     """
 
     def __init__(
@@ -159,17 +158,18 @@ class Chat:
         page_config: str | None = "/wschat.json",
         authorize: Callable[[Request], object] | None = None,
         nick_of: Callable[[object], str] = str,
+        user_id: Callable[[object], str] = str,
+        engine: Engine | None = None,
     ):
         self.server = server
+        self.engine = engine if engine is not None else MemoryEngine(history, max_idle_rooms)
         self.nick_of = nick_of
+        self.user_id = user_id
         self._app_authorize = authorize
         self.welcome = welcome
-        self.history_size = history
         self.limits = limits or ChatLimits()
-        self.max_idle_rooms = max_idle_rooms
-        self.rooms: dict[str, Room] = {}
-        self._idle: dict[str, None] = {}  # empty rooms kept for their history, oldest first
-        self._lock = threading.Lock()  # guards rooms, members, sequence numbers
+        self.rooms: dict[str, LocalRoom] = {}
+        self._lock = threading.Lock()  # guards rooms and members
         self._guests = itertools.count(1)
         self.resource = server.resource(
             path,
@@ -182,24 +182,32 @@ class Chat:
         )
         if page_config:
             server.http_route(page_config, self._page_config)
+        self.engine.start(self._deliver)
+
+    @property
+    def history_size(self) -> int:
+        return self.engine.history_size
+
+    def close(self) -> None:
+        """Stop the engine (after the server stopped): a Redis engine leaves
+        Redis, and this process's members leave the presence lists at once."""
+        self.engine.stop()
 
     # -- the public API, for embedding applications -----------------------------
 
     def post(self, text: str, room: str = DEFAULT_ROOM, nick: str = "server") -> None:
-        """Post a chat message to ``room`` as ``nick`` (from any thread).
-        Raises ``ValueError`` for text that is not valid Unicode."""
+        """Post a chat message to ``room`` as ``nick`` (from any thread); it
+        goes into the room's history even when no one is there.  Raises
+        ``ValueError`` for text that is not valid Unicode, and
+        ``EngineUnavailable`` when the engine cannot be reached."""
         plain, problem = _prepare_text(self.server, text)
         if problem is not None:
             raise ValueError(problem)
-        with self._lock:
-            target = self.rooms.get(normalize(room))
-            if target is not None:
-                self._publish(target, nick, text, plain)
+        name = normalize(room)
+        self.engine.publish_message(name, self._record(name, nick, text))
 
     def users(self, room: str = DEFAULT_ROOM) -> list[str]:
-        with self._lock:
-            target = self.rooms.get(normalize(room))
-            return target.nicks() if target else []
+        return self.engine.users(normalize(room))
 
     def page_config(self, user: object = None) -> dict:
         """What the browser client needs to know: where the chat is, its
@@ -216,7 +224,7 @@ class Chat:
         return normalize(str(self.nick_of(user)).strip())
 
     def _page_config(self, request) -> bytes:
-        body = _json(self.page_config()).encode("utf-8")
+        body = encode(self.page_config()).encode("utf-8")
         return text_response(200, body, "application/json; charset=utf-8", head_only=request.method == "HEAD")
 
     def _authorize(self, request: Request) -> object:
@@ -230,7 +238,7 @@ class Chat:
                 raise HandshakeError(403, f"your user name cannot be a nickname here: {problem}")
         return user
 
-    # -- handlers ----------------------------------------------------------------
+    # -- joining -------------------------------------------------------------------
 
     def on_open(self, conn: Connection) -> None:
         raw = conn.path[len(self.resource.path):].strip("/")
@@ -238,46 +246,123 @@ class Chat:
             name = normalize(unquote(raw, errors="strict")) or DEFAULT_ROOM
         except UnicodeDecodeError:
             name = raw  # refused below
-        problem = room_problem(name)
-        if problem is not None:
+        if room_problem(name) is not None:
             conn.close(CloseCode.POLICY_VIOLATION, "invalid room name")
             return
         structured = conn.subprotocol == SUBPROTOCOL
         identified = conn.user is not None
-        if identified:
-            wanted = self.nick_for(conn.user)
-        else:
-            wanted = normalize(parse_qs(urlsplit(conn.target).query).get("nick", [""])[0].strip())
+        holder = f"{self.engine.process_id}/{conn.key}"
         with self._lock:
-            room = self.rooms.get(name)
-            if identified and room is not None and not self._make_way(room, wanted, conn.user):
-                conn.close(CloseCode.POLICY_VIOLATION, "another user has this nickname")
-                return
-            if room is None:
-                room = self.rooms[name] = Room(name, deque(maxlen=self.history_size))
-            self._idle.pop(name, None)
-            if identified:
-                problem, nick = None, wanted
-            else:
-                problem = self._nick_problem(room, wanted) if wanted else "no nickname asked for"
-                nick = wanted if problem is None else self._guest_nick(room)
-            member = Member(conn, room, nick, structured, identified, tokens=float(self.limits.burst))
+            local = self.rooms.get(name)
+            if local is None:
+                local = self.rooms[name] = LocalRoom(name, deque(maxlen=self.history_size))
+            local.joining += 1  # keeps the room here, and subscribed, until the welcome
+        claim, subscribed = None, False
+        try:
+            nick, claim, problem = self._claim(conn, name, holder)
+            if claim is not None:
+                self.engine.subscribe(name)
+                subscribed = True
+                since, epoch = _since(conn) if structured else (None, None)
+                history = self.engine.history(name, since, epoch)
+                users = self.engine.users(name)
+        except EngineUnavailable as exc:
+            log.warning("%s: cannot join room %s: %s", conn.key, quoted(name), exc)
+            conn.close(TRY_AGAIN_LATER, "chat unavailable, try again later")
+            self._give_up_joining(local, subscribed, claim and (nick, holder))
+            return
+        if claim is None:
+            conn.close(CloseCode.POLICY_VIOLATION, "another user has this nickname")
+            self._give_up_joining(local, False, None)
+            return
+        member = Member(conn, local, nick, holder, structured, identified, tokens=float(self.limits.burst))
+        with self._lock:
+            local.joining -= 1
+            records = self._catch_up(local, history)
             conn.context = member
             if structured:
-                welcome = {
-                    "type": "welcome", "text": self.welcome, "room": name, "nick": nick, "epoch": room.epoch,
-                    "users": sorted({*room.nicks(), nick}), "history": list(room.history),
-                }
+                welcome = {"type": "welcome", "text": self.welcome, "room": name, "nick": nick,
+                           "epoch": history.epoch, "users": sorted({*users, nick}), "history": records}
+                if since is not None:
+                    welcome["missed"] = history.missed
                 if identified:
                     welcome["identified"] = True
-                conn.send(_json(welcome))
-                if wanted and problem:
+                conn.send(encode(welcome))
+                if problem:
                     self._notify(member, "nick_refused", f"{problem}; you are {nick}")
             elif self.welcome:
                 conn.send(self.welcome)
-            if room.add(member):
-                self._tell_structured(room, {"type": "join", "room": name, "nick": nick, "time": _now_ms()}, skip=conn)
+            local.add(member)
+        if claim.evicted:
+            self._publish(name, {"type": "evict", "nick": nick, "_holders": claim.evicted})
+        if claim.outcome == JOINED:
+            self._publish(name, {"type": "join", "room": name, "nick": nick, "time": _now_ms(), "_from": holder})
         log.info("%s joined room %s as %s from %s", conn.key, quoted(name), quoted(nick), conn.remote_address[0])
+
+    def _claim(self, conn: Connection, room: str, holder: str) -> tuple[str, Claim | None, str | None]:
+        """The nickname a newcomer gets, its claim (None: an app user's name
+        held by another user), and why it is not the one asked for."""
+        engine = self.engine
+        if conn.user is not None:
+            nick = self.nick_for(conn.user)
+            claim = engine.claim(room, nick, holder, str(self.user_id(conn.user)))
+            return nick, (None if claim.outcome == TAKEN else claim), None
+        wanted = normalize(parse_qs(urlsplit(conn.target).query).get("nick", [""])[0].strip())
+        problem = self._nick_problem(wanted) if wanted else "no nickname asked for"
+        if problem is None:
+            claim = engine.claim(room, wanted, holder)
+            if claim.outcome != TAKEN:
+                return wanted, claim, None
+            problem = f"nickname {quoted(wanted, 40)} is taken in this room"
+        guest, claim = self._guest(room, holder)
+        return guest, claim, problem if wanted else None
+
+    def _guest(self, room: str, holder: str) -> tuple[str, Claim]:
+        """The first free guest nickname, claimed."""
+        while True:
+            guest = f"guest-{next(self._guests)}"
+            claim = self.engine.claim(room, guest, holder)
+            if claim.outcome != TAKEN:
+                return guest, claim
+
+    def _catch_up(self, local: LocalRoom, history: History) -> list[dict]:
+        """A newcomer's history, seamless with what this process delivers
+        next (lock held): the engine's records, then the messages delivered
+        here since it read them, cut where delivery stands (the rest comes live)."""
+        self._follow_epoch(local, history.epoch)
+        limit = local.seq if local.seq is not None else history.seq
+        local.seq = limit
+        records = history.records + [record for record in local.recent if record["seq"] > history.seq]
+        return [record for record in records if record["seq"] <= limit]
+
+    def _follow_epoch(self, local: LocalRoom, epoch: str) -> None:
+        """The room's sequence of messages began anew (its engine lost it, as
+        a Redis restarted without persistence does): numbering starts over,
+        and the members here are told (lock held)."""
+        if local.epoch == epoch:
+            return
+        if local.epoch is not None:
+            local.seq = None
+            local.recent.clear()
+            if local.structured:
+                notice = encode({"type": "epoch", "room": local.name, "epoch": epoch})
+                self.server.broadcast(notice, connections=local.structured)
+        local.epoch = epoch
+
+    def _give_up_joining(self, local: LocalRoom, subscribed: bool, claimed: tuple[str, str] | None) -> None:
+        with self._lock:
+            local.joining -= 1
+            self._forget_if_empty(local)
+        if subscribed:
+            self._unsubscribe(local.name)
+        if claimed:
+            self._release(local.name, *claimed)
+
+    def _forget_if_empty(self, local: LocalRoom) -> None:
+        if local.empty and self.rooms.get(local.name) is local:
+            del self.rooms[local.name]
+
+    # -- what clients say ----------------------------------------------------------
 
     def on_message(self, conn: Connection, message: str | bytes) -> None:
         member: Member | None = conn.context
@@ -309,9 +394,12 @@ class Chat:
             else:
                 self._rename(member, normalize(request["nick"].strip()))
         elif kind == "users":
-            with self._lock:
-                users = member.room.nicks()
-            conn.send(_json({"type": "users", "room": member.room.name, "users": users}))
+            try:
+                users = self.engine.users(member.room.name)
+            except EngineUnavailable:
+                self._notify(member, "unavailable", "the chat cannot reach its engine; try again later")
+                return
+            conn.send(encode({"type": "users", "room": member.room.name, "users": users}))
         else:
             self._notify(member, "bad_request", f'unknown request type {quoted(kind, 40)}: '
                                                 f'"message", "nick" or "users"')
@@ -332,106 +420,136 @@ class Chat:
             return None, 'expected a JSON object with a "type" string'
         return request, None
 
-    def on_close(self, conn: Connection, code: int, reason: str) -> None:
-        member: Member | None = conn.context
-        log.info("Closed connection to %s (%d%s).", conn.key, code, f" {quoted(reason)}" if reason else "")
-        if member is None:
-            return
-        with self._lock:
-            room = member.room
-            if room.remove(member):  # its nick's last connection here
-                self._tell_structured(room, {"type": "leave", "room": room.name, "nick": member.nick, "time": _now_ms()})
-                if not room.members:
-                    self._forget_idle(room)
-
-    def _forget_idle(self, room: Room) -> None:
-        """An empty room keeps its history for newcomers, but only the
-        ``max_idle_rooms`` most recently left do: clients choose room names,
-        so they must not be able to fill memory with rooms (lock held)."""
-        if not room.history:
-            del self.rooms[room.name]
-            return
-        self._idle[room.name] = None
-        while len(self._idle) > self.max_idle_rooms:
-            oldest = next(iter(self._idle))
-            del self._idle[oldest]
-            del self.rooms[oldest]
-
-    def on_error(self, conn: Connection, error: Exception) -> None:
-        log.warning("WebSocket Errored '%s' for %s.", error, conn.key)
-
-    # -- the work ------------------------------------------------------------------
-
     def _say(self, member: Member, text: str) -> None:
         limit = self.limits.max_length
         if limit and len(text) > limit:
             self._notify(member, "too_long", f"message longer than {limit} characters; not sent")
             return
-        plain, problem = _prepare_text(self.server, text)
+        _, problem = _prepare_text(self.server, text)
         if problem is not None:
             self._notify(member, "bad_request", f"{problem}; not sent")
             return
-        with self._lock:
-            self._publish(member.room, member.nick, text, plain)
+        room = member.room.name
+        try:
+            self.engine.publish_message(room, self._record(room, member.nick, text))
+        except EngineUnavailable:
+            self._notify(member, "not_sent", "the chat cannot reach its engine; message not sent")
 
-    def _publish(self, room: Room, nick: str, text: str, plain: PreparedMessage) -> None:
-        """Give a message its sequence number and queue it for every member
-        (lock held).  ``plain`` is its frame for plain clients: that it could
-        be framed is what proves the text sendable, before it is kept.  The
-        JSON form is made only for a room with wschat.v1 members."""
-        room.seq += 1
-        record = {"type": "message", "room": room.name, "nick": nick, "text": text, "time": _now_ms(), "seq": room.seq}
-        room.history.append(record)
-        if room.plain:
-            self.server.broadcast(plain, connections=room.plain)
-        if room.structured:
-            self.server.broadcast(_json(record), connections=room.structured)
+    @staticmethod
+    def _record(room: str, nick: str, text: str) -> dict:
+        return {"type": "message", "room": room, "nick": nick, "text": text, "time": _now_ms()}
 
     def _rename(self, member: Member, nick: str) -> None:
-        with self._lock:
-            if member.identified:
-                problem = "your nickname is your user name: it cannot change"
-            else:
-                problem = self._nick_problem(member.room, nick, member)
-            if problem is None:
-                self._move(member, nick)
-        if problem is not None:
-            self._notify(member, "nick_refused", problem)
+        if member.identified:
+            problem = "your nickname is your user name: it cannot change"
+        else:
+            problem = self._nick_problem(nick)
+        if problem is None:
+            try:
+                renamed = self.engine.rename(member.room.name, member.nick, nick, member.holder)
+            except EngineUnavailable:
+                self._notify(member, "unavailable", "the chat cannot reach its engine; try again later")
+                return
+            if renamed:
+                self._renamed(member, nick)
+                return
+            problem = f"nickname {quoted(nick, 40)} is taken in this room"
+        self._notify(member, "nick_refused", problem)
 
-    def _move(self, member: Member, nick: str) -> None:
-        """Give ``member`` another nickname, and say so (lock held)."""
-        room = member.room
-        room.remove(member)
+    def _renamed(self, member: Member, nick: str) -> None:
         old, member.nick = member.nick, nick
-        room.add(member)
-        self._tell_structured(room, {"type": "nick", "room": room.name, "old": old, "nick": nick, "time": _now_ms()})
+        room = member.room.name
+        self._publish(room, {"type": "nick", "room": room, "old": old, "nick": nick, "time": _now_ms()})
 
-    def _make_way(self, room: Room, nick: str, user: object) -> bool:
-        """Clear ``nick`` for the app's ``user`` (lock held): anonymous holders
-        become guests; False when another identified user holds it."""
-        holders = room.holders(nick)
-        if holders and holders[0].identified:
-            return holders[0].conn.user == user
-        for squatter in list(holders):
-            guest = self._guest_nick(room)
-            self._notify(squatter, "renamed", f"the user {nick} joined and has that name; you are now {guest}")
-            self._move(squatter, guest)
-        return True
-
-    def _nick_problem(self, room: Room, nick: str, member: Member | None = None) -> str | None:
-        """Why ``nick`` is refused in ``room`` (``member`` may keep its own, re-cased)."""
+    def _nick_problem(self, nick: str) -> str | None:
         problem = nick_problem(nick, self.limits.max_nick_length)
-        if problem is not None:
-            return f"nickname {quoted(nick, 40)} refused: {problem}"
-        holders = room.holders(nick)
-        if holders and holders[0] is not member:
-            return f"nickname {quoted(nick, 40)} is taken in this room"
-        return None
+        return None if problem is None else f"nickname {quoted(nick, 40)} refused: {problem}"
 
-    def _guest_nick(self, room: Room) -> str:
-        while nick_key(nick := f"guest-{next(self._guests)}") in room.members:
-            pass
-        return nick
+    # -- leaving -------------------------------------------------------------------
+
+    def on_close(self, conn: Connection, code: int, reason: str) -> None:
+        member: Member | None = conn.context
+        log.info("Closed connection to %s (%d%s).", conn.key, code, f" {quoted(reason)}" if reason else "")
+        if member is None:
+            return
+        local = member.room
+        with self._lock:
+            local.remove(member)
+            self._forget_if_empty(local)
+        self._unsubscribe(local.name)
+        self._release(local.name, member.nick, member.holder)
+
+    def _release(self, room: str, nick: str, holder: str) -> None:
+        try:
+            left = self.engine.release(room, nick, holder)
+        except EngineUnavailable:
+            return  # the engine lets the claim go when it is back (see RedisEngine)
+        if left:
+            self._publish(room, {"type": "leave", "room": room, "nick": nick, "time": _now_ms()})
+
+    def _unsubscribe(self, room: str) -> None:
+        try:
+            self.engine.unsubscribe(room)
+        except EngineUnavailable:
+            pass  # a broker that is gone has no subscriptions left to drop
+
+    def on_error(self, conn: Connection, error: Exception) -> None:
+        log.warning("WebSocket Errored '%s' for %s.", error, conn.key)
+
+    # -- what the engine delivers --------------------------------------------------------
+
+    def _deliver(self, room: str, event: dict, text: str | None, epoch: str | None) -> None:
+        """An event of ``room``, from whichever process published it, in the
+        room's order (on the engine's thread, or the publisher's)."""
+        if text is not None:  # a chat message
+            with self._lock:
+                local = self.rooms.get(room)
+                if local is None:
+                    return  # no one here
+                self._follow_epoch(local, epoch)
+                if local.seq is not None and event["seq"] <= local.seq:
+                    return  # a newcomer's history had it
+                local.seq = event["seq"]
+                local.recent.append(event)
+                if local.plain:
+                    self.server.broadcast(event["text"], connections=local.plain)
+                if local.structured:
+                    self.server.broadcast(text, connections=local.structured)
+            return
+        if event["type"] == "evict":
+            self._evicted(room, event)
+            return
+        with self._lock:
+            local = self.rooms.get(room)
+            if local is None or not local.structured:
+                return
+            joiner = local.members.get(event.get("_from"))
+            public = encode({key: value for key, value in event.items() if not key.startswith("_")})
+            self.server.broadcast(public, connections=local.structured, exclude=joiner.conn if joiner else None)
+
+    def _evicted(self, room: str, event: dict) -> None:
+        """An app user took its name back: its anonymous holders here become guests."""
+        with self._lock:
+            local = self.rooms.get(room)
+            squatters = [local.members[holder] for holder in event["_holders"] if local and holder in local.members]
+        for member in squatters:
+            try:
+                guest, _ = self._guest(room, member.holder)
+            except EngineUnavailable:
+                member.conn.close(TRY_AGAIN_LATER, "chat unavailable, try again later")
+                continue
+            self._notify(member, "renamed", f"the user {event['nick']} joined and has that name; you are now {guest}")
+            self._renamed(member, guest)
+
+    def _publish(self, room: str, event: dict) -> None:
+        """Publish a presence event; one that cannot be published is logged
+        (the engine's outage is logged once; its presence is reconciled later)."""
+        try:
+            self.engine.publish(room, event)
+        except EngineUnavailable as exc:
+            log.debug("room %s: %s event not published: %s", quoted(room), event["type"], exc)
+
+    # -- limits and notices ------------------------------------------------------------
 
     def _within_rate(self, member: Member) -> bool:
         """A token bucket: ``rate`` per second, ``burst`` at once.  A client
@@ -455,10 +573,6 @@ class Chat:
     def _notify(self, member: Member, code: str, text: str) -> None:
         """Tell one client what went wrong, in its dialect."""
         if member.structured:
-            member.conn.send(_json({"type": "error", "code": code, "text": text}))
+            member.conn.send(encode({"type": "error", "code": code, "text": text}))
         else:
             member.conn.send(f"* {text}")
-
-    def _tell_structured(self, room: Room, event: dict, skip: Connection | None = None) -> None:
-        if room.structured:
-            self.server.broadcast(_json(event), connections=room.structured, exclude=skip)

@@ -1,0 +1,240 @@
+"""What a chat shares between the processes that serve it: its engine.
+
+The chat (``chat.py``) keeps its own connections; what must be one and the
+same for every process serving the chat goes through an engine:
+
+* publishing: a chat message gets its room's next sequence number and goes
+  into the room's history, and every event of a room reaches every process
+  subscribed to it, in one order, once;
+* history: a room's recent messages, from a sequence number on;
+* presence: who is in a room, and who holds which nickname.
+
+``MemoryEngine`` (the default) keeps it all in this process;
+``redis_engine.RedisEngine`` keeps it in Redis, so that several processes, on
+one machine or several, are one chat.  Both deliver events through the
+callback given to ``start``: ``deliver(room, event, text, epoch)``, where
+``text`` is the JSON of a chat message as clients receive it (None for other
+events) and ``epoch`` names the room's sequence it belongs to.
+
+A holder is one connection's claim on a nickname (``"process/connection"``);
+a nickname held for an app's user (``user_id``) may have several holders, the
+user's tabs; an anonymous one has exactly one.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+from .names import nick_key
+
+JOINED = "joined"  # the nickname is new to the room: a join to announce
+ADDED = "added"  # one more connection of the user who holds it
+TAKEN = "taken"  # someone else holds it
+
+Deliver = Callable[[str, dict, "str | None", "str | None"], None]
+
+
+class EngineUnavailable(Exception):
+    """The engine cannot be reached (its broker is down): nothing was done."""
+
+
+@dataclass
+class Claim:
+    outcome: str  # JOINED, ADDED or TAKEN
+    evicted: list[str] = field(default_factory=list)  # anonymous holders an app user's claim displaced
+
+
+@dataclass
+class History:
+    epoch: str  # names the room's sequence of messages; new when the room is made anew
+    seq: int  # the room's last sequence number
+    records: list[dict]  # messages after ``since``, oldest first (at most the kept history)
+    missed: bool  # some messages after ``since`` are no longer kept
+
+
+def encode(event: dict) -> str:
+    """One wschat.v1 event as JSON, in the one compact form every engine uses."""
+    return json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+
+
+def new_epoch() -> str:
+    return secrets.token_hex(6)
+
+
+class Engine(Protocol):
+    """The interface ``Chat`` uses (see the module docstring)."""
+
+    history_size: int
+
+    def start(self, deliver: Deliver) -> None: ...
+    def stop(self) -> None: ...
+    process_id: str  # names this process in holders
+
+    def subscribe(self, room: str) -> None: ...  # once per member: counted, like unsubscribe
+    def unsubscribe(self, room: str) -> None: ...
+    def publish_message(self, room: str, record: dict) -> int: ...
+    def publish(self, room: str, event: dict) -> None: ...
+    def history(self, room: str, since: int | None = None, epoch: str | None = None) -> History: ...
+    def claim(self, room: str, nick: str, holder: str, user_id: str | None = None) -> Claim: ...
+    def rename(self, room: str, old: str, new: str, holder: str) -> bool: ...
+    def release(self, room: str, nick: str, holder: str) -> bool: ...
+    def users(self, room: str) -> list[str]: ...
+
+
+def select_history(kept: list[dict], seq: int, since: int | None, epoch_matches: bool) -> tuple[list[dict], bool]:
+    """What a client that saw up to ``since`` gets of the ``kept`` messages,
+    and whether it missed some: all of them when it saw nothing of this room
+    (``since`` None, or another epoch)."""
+    if since is None or not epoch_matches or since > seq:
+        return kept, since is not None and since > 0
+    records = [record for record in kept if record["seq"] > since]
+    first = records[0]["seq"] if records else seq + 1
+    return records, first > since + 1
+
+
+@dataclass(eq=False)
+class _Entry:
+    nick: str  # as shown
+    user_id: str | None
+    holders: list[str]
+
+
+@dataclass(eq=False)
+class _Room:
+    history: deque
+    seq: int = 0
+    epoch: str = field(default_factory=new_epoch)
+    members: dict[str, _Entry] = field(default_factory=dict)  # nick_key -> entry
+
+
+class MemoryEngine:
+    """Everything in this process's memory: one process is the whole chat.
+
+    Rooms come and go with their members; an empty room keeps its history
+    for newcomers, but only the ``max_idle_rooms`` most recently left do
+    (clients choose room names: they must not be able to fill memory).
+    """
+
+    process_id = "local"
+
+    def __init__(self, history: int = 50, max_idle_rooms: int = 100):
+        self.history_size = history
+        self.max_idle_rooms = max_idle_rooms
+        self.rooms: dict[str, _Room] = {}
+        self._idle: dict[str, None] = {}  # empty rooms with history, oldest first
+        self._lock = threading.RLock()  # delivering may call back in (an eviction's rename)
+        self._deliver: Deliver | None = None
+
+    def start(self, deliver: Deliver) -> None:
+        self._deliver = deliver
+
+    def stop(self) -> None:
+        self._deliver = None
+
+    def subscribe(self, room: str) -> None:
+        pass  # one process: every room's events are delivered here
+
+    def unsubscribe(self, room: str) -> None:
+        pass
+
+    def _room(self, name: str) -> _Room:
+        room = self.rooms.get(name)
+        if room is None:
+            room = self.rooms[name] = _Room(deque(maxlen=self.history_size))
+        return room
+
+    def publish_message(self, room: str, record: dict) -> int:
+        with self._lock:
+            target = self._room(room)
+            target.seq += 1
+            record["seq"] = target.seq
+            target.history.append(record)
+            self._forget_if_idle(room)
+            text = encode(record)
+            if self._deliver is not None:
+                self._deliver(room, record, text, target.epoch)
+            return target.seq
+
+    def publish(self, room: str, event: dict) -> None:
+        with self._lock:
+            if self._deliver is not None:
+                self._deliver(room, event, None, None)
+
+    def history(self, room: str, since: int | None = None, epoch: str | None = None) -> History:
+        with self._lock:
+            target = self.rooms.get(room)
+            if target is None:  # nothing said there yet, and no one in it
+                return History(new_epoch(), 0, [], bool(since))
+            records, missed = select_history(list(target.history), target.seq, since, epoch == target.epoch)
+            return History(target.epoch, target.seq, records, missed)
+
+    def claim(self, room: str, nick: str, holder: str, user_id: str | None = None) -> Claim:
+        with self._lock:
+            members = self._room(room).members
+            self._idle.pop(room, None)
+            key = nick_key(nick)
+            entry = members.get(key)
+            if entry is None:
+                members[key] = _Entry(nick, user_id, [holder])
+                return Claim(JOINED)
+            if user_id is not None and entry.user_id == user_id:
+                entry.holders.append(holder)
+                return Claim(ADDED)
+            if user_id is not None and entry.user_id is None:  # the app's user takes its name back
+                members[key] = _Entry(nick, user_id, [holder])
+                return Claim(ADDED, evicted=entry.holders)
+            return Claim(TAKEN)
+
+    def rename(self, room: str, old: str, new: str, holder: str) -> bool:
+        with self._lock:
+            members = self._room(room).members
+            old_key, new_key = nick_key(old), nick_key(new)
+            entry = members.get(old_key)
+            if entry is None or holder not in entry.holders or entry.user_id is not None:
+                return False
+            if new_key != old_key:
+                if new_key in members:
+                    return False
+                del members[old_key]
+                members[new_key] = entry
+            entry.nick = new
+            return True
+
+    def release(self, room: str, nick: str, holder: str) -> bool:
+        with self._lock:
+            target = self.rooms.get(room)
+            key = nick_key(nick)
+            entry = target.members.get(key) if target is not None else None
+            if entry is None or holder not in entry.holders:
+                return False  # evicted meanwhile
+            entry.holders.remove(holder)
+            if entry.holders:
+                return False
+            del target.members[key]
+            self._forget_if_idle(room)
+            return True
+
+    def users(self, room: str) -> list[str]:
+        with self._lock:
+            target = self.rooms.get(room)
+            return sorted(entry.nick for entry in target.members.values()) if target is not None else []
+
+    def _forget_if_idle(self, name: str) -> None:
+        """Keep an empty room only for its history, and only so many (lock held)."""
+        room = self.rooms[name]
+        self._idle.pop(name, None)
+        if room.members:
+            return
+        if not room.history:
+            del self.rooms[name]
+            return
+        self._idle[name] = None
+        while len(self._idle) > self.max_idle_rooms:
+            oldest = next(iter(self._idle))
+            del self._idle[oldest]
+            del self.rooms[oldest]
