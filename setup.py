@@ -49,6 +49,7 @@ setup(
     ext_modules=[Extension("wschat._speedups", ["wschat/_speedups.c"], optional=True)],
     cmdclass={"build_ext": OptionalBuildExt},
     extras_require={
+        "redis": ["redis>=5"],  # --redis: several processes are one chat
         "test": [
             "pytest>=7",
             "pytest-timeout>=2",
@@ -60,6 +61,7 @@ setup(
             "docutils>=0.22",
             "flask>=2.3",
             "gunicorn>=22",
+            "redis>=5",
         ],
         "bench": ["websockets>=12"],
     },

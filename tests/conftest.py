@@ -19,3 +19,22 @@ def implementation(request, monkeypatch):
     """Run a test once per mask implementation (pure Python, and C when built)."""
     monkeypatch.setattr(frames, "apply_mask", IMPLEMENTATIONS[request.param])
     return request.param
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server of our own (see ``helpers.RedisServer``), stopped after the test.
+    Skipped with the reason where it is missing, unless WSCHAT_REQUIRE_SERVICES=1 (CI)."""
+    import importlib.util
+    import os
+
+    from .helpers import RedisServer
+
+    if not os.environ.get("WSCHAT_REQUIRE_SERVICES"):
+        if not os.path.exists(RedisServer.BINARY):
+            pytest.skip(f"redis-server is not installed at {RedisServer.BINARY} (apt-get install redis-server)")
+        if importlib.util.find_spec("redis") is None:
+            pytest.skip("redis-py is not installed (pip install -e '.[test]')")
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.kill()

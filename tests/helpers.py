@@ -185,3 +185,55 @@ def server_with_slow_client(max_queue, **kwargs):
     slow = RawClient(server.port, rcvbuf=4096)
     _, slow_conn = recorder.wait("open")
     return server, recorder, slow, slow_conn
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """Debian's redis-server on a free 127.0.0.1 port, in ``directory``; an
+    append-only file written at every command keeps its data across ``kill``."""
+
+    BINARY = "/usr/bin/redis-server"
+
+    def __init__(self, directory, persistent: bool = True):
+        self.port = free_port()
+        self.directory = directory
+        self.persistent = persistent
+        self.process = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        import subprocess
+
+        import redis
+
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
+        self.process = subprocess.Popen(
+            [self.BINARY, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
+             "--dir", str(self.directory), "--protected-mode", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        try:
+            wait_until(lambda: self._answers(client), what="redis-server to answer")
+        finally:
+            client.close()
+        return self
+
+    def _answers(self, client) -> bool:
+        assert self.process.poll() is None, "redis-server exited"
+        try:
+            return client.ping()
+        except Exception:  # not listening yet
+            return False
+
+    def kill(self) -> None:
+        """As a crash would: no chance to save or to say goodbye."""
+        self.process.kill()
+        self.process.wait()

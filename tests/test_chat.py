@@ -433,3 +433,63 @@ def test_a_refusing_hook_keeps_anonymous_people_out(make_chat):
     with as_user(chat, "ann") as ann:
         assert recv_json(ann, "welcome")["nick"] == "ann"
     assert chat.page_config("Ann")["user"] == "Ann" and chat.page_config()["user"] is None
+
+
+# -- coming back (issue 10): exactly what was missed, with either engine ----------------------
+
+
+def collect(ws, until_seq):
+    """The sequence numbers of the messages ``ws`` receives, up to ``until_seq``."""
+    seqs = []
+    while not seqs or seqs[-1] < until_seq:
+        seqs.append(recv_json(ws, "message")["seq"])
+    return seqs
+
+
+def check_gap_free_reconnect(sender_chat, returner_chat):
+    """A client that comes back with ``?since=SEQ&epoch=`` gets exactly the
+    messages it missed, then the live ones, with messages sent all along; one
+    that comes back too late (rooms keep 50) or from another epoch is told."""
+    total = 40
+    with structured(sender_chat, nick="sender") as sender:
+        recv_json(sender, "welcome")
+
+        def say(numbers):
+            for i in numbers:
+                sender.send(json.dumps({"type": "message", "text": f"m{i}"}))
+
+        # max_queue=None: the client leaves messages unread, and must still read our close
+        with connect(returner_chat.url + "?nick=back", subprotocols=["wschat.v1"], max_queue=None) as first:
+            epoch = recv_json(first, "welcome")["epoch"]
+            sending = threading.Thread(target=say, args=(range(1, total + 1),))
+            sending.start()
+            seen = collect(first, 5)
+        query = f"&since={seen[-1]}&epoch={epoch}"
+        with connect(returner_chat.url + "?nick=back" + query, subprotocols=["wschat.v1"], max_queue=None) as again:
+            welcome = recv_json(again, "welcome")
+            assert welcome["epoch"] == epoch and welcome["missed"] is False
+            caught_up = [record["seq"] for record in welcome["history"]]
+            live = collect(again, total) if not caught_up or caught_up[-1] < total else []
+        sending.join()
+        assert seen == list(range(1, seen[-1] + 1))
+        assert caught_up + live == list(range(seen[-1] + 1, total + 1))  # nothing missing, nothing twice
+
+        say(range(total + 1, 71))
+        collect(sender, 70)
+    late = json.loads(connect_and_welcome(returner_chat, f"?nick=late&since=3&epoch={epoch}"))
+    assert late["missed"] is True
+    assert [record["seq"] for record in late["history"]] == list(range(21, 71))
+    other = json.loads(connect_and_welcome(returner_chat, "?nick=other&since=3&epoch=another"))
+    assert other["missed"] is True and len(other["history"]) == 50  # another epoch: all that is kept
+    fresh = json.loads(connect_and_welcome(returner_chat, "?nick=fresh"))
+    assert "missed" not in fresh and len(fresh["history"]) == 50
+
+
+def connect_and_welcome(chat, query):
+    with connect(chat.url + query, subprotocols=["wschat.v1"], max_queue=None) as ws:
+        return ws.recv(timeout=5)
+
+
+def test_gap_free_reconnect_with_the_memory_engine(make_chat):
+    chat = make_chat(welcome="", limits=ChatLimits.off())
+    check_gap_free_reconnect(chat, chat)

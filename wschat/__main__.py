@@ -9,10 +9,12 @@ import resource
 import signal
 import ssl
 import sys
+import threading
 from typing import Sequence
 
 from . import __version__
 from .chat import DEFAULT_WELCOME, Chat, ChatLimits
+from .engine import EngineUnavailable
 from .files import DEFAULT_PAGE_POLICY
 from .frames import IMPLEMENTATION
 from .server import Server
@@ -45,7 +47,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--no-compression", action="store_true", help="decline permessage-deflate (RFC 7692; on by default)")
     add("--certfile", help="PEM certificate: serve wss:// and https://")
     add("--keyfile", help="PEM private key for --certfile")
-    add("--workers", type=int, default=0, help="run handlers on this many threads (default 0: on the loop)")
+    add("--workers", type=int, default=None,
+        help="run handlers on this many threads (default 0: on the loop; 4 with --redis, whose calls wait for Redis)")
     add("--history", type=int, default=50,
         help="messages kept per room and replayed to wschat.v1 clients as they join (default 50; "
              "plain clients, like the seed's page, get live messages only)")
@@ -62,10 +65,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="a reverse proxy whose X-Forwarded-For gives the client's address (repeatable; '*': any)")
     add("--max-connections-per-ip", type=int, default=0,
         help="open WebSockets per client address (429 past it; default 0: no limit)")
+    add("--redis", metavar="URL",
+        help="keep rooms, history and presence in Redis (redis://HOST:PORT/DB): several processes, "
+             "on one machine or many, are one chat (needs pip install 'wschat[redis]')")
+    add("--presence-timeout", type=float, default=10.0,
+        help="with --redis: the members of a process that stops answering leave after this many seconds (default 10)")
+    add("--processes", type=int, default=1,
+        help="serve the port from N processes (0: one per core), restarted when they die; needs --redis (default 1)")
+    add("--supervised-by", type=int, help=argparse.SUPPRESS)  # set by --processes for its children
     add("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default info")
     args = parser.parse_args(argv)
     if bool(args.certfile) != bool(args.keyfile):
         parser.error("--certfile and --keyfile go together")
+    if args.processes != 1 and not args.redis:
+        parser.error("--processes needs --redis: separate processes share their chat through Redis")
+    if args.processes < 0:
+        parser.error("--processes is a number of processes (0: one per core)")
+    if args.workers is None:
+        args.workers = 4 if args.redis else 0
     return args
 
 
@@ -88,10 +105,25 @@ def tls_context(certfile: str, keyfile: str) -> ssl.SSLContext:
     return context
 
 
+def redis_engine(args: argparse.Namespace):
+    """The Redis engine ``--redis`` asks for, connected.  Raises ``SetupError``
+    without redis-py, or when Redis cannot be reached."""
+    try:
+        from .redis_engine import RedisEngine
+    except ImportError:
+        raise SetupError("--redis needs redis-py: pip install 'wschat[redis]'") from None
+    try:
+        return RedisEngine(args.redis, history=args.history, presence_timeout=args.presence_timeout)
+    except ValueError as exc:  # not a redis:// URL
+        raise SetupError(f"--redis {args.redis}: {exc}") from None
+
+
 def build(args: argparse.Namespace) -> tuple[Server, Chat]:
     """The server and chat that the arguments describe (not yet listening).
-    Raises ``SetupError`` for a certificate or key that cannot be used."""
+    Raises ``SetupError`` for a certificate or key that cannot be used, or a
+    Redis that cannot be reached."""
     context = tls_context(args.certfile, args.keyfile) if args.certfile else None
+    engine = redis_engine(args) if args.redis else None
     server = Server(
         args.host,
         args.port,
@@ -109,9 +141,13 @@ def build(args: argparse.Namespace) -> tuple[Server, Chat]:
         metrics_path="/metrics" if args.metrics else None,
         compression=not args.no_compression,
         page_policy=args.page_policy or None,
+        reuse_port=args.supervised_by is not None,
     )
     limits = ChatLimits(args.max_chat_length, args.rate_limit, args.rate_burst, args.max_nick_length)
-    chat = Chat(server, args.path, welcome=args.welcome, history=args.history, limits=limits)
+    try:
+        chat = Chat(server, args.path, welcome=args.welcome, history=args.history, limits=limits, engine=engine)
+    except EngineUnavailable as exc:
+        raise SetupError(str(exc)) from None
     return server, chat
 
 
@@ -122,26 +158,59 @@ def raise_descriptor_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+def ready_line(url: str, path: str, processes: int = 1) -> str:
+    web = url.replace("ws", "http", 1)
+    each = f" ({processes} processes)" if processes > 1 else ""
+    return f"wschat listening on {url}{path} - open {web}/ in a browser{each}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     raise_descriptor_limit()
+    if args.processes != 1:
+        from .supervisor import supervise
+
+        return supervise(args, argv)
     try:
-        server, _ = build(args)
+        server, chat = build(args)
     except SetupError as exc:
         print(f"wschat: {exc}", file=sys.stderr)
         return 1
     try:
         server.bind()
     except OSError as exc:
+        chat.close()
         print(f"wschat: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    # The loop runs on its own thread; this one waits for a signal and stops
+    # it, so that a signal can never interrupt the loop's start.
+    stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: server.stop())
-    web = server.url.replace("ws", "http", 1)
-    print(f"wschat listening on {server.url}{args.path} - open {web}/ in a browser", flush=True)
-    server.serve_forever()
+        signal.signal(signum, lambda *_: stop.set())
+    if args.supervised_by is not None:
+        watch_parent(args.supervised_by, stop)
+    server.start()
+    print(ready_line(server.url, args.path), flush=True)
+    stop.wait()
+    server.stop()
+    chat.close()
     return 0
+
+
+def watch_parent(parent: int, stop: threading.Event) -> None:
+    """A process of ``--processes`` stops when its supervisor is gone
+    (killed without a chance to stop it)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            if stop.wait(1.0):
+                return
+        logging.getLogger("wschat").warning("the supervising process %d is gone: stopping", parent)
+        stop.set()
+
+    threading.Thread(target=watch, name="wschat-parent-watch", daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -87,6 +87,9 @@ class Server:
     server can be started again.  Port 0 picks a free port, readable from
     ``port`` once bound; port None opens none: the connections then come
     from another server through ``adopt`` (see ``wschat.wsgi``).
+    ``reuse_port`` lets several processes listen on one port (SO_REUSEPORT:
+    the kernel spreads new connections over them; ``python -m wschat
+    --processes``).
 
     Limits: ``max_connections`` open WebSockets (503 past it);
     ``handshake_timeout`` for TLS and the request head; ``max_header_size``
@@ -138,9 +141,11 @@ class Server:
         health_path: str | None = "/healthz",
         metrics_path: str | None = None,
         page_policy: str | None = DEFAULT_PAGE_POLICY,
+        reuse_port: bool = False,
     ):
         self.host = host
         self.requested_port = port
+        self.reuse_port = reuse_port
         self.ssl_context = ssl_context
         self.static_dir = static_dir
         self.allowed_origins = list(allowed_origins) if allowed_origins is not None else None
@@ -291,6 +296,8 @@ class Server:
             listener = socket.socket(family, socket.SOCK_STREAM)
             try:
                 listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if self.reuse_port:
+                    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 listener.bind((self.host, self.requested_port))
                 listener.listen(1024)
                 listener.setblocking(False)

@@ -1,0 +1,325 @@
+"""The Redis engine against a real redis-server (issue 10): several servers, one chat.
+
+Each test starts its own redis-server on a free 127.0.0.1 port (the
+``redis_server`` fixture: skipped where Debian's redis-server or redis-py is
+missing, a failure in CI).  Servers of the same test are separate processes
+as far as the chat can tell: each has its own engine, process id, connections
+and subscriptions, and all they share is Redis.
+"""
+
+import contextlib
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+from websockets.exceptions import ConnectionClosedError
+from websockets.sync.client import connect
+
+from wschat.chat import Chat, ChatLimits
+
+from .helpers import start_server, wait_until
+from .test_chat import check_gap_free_reconnect, collect, recv_json
+
+
+@pytest.fixture
+def chats(redis_server):
+    from wschat.redis_engine import RedisEngine
+
+    made = []
+
+    def make(presence_timeout=10.0, **kwargs):
+        server = start_server(workers=2)
+        engine = RedisEngine(redis_server.url, presence_timeout=presence_timeout)
+        kwargs.setdefault("welcome", "")
+        chat = Chat(server, engine=engine, limits=ChatLimits.off(), **kwargs)
+        chat.url = f"ws://127.0.0.1:{server.port}/chat"
+        made.append(chat)
+        return chat
+
+    yield make
+    for chat in made:
+        chat.server.stop()
+        chat.close()
+
+
+def join(chat, nick, query=""):
+    return connect(f"{chat.url}?nick={nick}{query}", subprotocols=["wschat.v1"], max_queue=None)
+
+
+def say(ws, text):
+    ws.send(json.dumps({"type": "message", "text": text}))
+
+
+def test_two_servers_are_one_chat(chats):
+    a, b = chats(), chats()
+    with join(a, "alice") as alice:
+        assert recv_json(alice, "welcome")["users"] == ["alice"]
+        with join(b, "bob") as bob:
+            assert recv_json(bob, "welcome")["users"] == ["alice", "bob"]
+            assert recv_json(alice, "join")["nick"] == "bob"
+            say(alice, "hi bob")
+            for ws in (alice, bob):
+                message = recv_json(ws, "message")
+                assert (message["nick"], message["text"], message["seq"]) == ("alice", "hi bob", 1)
+
+            with join(b, "ALICE") as other:  # taken on the other server: refused here too
+                welcome = recv_json(other, "welcome")
+                assert welcome["nick"].startswith("guest-") and welcome["users"] == sorted(["alice", "bob", welcome["nick"]])
+                assert "taken" in recv_json(other, "error")["text"]
+                other.send(json.dumps({"type": "nick", "nick": "Bob"}))
+                assert recv_json(other, "error")["code"] == "nick_refused"
+                other.send(json.dumps({"type": "nick", "nick": "carol"}))
+                assert recv_json(alice, "nick") == {**recv_json(bob, "nick"), "old": welcome["nick"], "nick": "carol"}
+                alice.send(json.dumps({"type": "users"}))
+                assert recv_json(alice, "users")["users"] == ["alice", "bob", "carol"]
+                with connect(b.url) as plain:  # the seed's dialect, on the other server
+                    plain_nick = recv_json(alice, "join")["nick"]
+                    say(other, "to plain too")
+                    assert plain.recv(timeout=5) == "to plain too"
+                assert recv_json(alice, "leave")["nick"] == plain_nick
+            assert recv_json(alice, "leave")["nick"] == "carol"
+        assert recv_json(alice, "leave")["nick"] == "bob"
+        assert a.users() == b.users() == ["alice"]
+
+
+def test_concurrent_senders_on_both_servers_make_one_order(chats):
+    a, b = chats(), chats()
+    per_sender, senders = 100, [(a, "a1"), (a, "a2"), (b, "b1"), (b, "b2")]
+    with join(a, "watch_a") as watch_a, join(b, "watch_b") as watch_b, contextlib.ExitStack() as stack:
+        recv_json(watch_a, "welcome")
+        recv_json(watch_b, "welcome")
+        clients = [stack.enter_context(join(chat, nick)) for chat, nick in senders]
+        for ws in clients:
+            recv_json(ws, "welcome")
+
+        def send_all(ws, nick):
+            for i in range(per_sender):
+                say(ws, f"{nick}:{i}")
+
+        threads = [threading.Thread(target=send_all, args=(ws, nick)) for ws, (_, nick) in zip(clients, senders)]
+        for thread in threads:
+            thread.start()
+        total = per_sender * len(senders)
+        seen = {}
+        for name, ws in (("a", watch_a), ("b", watch_b)):
+            seen[name] = [(m["seq"], m["text"]) for m in (recv_json(ws, "message") for _ in range(total))]
+        for thread in threads:
+            thread.join()
+    assert seen["a"] == seen["b"]  # one order for everyone
+    assert [seq for seq, _ in seen["a"]] == list(range(1, total + 1))  # once each, numbered by Redis
+    texts = [text for _, text in seen["a"]]
+    assert sorted(texts) == sorted(f"{nick}:{i}" for _, nick in senders for i in range(per_sender))
+    for _, nick in senders:  # and each sender's own order kept
+        mine = [text for text in texts if text.startswith(nick + ":")]
+        assert mine == [f"{nick}:{i}" for i in range(per_sender)]
+
+
+def test_gap_free_reconnect_with_the_redis_engine(chats):
+    check_gap_free_reconnect(chats(), chats())
+
+
+def test_history_outlives_every_process(chats):
+    first = chats()
+    with join(first, "ann") as ann:
+        epoch = recv_json(ann, "welcome")["epoch"]
+        for i in range(1, 4):
+            say(ann, f"before restart {i}")
+        collect(ann, 3)
+    first.server.stop()
+    first.close()
+
+    second = chats()
+    with join(second, "ann", f"&since=1&epoch={epoch}") as ann:
+        welcome = recv_json(ann, "welcome")
+        assert welcome["epoch"] == epoch and welcome["missed"] is False and welcome["users"] == ["ann"]
+        assert [(m["seq"], m["text"]) for m in welcome["history"]] == [(2, "before restart 2"), (3, "before restart 3")]
+        say(ann, "after restart")
+        assert recv_json(ann, "message")["seq"] == 4
+
+
+def test_the_members_of_a_killed_process_leave(chats, redis_server):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "wschat", "--port", "0", "--redis", redis_server.url, "--presence-timeout", "1",
+         "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        port = int(re.search(r":(\d+)/chat", process.stdout.readline()).group(1))
+        b = chats(presence_timeout=1)
+        with connect(f"ws://127.0.0.1:{port}/chat?nick=carol", subprotocols=["wschat.v1"]) as carol:
+            recv_json(carol, "welcome")
+            with join(b, "dave") as dave:
+                assert recv_json(dave, "welcome")["users"] == ["carol", "dave"]
+                process.kill()  # no clean shutdown: carol's claim stays in Redis
+                process.wait()
+                leave = recv_json(dave, "leave")  # within presence_timeout and a third of it
+                assert leave["nick"] == "carol" and leave["room"] == "main"
+                assert b.users() == ["dave"]
+                with join(b, "carol") as again:  # the nickname is free again
+                    assert recv_json(again, "welcome")["nick"] == "carol"
+    finally:
+        process.kill()
+        process.communicate()
+
+
+def test_redis_killed_and_restarted_mid_chat(chats, redis_server, caplog):
+    a, b = chats(welcome="hello"), chats()
+    with join(a, "alice") as alice, join(b, "bob") as bob, connect(a.url) as plain:
+        assert plain.recv(timeout=5) == "hello"
+        recv_json(alice, "welcome")
+        recv_json(bob, "welcome")
+        present = a.users()  # alice, bob and the plain client's guest name
+        say(alice, "before")
+        assert recv_json(bob, "message")["text"] == "before"
+        assert plain.recv(timeout=5) == "before"
+
+        redis_server.kill()
+        for i in range(5):  # each sender is told, in its dialect; nothing is silently lost
+            say(alice, f"lost {i}")
+            assert recv_json(alice, "error")["code"] == "not_sent"
+        plain.send("plain lost")
+        assert "message not sent" in plain.recv(timeout=5)
+        alice.send(json.dumps({"type": "users"}))
+        assert recv_json(alice, "error")["code"] == "unavailable"
+        with pytest.raises(ConnectionClosedError) as refused, join(a, "newcomer") as newcomer:
+            newcomer.recv(timeout=5)
+        assert refused.value.rcvd.code == 1013
+        outages = [r for r in caplog.records if r.getMessage().startswith("Redis at") and "unreachable" in r.getMessage()]
+        assert 1 <= len(outages) <= 2  # once per server, not once per message
+
+        redis_server.start()  # the same port; its append-only file kept everything
+        wait_until(lambda: a.engine._down_since is None and b.engine._down_since is None, what="reconnecting")
+        say(bob, "after")
+        for ws in (alice, bob):
+            message = recv_json(ws, "message")
+            assert (message["text"], message["seq"]) == ("after", 2)  # the sequence goes on, no gap
+        assert plain.recv(timeout=5) == "after"
+        with join(a, "newcomer") as newcomer:
+            welcome = recv_json(newcomer, "welcome")
+            assert welcome["users"] == sorted([*present, "newcomer"])  # presence came through
+            assert [m["text"] for m in welcome["history"]] == ["before", "after"]
+    assert [r for r in caplog.records if "reachable again" in r.getMessage()]
+
+
+def test_redis_restarted_empty_starts_a_new_epoch(chats, redis_server):
+    a, b = chats(), chats()
+    with join(a, "alice") as alice, join(b, "bob") as bob:
+        epoch = recv_json(alice, "welcome")["epoch"]
+        recv_json(bob, "welcome")
+        say(alice, "one")
+        say(alice, "two")
+        assert collect(bob, 2) == [1, 2]
+        redis_server.kill()
+        for name in os.listdir(redis_server.directory):  # as if Redis kept nothing
+            subprocess.run(["rm", "-rf", os.path.join(redis_server.directory, name)], check=True)
+        redis_server.start()
+        wait_until(lambda: a.engine._down_since is None and b.engine._down_since is None, what="reconnecting")
+        wait_until(lambda: a.users() == ["alice", "bob"], what="the members claimed again")
+        say(bob, "three")
+        for ws in (alice, bob):
+            notice = recv_json(ws, "epoch")
+            assert notice["epoch"] != epoch
+            message = recv_json(ws, "message")
+            assert (message["text"], message["seq"]) == ("three", 1)
+
+
+def test_a_subscriber_that_missed_messages_fills_the_gap(chats):
+    """Messages published while a process was not subscribed (its subscription
+    connection dropped) are delivered from the history, in order, once."""
+    a, b = chats(), chats()
+    with join(a, "alice") as alice, join(b, "bob") as bob:
+        recv_json(alice, "welcome")
+        recv_json(bob, "welcome")
+        say(alice, "1")
+        assert collect(bob, 1) == [1]
+        b.engine.redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # every subscriber drops
+        for i in range(2, 6):
+            say(alice, str(i))
+        assert collect(bob, 5) == [2, 3, 4, 5]
+        assert collect(alice, 5) == [1, 2, 3, 4, 5]
+
+
+# -- the command line ------------------------------------------------------------------
+
+
+def children_of(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as listing:
+        return [int(child) for child in listing.read().split()]
+
+
+def test_processes_serve_one_port_as_one_chat(redis_server):
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "wschat", "--port", "0", "--redis", redis_server.url, "--processes", "2",
+         "--presence-timeout", "1", "--rate-limit", "0", "--log-level", "info"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = parent.stdout.readline()
+        assert "(2 processes)" in line, line + parent.stderr.read()
+        port = int(re.search(r":(\d+)/chat", line).group(1))
+        url = f"ws://127.0.0.1:{port}/chat"
+        first = children_of(parent.pid)
+        assert len(first) == 2
+        stack = contextlib.ExitStack()
+        clients = [stack.enter_context(connect(f"{url}?nick=user{i}", subprotocols=["wschat.v1"], max_queue=None))
+                   for i in range(8)]
+        for ws in clients:
+            recv_json(ws, "welcome")
+        say(clients[0], "to everyone")
+        for ws in clients:  # wherever the kernel put them
+            assert recv_json(ws, "message")["text"] == "to everyone"
+
+        os.kill(first[0], signal.SIGKILL)  # a child dies: the parent starts another
+        wait_until(lambda: len(children_of(parent.pid)) == 2 and first[0] not in children_of(parent.pid),
+                   what="the child restarted")
+        survivors = []
+        for ws in clients:
+            try:
+                say(ws, "still here")
+                survivors.append(ws)
+            except Exception:  # served by the killed child
+                pass
+        assert survivors
+
+        parent.send_signal(signal.SIGTERM)  # everyone is closed with 1001
+        for ws in survivors:
+            with pytest.raises(Exception) as closed:
+                while True:
+                    ws.recv(timeout=10)
+            assert getattr(closed.value, "rcvd", None) is not None and closed.value.rcvd.code == 1001
+        assert parent.wait(20) == 0
+        errors = parent.stderr.read()
+        assert "exited with code -9" in errors and "restarted" in errors
+        stack.close()
+    finally:
+        parent.kill()
+        parent.communicate()
+
+
+def run_cli(*args, code=None):
+    return subprocess.run([sys.executable, *(["-c", code] if code else ["-m", "wschat"]), *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_processes_without_redis_is_an_error():
+    result = run_cli("--processes", "2")
+    assert result.returncode == 2 and "--processes needs --redis" in result.stderr
+
+
+def test_an_unreachable_redis_is_one_line_and_exit_1():
+    from .helpers import free_port
+
+    result = run_cli("--port", "0", "--redis", f"redis://127.0.0.1:{free_port()}/0")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1 and "cannot reach Redis at redis://127.0.0.1:" in result.stderr
+
+
+def test_redis_without_redis_py_is_one_line_and_exit_1():
+    code = ("import sys; sys.modules['redis'] = None; from wschat.__main__ import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    result = run_cli("--port", "0", "--redis", "redis://127.0.0.1:6379/0", code=code)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == "wschat: --redis needs redis-py: pip install 'wschat[redis]'"

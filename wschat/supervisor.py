@@ -1,0 +1,128 @@
+"""``python -m wschat --processes N``: N processes serve one port, one chat.
+
+The parent holds the port (bound with SO_REUSEPORT, never listening, so it
+gets no connections), starts N children of ``python -m wschat`` that listen on
+it with SO_REUSEPORT (the kernel spreads new connections over them), and
+restarts a child that dies.  Their chat is one through Redis (``--redis``).
+SIGTERM or SIGINT stops every child, each closing its clients with 1001.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+log = logging.getLogger("wschat")
+
+RESTART_DELAY_MAX = 10.0  # seconds between restarts of a child that keeps dying at once
+STOP_GRACE = 15.0  # seconds a child has to close its clients before it is killed
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """Bind (not listen on) ``host:port`` with SO_REUSEPORT: the children can
+    bind it too, no one else can, and port 0 becomes one free port for all."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+class Child:
+    """One ``python -m wschat`` serving the shared port."""
+
+    def __init__(self, number: int, argv: list[str]):
+        self.number = number
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "wschat", *argv], stdout=subprocess.PIPE, text=True,
+            start_new_session=True,  # a terminal's Ctrl-C reaches the parent, which stops the children
+        )
+        self.started = time.monotonic()
+
+    def wait_ready(self) -> bool:
+        """True once the child listens (its ready line); False if it exited."""
+        return bool(self.process.stdout.readline())
+
+
+def supervise(args: argparse.Namespace, argv: list[str]) -> int:
+    from .__main__ import SetupError, ready_line, redis_engine
+
+    count = args.processes or os.cpu_count() or 1
+    try:  # one clear error here rather than one per child
+        engine = redis_engine(args)
+        engine.redis.ping()
+        engine.redis.close()
+    except SetupError as exc:
+        print(f"wschat: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # redis-py's errors, without importing it here
+        print(f"wschat: cannot reach Redis at {args.redis}: {exc}", file=sys.stderr)
+        return 1
+    try:
+        reserved = reserve_port(args.host, args.port)
+    except OSError as exc:
+        print(f"wschat: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    port = reserved.getsockname()[1]
+    child_argv = [*argv, "--processes", "1", "--port", str(port), "--supervised-by", str(os.getpid())]
+    stopping = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopping.set())
+
+    children = [Child(number, child_argv) for number in range(1, count + 1)]
+    for child in children:
+        if not child.wait_ready():
+            log.error("process %d could not start (exit code %s): stopping", child.number, child.process.wait())
+            _stop_all(children)
+            return 1
+    scheme = "wss" if args.certfile else "ws"
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(ready_line(f"{scheme}://{host}:{port}", args.path, count), flush=True)
+
+    delays = {child.number: 0.0 for child in children}
+    while not stopping.wait(0.5):
+        for index, child in enumerate(children):
+            code = child.process.poll()
+            if code is None or stopping.is_set():
+                continue
+            ran = time.monotonic() - child.started
+            delay = delays[child.number] = 0.0 if ran > 60 else min(RESTART_DELAY_MAX, delays[child.number] * 2 or 0.5)
+            log.warning("process %d (pid %d) exited with code %s after %.0f s: restarting it in %.1f s",
+                        child.number, child.process.pid, code, ran, delay)
+            if stopping.wait(delay):
+                break
+            child.process.stdout.close()
+            children[index] = replacement = Child(child.number, child_argv)
+            if replacement.wait_ready():
+                log.info("process %d restarted (pid %d)", child.number, replacement.process.pid)
+    _stop_all(children)
+    reserved.close()
+    return 0
+
+
+def _stop_all(children: list[Child]) -> None:
+    """SIGTERM every child (each closes its clients with 1001); kill the ones that hang."""
+    for child in children:
+        if child.process.poll() is None:
+            child.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE
+    for child in children:
+        try:
+            child.process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("process %d (pid %d) did not stop in time: killing it", child.number, child.process.pid)
+            child.process.kill()
+            child.process.wait()
+        child.process.stdout.close()
