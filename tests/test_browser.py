@@ -205,6 +205,55 @@ def test_reconnect_without_a_restart_shows_what_was_missed_once(server, page_for
     assert alice.locator("#messages li.notice", has_text="restarted").count() == 0
 
 
+def test_coming_back_too_late_says_messages_were_missed(page_for):
+    server = chat_server(chat={"history": 2})
+    try:
+        alice = page_for(server, "alice")
+        send(alice, "one")
+        last_message(alice, "one")
+        [conn] = server.connections()
+        conn.close(1012, "service restart")
+        alice.wait_for_selector("#status.offline")
+        for i in range(4):  # more than the room keeps
+            server.chat.post(f"away {i}", nick="ci")
+        alice.wait_for_selector("#status.online", timeout=20000)
+        last_message(alice, "away 3")
+        assert texts(alice) == ["one", "away 2", "away 3"]
+        assert alice.locator("#messages li.notice", has_text="missed while offline").count() == 1
+    finally:
+        server.stop()
+
+
+def test_with_redis_a_restarted_server_loses_nothing(page_for, redis_server):
+    from wschat.redis_engine import RedisEngine
+
+    def redis_chat(port=0):
+        return chat_server(port, chat={"engine": RedisEngine(redis_server.url)})
+
+    a, b = redis_chat(), redis_chat()
+    try:
+        alice, bob = page_for(a, "alice"), page_for(b, "bob")
+        send(alice, "before")
+        last_message(bob, "before")
+        port = a.port
+        a.stop()
+        a.chat.close()
+        alice.wait_for_selector("#status.offline")
+        send(bob, "while alice was away")  # through the other server, into Redis
+        a = redis_chat(port)
+        alice.wait_for_selector("#status.online", timeout=20000)
+        last_message(alice, "while alice was away")
+        send(alice, "back")
+        last_message(bob, "back")
+        assert texts(alice) == ["before", "while alice was away", "back"]
+        assert alice.locator("#messages li.notice", has_text="restarted").count() == 0
+        assert alice.locator("#messages li.notice", has_text="missed").count() == 0
+    finally:
+        for server in (a, b):
+            server.stop()
+            server.chat.close()
+
+
 def test_a_refused_connection_stops_retrying_with_a_message(page_for):
     server = chat_server(allowed_origins=["http://elsewhere.example"])  # the page's origin is refused: 403
     try:

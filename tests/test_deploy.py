@@ -4,6 +4,7 @@ Needs Debian's nginx (``.ci/run`` installs it); skipped with the reason where
 it is absent, unless WSCHAT_REQUIRE_SERVICES=1 (set by CI) makes that a failure.
 """
 
+import contextlib
 import http.client
 import importlib.util
 import json
@@ -168,3 +169,35 @@ def test_behind_nginx_wschat_sees_each_client_not_the_proxy(behind_nginx):
         response = client.getresponse()
         assert response.status == 200  # allowed from 127.0.0.1 only, by the config
         assert re.search(rb"^wschat_connections 2$", response.read(), re.M)
+
+
+def test_the_documented_pool_is_one_chat_across_processes(tmp_path, redis_server):
+    """Two wschat processes on one Redis, nginx in front: clients land on both
+    (round robin) and are in one chat."""
+    ports = [free_port(), free_port()]
+    pool = {port: start_wschat(port, "--redis", redis_server.url, "--metrics") for port in ports}
+    config = documented_block(*MAP_BLOCK) + documented_block("upstream wschat_pool {", "\nand on each machine")
+    config = config.replace("server 10.0.0.11:1984;", f"server 127.0.0.1:{ports[0]};")
+    config = config.replace("server 10.0.0.12:1984;", f"server 127.0.0.1:{ports[1]};")
+    assert all(str(port) in config for port in ports)
+    (tmp_path / "nginx").mkdir()
+    for nginx_port in run_behind_nginx(tmp_path / "nginx", config, pool):
+        url = f"ws://127.0.0.1:{nginx_port}/chat"
+        with contextlib.ExitStack() as stack:
+            clients = [stack.enter_context(connect(f"{url}?nick=n{i}", subprotocols=["wschat.v1"])) for i in range(4)]
+            for ws in clients:
+                assert json.loads(ws.recv(timeout=5))["type"] == "welcome"
+            clients[0].send(json.dumps({"type": "message", "text": "to the pool"}))
+            for ws in clients:
+                while (event := json.loads(ws.recv(timeout=5)))["type"] != "message":
+                    pass
+                assert event["text"] == "to the pool"
+            clients[-1].send(json.dumps({"type": "users"}))
+            while (event := json.loads(clients[-1].recv(timeout=5)))["type"] != "users":
+                pass
+            assert event["users"] == ["n0", "n1", "n2", "n3"]
+            for port in ports:  # nginx spread the clients: both processes serve some
+                client = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                client.request("GET", "/metrics")
+                served = re.search(rb"^wschat_connections (\d+)$", client.getresponse().read(), re.M)
+                assert int(served.group(1)) >= 1

@@ -38,7 +38,9 @@
   function chatUrl() {
     const scheme = location.protocol === "https:" ? "wss" : "ws";
     const room = state.room ? "/" + encodeURIComponent(state.room) : "";
-    return `${scheme}://${location.host}${config.path}${room}?nick=${encodeURIComponent(state.chosen)}`;
+    // Coming back: the server sends exactly what was missed since the last message seen.
+    const since = state.epoch === null ? "" : `&since=${state.lastSeq}&epoch=${encodeURIComponent(state.epoch)}`;
+    return `${scheme}://${location.host}${config.path}${room}?nick=${encodeURIComponent(state.chosen)}${since}`;
   }
 
   // -- what the page shows -----------------------------------------------------------------
@@ -107,9 +109,7 @@
         state.lastSeq = 0;
       }
       const fresh = msg.history.filter((m) => m.seq > state.lastSeq);
-      if (!first && !restarted && state.lastSeq && fresh.length && fresh[0].seq > state.lastSeq + 1) {
-        notice("Some messages were missed while offline.");
-      }
+      if (!first && !restarted && msg.missed) notice("Some messages were missed while offline.");
       state.epoch = msg.epoch;
       for (const old of fresh) showMessage(old, true);
       if (msg.text && first) notice(msg.text);
@@ -122,7 +122,16 @@
       showUsers();
     },
     message(msg) { if (!(msg.seq <= state.lastSeq)) showMessage(msg, false); },
-    join(msg) { state.users.push(msg.nick); showUsers(); notice(`${msg.nick} joined`); },
+    join(msg) {
+      if (!state.users.includes(msg.nick)) state.users.push(msg.nick);
+      showUsers();
+      notice(`${msg.nick} joined`);
+    },
+    epoch(msg) {  // the server lost its history (a Redis restarted empty): numbering starts over
+      state.epoch = msg.epoch;
+      state.lastSeq = 0;
+      notice("The chat's history was lost on the server; new messages follow.");
+    },
     leave(msg) { state.users = state.users.filter((n) => n !== msg.nick); showUsers(); notice(`${msg.nick} left`); },
     nick(msg) {
       state.users = state.users.map((n) => (n === msg.old ? msg.nick : n));
