@@ -10,6 +10,7 @@ from websockets.sync.client import connect
 
 from wschat import HandshakeError
 from wschat.chat import DEFAULT_WELCOME, Chat, ChatLimits
+from wschat.engine import MemoryEngine
 
 from .helpers import start_server
 
@@ -493,3 +494,26 @@ def connect_and_welcome(chat, query):
 def test_gap_free_reconnect_with_the_memory_engine(make_chat):
     chat = make_chat(welcome="", limits=ChatLimits.off())
     check_gap_free_reconnect(chat, chat)
+
+
+def test_a_plain_client_gets_what_was_said_while_it_joined(make_chat):
+    """Its handshake answered, a client gets every later message, even one
+    said while the chat was still joining it (on a worker, waiting for its engine)."""
+
+    class SlowToJoin(MemoryEngine):
+        def __init__(self):
+            super().__init__()
+            self.joining, self.go_on = threading.Event(), threading.Event()
+
+        def subscribe(self, room):
+            self.joining.set()
+            assert self.go_on.wait(5)
+
+    chat = make_chat(welcome="", engine=SlowToJoin(), workers=2)
+    with plain(chat) as ws:
+        assert chat.engine.joining.wait(5)
+        chat.post("said while joining", nick="ci")
+        chat.engine.go_on.set()
+        assert ws.recv(timeout=5) == "said while joining"
+        chat.post("said after", nick="ci")
+        assert ws.recv(timeout=5) == "said after"

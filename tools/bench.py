@@ -3,11 +3,16 @@
     python tools/bench.py                                  # all scenarios, 3 rounds
     python tools/bench.py --rounds 5 --scenarios fanout,large-64k
     python tools/bench.py --servers wschat,wschat-pure --quick
+    python tools/bench.py --servers wschat,wschat-redis,wschat-redis-2p --scenarios fanout --reference wschat
 
 Each round starts every server under test afresh for every scenario, in turn
 (A B C A B C ...), the server pinned to CPU 0 and this load generator to CPU 1.
 The table gives medians over the rounds and each figure as a ratio to the
-python-websockets threading server measured in the same run.
+python-websockets threading server measured in the same run.  The Redis
+variants (``--redis``, one process or ``--processes 2``) use a redis-server
+that the benchmark starts on a free port (Debian's /usr/bin/redis-server, no
+persistence), emptied before each server starts; it and every server process
+share the server's CPU.
 
 The load generator is built to cost far less per message than a server: raw
 non-blocking sockets, the handshake by hand, client frames masked once before
@@ -23,6 +28,7 @@ import argparse
 import os
 import platform
 import resource
+import select
 import selectors
 import socket
 import statistics
@@ -267,6 +273,25 @@ def open_clients(port: int, count: int, *, concurrency: int = 50, timeout: float
     return clients, rate
 
 
+def warm_up(peers: list[Client], size: int, timeout: float = 30.0) -> None:
+    """One message from the first client, read by every client, then dropped:
+    the clock starts once every client is in the chat.  (wschat answers the
+    handshake, then joins the client, on a worker thread with ``--redis``: a
+    message said meanwhile reaches a plain client only from the room's history.)"""
+    peers[0].sock.send(client_frame(payload(999999, 0, size)))  # fits an empty socket buffer
+    frame_len = len(server_header(size)) + size
+    deadline = time.monotonic() + timeout
+    for peer in peers:
+        got = 0
+        while got < frame_len:
+            if not select.select([peer.sock], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                raise BenchError(f"client {peer.index}: the warm-up message did not arrive")
+            data = peer.sock.recv(frame_len - got)
+            if not data:
+                raise BenchError(f"client {peer.index}: the server closed the connection")
+            got += len(data)
+
+
 def close_clients(clients: list[Client]) -> None:
     for client in clients:
         client.sock.close()
@@ -284,6 +309,8 @@ def run_fanout(port: int, clients: int = 50, messages: int = 200, size: int = 64
     peers, _ = open_clients(port, clients, deflate=deflate)
     header = server_header(size)
     frame_len = len(header) + size
+    if not deflate:
+        warm_up(peers, size)
     if deflate:
         if any(peer.deflate is None for peer in peers):
             raise BenchError("the server declined permessage-deflate")
@@ -445,12 +472,19 @@ def run_fanout(port: int, clients: int = 50, messages: int = 200, size: int = 64
 
 
 def cpu_seconds(pid: int | None) -> float:
-    """User and system CPU seconds of process ``pid`` so far (0 without one)."""
+    """User and system CPU seconds of process ``pid`` and its running children
+    (``--processes``) so far (0 without one)."""
     if pid is None:
         return 0.0
     with open(f"/proc/{pid}/stat") as stat:
         fields = stat.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as listing:
+            children = [int(child) for child in listing.read().split()]
+    except OSError:
+        children = []
+    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return own + sum(cpu_seconds(child) for child in children)
 
 
 def rss_kib(pid: int) -> int:
@@ -567,6 +601,8 @@ WSCHAT = [sys.executable, "-m", "wschat", "--welcome", "", "--max-chat-length", 
 SERVERS = {
     "wschat": (WSCHAT + ["--port", "{port}"], {}),
     "wschat-pure": (WSCHAT + ["--port", "{port}"], {"WSCHAT_NO_SPEEDUPS": "1"}),
+    "wschat-redis": (WSCHAT + ["--port", "{port}", "--redis", "{redis}"], {}),
+    "wschat-redis-2p": (WSCHAT + ["--port", "{port}", "--redis", "{redis}", "--processes", "2"], {}),
     "ws-threading": ([sys.executable, os.path.join(HERE, "bench_servers.py"), "threading", "{port}"], {}),
     "ws-asyncio": ([sys.executable, os.path.join(HERE, "bench_servers.py"), "asyncio", "{port}"], {}),
 }
@@ -586,9 +622,50 @@ def _server_process_setup() -> None:
         os.sched_setaffinity(0, {0})
 
 
+class BenchRedis:
+    """A redis-server of the benchmark's own, for the ``--redis`` variants."""
+
+    BINARY = "/usr/bin/redis-server"
+
+    def __init__(self):
+        if not os.path.exists(self.BINARY):
+            raise BenchError(f"the Redis variants need {self.BINARY} (apt-get install redis-server)")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = subprocess.Popen(
+            [self.BINARY, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            preexec_fn=_server_process_setup, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while not self.flush():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise BenchError("redis-server did not start")
+            time.sleep(0.05)
+
+    def flush(self) -> bool:
+        """Empty it (FLUSHALL, in Redis's inline protocol); False if it does not answer."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+                sock.sendall(b"FLUSHALL\r\n")
+                return sock.recv(16).startswith(b"+OK")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+REDIS: BenchRedis | None = None
+
+
 class RunningServer:
     def __init__(self, name: str, deflate: bool = False):
         command, env, *cwd = SERVERS[name]
+        if "{redis}" in command:
+            global REDIS
+            REDIS = REDIS or BenchRedis()
+            REDIS.flush()
+            command = [part.replace("{redis}", REDIS.url) for part in command]
         if deflate and name.startswith("ws-"):
             command = [*command, "deflate"]  # python-websockets compresses only when told to
         self.name = name
@@ -696,6 +773,8 @@ def main(argv=None) -> int:
                     results.setdefault((scenario, figure), {}).setdefault(name, []).append(value)
                 print(f"round {round_number + 1}: {scenario:10} {name:13} " +
                       "  ".join(f"{k} {v:,.1f}" for k, v in figures.items()), file=sys.stderr, flush=True)
+    if REDIS is not None:
+        REDIS.stop()
     print_table(results, servers, failed, args.reference)
     return 1 if any(name.startswith("wschat") for _, name in failed) else 0
 

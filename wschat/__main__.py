@@ -10,6 +10,7 @@ import signal
 import ssl
 import sys
 import threading
+import time
 from typing import Sequence
 
 from . import __version__
@@ -19,6 +20,7 @@ from .files import DEFAULT_PAGE_POLICY
 from .frames import IMPLEMENTATION
 from .server import Server
 
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
 
@@ -169,6 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     raise_descriptor_limit()
+    # SIGINT and SIGTERM are blocked in every thread (those started later
+    # inherit it) and taken by sigwait on this one: no handler runs in the
+    # middle of a lock held here, so none can deadlock on it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     if args.processes != 1:
         from .supervisor import supervise
 
@@ -184,31 +190,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         chat.close()
         print(f"wschat: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
-    # The loop runs on its own thread; this one waits for a signal and stops
-    # it, so that a signal can never interrupt the loop's start.
-    stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+    # The loop runs on its own thread; this one waits for a signal and stops it.
     if args.supervised_by is not None:
-        watch_parent(args.supervised_by, stop)
+        watch_parent(args.supervised_by)
     server.start()
     print(ready_line(server.url, args.path), flush=True)
-    stop.wait()
+    signal.sigwait(STOP_SIGNALS)
     server.stop()
     chat.close()
     return 0
 
 
-def watch_parent(parent: int, stop: threading.Event) -> None:
+def watch_parent(parent: int) -> None:
     """A process of ``--processes`` stops when its supervisor is gone
     (killed without a chance to stop it)."""
 
     def watch() -> None:
         while os.getppid() == parent:
-            if stop.wait(1.0):
-                return
+            time.sleep(1.0)
         logging.getLogger("wschat").warning("the supervising process %d is gone: stopping", parent)
-        stop.set()
+        os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, name="wschat-parent-watch", daemon=True).start()
 

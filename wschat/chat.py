@@ -66,6 +66,24 @@ class ChatLimits:
         return cls(max_length=0, rate=0, burst=0)
 
 
+@dataclass
+class Admission:
+    """What the chat learnt before answering a handshake (``Connection.user``
+    until ``on_open``): the app's user, and the room's (epoch, seq) then."""
+
+    user: object
+    position: tuple[str, int] | None
+
+    def said_since(self, epoch: str, records: list[dict]) -> list[dict]:
+        """The ``records`` said after the handshake was answered."""
+        if self.position is None:
+            return []
+        then_epoch, then_seq = self.position
+        if then_seq and then_epoch != epoch:
+            return []  # the room began anew meanwhile: its history is all new
+        return [record for record in records if record["seq"] > then_seq]
+
+
 @dataclass(eq=False)
 class Member:
     """A connection's place in the chat (kept in ``Connection.context``)."""
@@ -178,7 +196,7 @@ class Chat:
             on_close=self.on_close,
             on_error=self.on_error,
             subprotocols=[SUBPROTOCOL],
-            authorize=self._authorize if authorize is not None else None,
+            authorize=self._admit,
         )
         if page_config:
             server.http_route(page_config, self._page_config)
@@ -227,25 +245,40 @@ class Chat:
         body = encode(self.page_config()).encode("utf-8")
         return text_response(200, body, "application/json; charset=utf-8", head_only=request.method == "HEAD")
 
-    def _authorize(self, request: Request) -> object:
-        """The app's hook, and a check that its user's name can be a nickname."""
-        user = self._app_authorize(request)
+    def _admit(self, request: Request) -> Admission:
+        """Before the handshake is answered: the app's hook (its user's name
+        must be able to be a nickname), and where the room stands, so that
+        the client gets every message said after it was answered, even those
+        said while it is joining (see ``on_open``)."""
+        user = self._app_authorize(request) if self._app_authorize is not None else None
         if user is not None:
             nick = self.nick_for(user)
             problem = nick_problem(nick, self.limits.max_nick_length)
             if problem is not None:
                 log.warning("user name %s cannot be a nickname: %s", quoted(nick, 40), problem)
                 raise HandshakeError(403, f"your user name cannot be a nickname here: {problem}")
-        return user
+        name = self._room_of(request.path)
+        position = None
+        if room_problem(name) is None:
+            try:
+                position = self.engine.position(name)
+            except EngineUnavailable:
+                pass  # on_open closes it with 1013
+        return Admission(user, position)
+
+    def _room_of(self, path: str) -> str:
+        raw = path[len(self.resource.path):].strip("/")
+        try:
+            return normalize(unquote(raw, errors="strict")) or DEFAULT_ROOM
+        except UnicodeDecodeError:
+            return raw  # not a room name
 
     # -- joining -------------------------------------------------------------------
 
     def on_open(self, conn: Connection) -> None:
-        raw = conn.path[len(self.resource.path):].strip("/")
-        try:
-            name = normalize(unquote(raw, errors="strict")) or DEFAULT_ROOM
-        except UnicodeDecodeError:
-            name = raw  # refused below
+        admission: Admission = conn.user
+        conn.user = admission.user  # what the app's hook said, for the app to see
+        name = self._room_of(conn.path)
         if room_problem(name) is not None:
             conn.close(CloseCode.POLICY_VIOLATION, "invalid room name")
             return
@@ -279,6 +312,8 @@ class Chat:
         with self._lock:
             local.joining -= 1
             records = self._catch_up(local, history)
+            if not structured:  # what was said since the handshake was answered, for plain clients too
+                missed_while_joining = admission.said_since(history.epoch, records)
             conn.context = member
             if structured:
                 welcome = {"type": "welcome", "text": self.welcome, "room": name, "nick": nick,
@@ -290,8 +325,11 @@ class Chat:
                 conn.send(encode(welcome))
                 if problem:
                     self._notify(member, "nick_refused", f"{problem}; you are {nick}")
-            elif self.welcome:
-                conn.send(self.welcome)
+            else:
+                if self.welcome:
+                    conn.send(self.welcome)
+                for record in missed_while_joining:
+                    conn.send(record["text"])
             local.add(member)
         if claim.evicted:
             self._publish(name, {"type": "evict", "nick": nick, "_holders": claim.evicted})

@@ -80,6 +80,7 @@ class Engine(Protocol):
     def publish_message(self, room: str, record: dict) -> int: ...
     def publish(self, room: str, event: dict) -> None: ...
     def history(self, room: str, since: int | None = None, epoch: str | None = None) -> History: ...
+    def position(self, room: str) -> tuple[str, int]: ...  # (epoch, last sequence number)
     def claim(self, room: str, nick: str, holder: str, user_id: str | None = None) -> Claim: ...
     def rename(self, room: str, old: str, new: str, holder: str) -> bool: ...
     def release(self, room: str, nick: str, holder: str) -> bool: ...
@@ -172,6 +173,12 @@ class MemoryEngine:
                 return History(new_epoch(), 0, [], bool(since))
             records, missed = select_history(list(target.history), target.seq, since, epoch == target.epoch)
             return History(target.epoch, target.seq, records, missed)
+
+    def position(self, room: str) -> tuple[str, int]:
+        with self._lock:
+            target = self._room(room)
+            self._forget_if_idle(room)
+            return target.epoch, target.seq
 
     def claim(self, room: str, nick: str, holder: str, user_id: str | None = None) -> Claim:
         with self._lock:

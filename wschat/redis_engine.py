@@ -28,6 +28,7 @@ backoff.  While Redis is unreachable every call fails at once with
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -206,6 +207,8 @@ class RedisEngine:
             ("publish", _PUBLISH_MESSAGE), ("claim", _CLAIM), ("rename", _RENAME),
             ("release", _RELEASE), ("sweep", _SWEEP), ("tidy", _TIDY))}
         self._control = f"{self.prefix}control:{self.process_id}"
+        self._epoch_base = new_epoch()
+        self._epochs = itertools.count()  # with process_id: a fresh epoch name, without os.urandom per message
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._wanted: dict[str, int] = {}  # room -> members here: the rooms to subscribe to
@@ -226,6 +229,10 @@ class RedisEngine:
 
     def _key(self, kind: str, name: str) -> str:
         return f"{self.prefix}{kind}:{name}"
+
+    def _new_epoch(self) -> str:
+        """The epoch a room gets if it has none (used once per room, offered every time)."""
+        return f"{self._epoch_base}{next(self._epochs):x}"
 
     # -- lifetime ----------------------------------------------------------------------
 
@@ -321,7 +328,7 @@ class RedisEngine:
         seq = self._call(
             self._scripts["publish"],
             keys=[self._key("seq", room), self._key("epoch", room), self._key("history", room)],
-            args=[encode(record), self.history_size, self._key("room", room), new_epoch(), self.room_ttl],
+            args=[encode(record), self.history_size, self._key("room", room), self._new_epoch(), self.room_ttl],
         )
         record["seq"] = seq
         return seq
@@ -331,7 +338,7 @@ class RedisEngine:
 
     def history(self, room: str, since: int | None = None, epoch: str | None = None) -> History:
         pipe = self.redis.pipeline(transaction=True)
-        pipe.set(self._key("epoch", room), new_epoch(), nx=True, ex=self.room_ttl)  # a new room's epoch
+        pipe.set(self._key("epoch", room), self._new_epoch(), nx=True, ex=self.room_ttl)  # a new room's epoch
         pipe.get(self._key("seq", room))
         pipe.get(self._key("epoch", room))
         pipe.lrange(self._key("history", room), 0, -1)
@@ -339,6 +346,14 @@ class RedisEngine:
         seq = int(seq or 0)
         records, missed = select_history([json.loads(text) for text in kept], seq, since, epoch == kept_epoch)
         return History(kept_epoch, seq, records, missed)
+
+    def position(self, room: str) -> tuple[str, int]:
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(self._key("epoch", room), self._new_epoch(), nx=True, ex=self.room_ttl)
+        pipe.get(self._key("epoch", room))
+        pipe.get(self._key("seq", room))
+        _, epoch, seq = self._call(pipe.execute)
+        return epoch, int(seq or 0)
 
     # -- presence ---------------------------------------------------------------------------
 

@@ -16,7 +16,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 log = logging.getLogger("wschat")
@@ -77,9 +76,7 @@ def supervise(args: argparse.Namespace, argv: list[str]) -> int:
         return 1
     port = reserved.getsockname()[1]
     child_argv = [*argv, "--processes", "1", "--port", str(port), "--supervised-by", str(os.getpid())]
-    stopping = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stopping.set())
+    signals = {signal.SIGINT, signal.SIGTERM}  # blocked by main(): taken here, with sigtimedwait
 
     children = [Child(number, child_argv) for number in range(1, count + 1)]
     for child in children:
@@ -92,16 +89,18 @@ def supervise(args: argparse.Namespace, argv: list[str]) -> int:
     print(ready_line(f"{scheme}://{host}:{port}", args.path, count), flush=True)
 
     delays = {child.number: 0.0 for child in children}
-    while not stopping.wait(0.5):
+    stopping = False
+    while not stopping and signal.sigtimedwait(signals, 0.5) is None:
         for index, child in enumerate(children):
             code = child.process.poll()
-            if code is None or stopping.is_set():
+            if code is None:
                 continue
             ran = time.monotonic() - child.started
             delay = delays[child.number] = 0.0 if ran > 60 else min(RESTART_DELAY_MAX, delays[child.number] * 2 or 0.5)
             log.warning("process %d (pid %d) exited with code %s after %.0f s: restarting it in %.1f s",
                         child.number, child.process.pid, code, ran, delay)
-            if stopping.wait(delay):
+            if delay and signal.sigtimedwait(signals, delay) is not None:
+                stopping = True
                 break
             child.process.stdout.close()
             children[index] = replacement = Child(child.number, child_argv)
