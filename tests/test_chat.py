@@ -365,6 +365,7 @@ def test_the_app_user_is_the_nickname_and_cannot_be_changed(make_chat, workers):
         with structured(chat, nick="ann") as anonymous:  # the name is held: an anonymous client is a guest
             welcome = recv_json(anonymous, "welcome")
             assert welcome["nick"].startswith("guest-") and "identified" not in welcome
+        assert chat.closed.acquire(timeout=5)  # the guest's leave is done (on a worker, with workers)
         assert chat.users() == ["ann"]
 
 
