@@ -231,16 +231,6 @@ def test_allowed_rsv_lets_extension_bits_through():
     assert parsed[0].rsv == 0b100
 
 
-@pytest.mark.parametrize("size", [0, 125, 16383, 16384, 70000])
-def test_frame_parts_join_to_the_frame(size):
-    payload = os.urandom(size)
-    parts = frames.encode_frame_parts(Opcode.BINARY, payload)
-    assert b"".join(parts) == encode_frame(Opcode.BINARY, payload)
-    assert len(parts) == (1 if size < frames.LARGE_PAYLOAD else 2)
-    if len(parts) == 2:
-        assert parts[1] is payload  # the payload itself, never copied
-
-
 def test_parser_keeps_leftovers_across_feeds(implementation):
     stream = b"".join(encode_frame(Opcode.BINARY, bytes([n]) * 300, mask=MASK) for n in range(3))
     parser = FrameParser(require_mask=True, max_payload=1000)

@@ -21,7 +21,6 @@ def test_consume_across_buffers_keeps_order_and_size():
         outbox.consume(step)
         taken += step
         assert contents(outbox) == whole[taken:] and outbox.size == len(whole) - taken
-        assert outbox.started == (outbox.size > 0 and isinstance(outbox.buffers[outbox.start], memoryview))
     outbox.consume(outbox.size)
     assert outbox.buffers == [] and outbox.start == 0 and len(outbox) == 0
 
@@ -45,6 +44,23 @@ def test_discard_unstarted_keeps_a_partly_written_buffer_only():
     outbox.consume(1)
     outbox.discard_unstarted()
     assert contents(outbox) == b"bcd" and outbox.size == 3
+
+
+@pytest.mark.parametrize("written", [0, 1, 10, 11, 70009])
+def test_discard_unstarted_never_cuts_a_large_frame_after_its_header(written):
+    """A large frame is a header and a payload buffer: once any of it is
+    written, all of it stays (1d5edf3's outbox dropped the payload after
+    its header had gone, and the peer read the close frame as payload)."""
+    large = PreparedMessage(b"L" * 70000)  # header 10 bytes, payload apart
+    small = PreparedMessage(b"s")
+    outbox = Outbox()
+    for message in (large, small, large):
+        outbox.extend(message.parts, message.size)
+    outbox.consume(written)
+    outbox.discard_unstarted()
+    first = encode_frame(Opcode.BINARY, b"L" * 70000)
+    assert contents(outbox) == first[written:] if written else contents(outbox) == b""
+    assert outbox.size == len(contents(outbox))
 
 
 @pytest.mark.parametrize("size", [0, 125, 126, 16383, 16384, 70000])

@@ -47,7 +47,6 @@ class CloseCode(enum.IntEnum):
 
 KNOWN_OPCODES = frozenset(int(op) for op in Opcode)
 MAX_CONTROL_PAYLOAD = 125
-LARGE_PAYLOAD = 16384  # from here on a payload is written as a buffer of its own
 
 
 def is_valid_close_code(code: int) -> bool:
@@ -141,13 +140,6 @@ def frame_header(opcode: int, size: int, *, fin: bool = True, rsv: int = 0, mask
     if size < 65536:
         return _pack_16(first, mask_bit | 126, size)
     return _pack_64(first, mask_bit | 127, size)
-
-
-def encode_frame_parts(opcode: int, payload: bytes) -> tuple[bytes, ...]:
-    """An unmasked frame as buffers to write in turn: one for a small payload,
-    header and payload apart for a large one, which is then never copied."""
-    header = frame_header(opcode, len(payload))
-    return (header + payload,) if len(payload) < LARGE_PAYLOAD else (header, payload)
 
 
 def encode_close_payload(code: int | None = None, reason: str = "") -> bytes:

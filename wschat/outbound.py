@@ -11,7 +11,10 @@ outbox, and the protocol decides what may be appended to it.
 
 from __future__ import annotations
 
-from .frames import LARGE_PAYLOAD, Opcode, frame_header
+from .frames import Opcode, frame_header
+
+LARGE_PAYLOAD = 16384  # from here on a payload is a buffer of its own, never copied into the frame
+
 
 class PreparedMessage:
     """A text (``str``) or binary (``bytes``) message framed once.
@@ -55,7 +58,9 @@ class PreparedMessage:
 
 def _frame(opcode: int, payload: bytes, rsv: int) -> tuple[tuple, int]:
     header = frame_header(opcode, len(payload), rsv=rsv)
-    parts = (header + payload,) if len(payload) < LARGE_PAYLOAD else (header, payload)
+    # A large payload goes as a buffer of its own, a view: in an outbox a view
+    # never starts a frame (see Outbox.discard_unstarted).
+    parts = (header + payload,) if len(payload) < LARGE_PAYLOAD else (header, memoryview(payload))
     return parts, len(header) + len(payload)
 
 
@@ -65,6 +70,11 @@ class Outbox:
     A list with a read index rather than a deque: an idle connection's empty
     list costs 56 bytes where a deque costs 760, and consuming from the front
     does not shift the rest.
+
+    A frame is one ``bytes`` buffer, or a ``bytes`` header followed by
+    ``memoryview`` payload buffers; a buffer partly written becomes a
+    ``memoryview`` of its rest.  So a ``memoryview`` at the front means a
+    frame is under way, and a ``bytes`` buffer is always a frame's start.
     """
 
     __slots__ = ("buffers", "start", "size")
@@ -90,11 +100,6 @@ class Outbox:
         if not self.start and len(self.buffers) <= most:
             return self.buffers
         return self.buffers[self.start : self.start + most]
-
-    @property
-    def started(self) -> bool:
-        """Whether the front buffer is partly written (it must then be finished first)."""
-        return self.size > 0 and isinstance(self.buffers[self.start], memoryview)
 
     def consume(self, sent: int) -> None:
         """Drop ``sent`` written bytes from the front."""
@@ -123,9 +128,14 @@ class Outbox:
         self.size = 0
 
     def discard_unstarted(self) -> None:
-        """Drop every buffer not yet begun; a partly written one is kept, so
-        that the peer never receives half a frame."""
-        keep = self.buffers[self.start] if self.started else None
+        """Drop every frame not yet begun.  The frame under way, if any, is
+        kept whole (its views at the front), so that the peer never receives
+        half a frame."""
+        buffers = self.buffers
+        end = self.start
+        while end < len(buffers) and type(buffers[end]) is memoryview:
+            end += 1
+        kept = buffers[self.start : end]
         self.clear()
-        if keep is not None:
-            self.append(keep)
+        for buffer in kept:
+            self.append(buffer)
