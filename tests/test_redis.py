@@ -38,6 +38,8 @@ def chats(redis_server):
         engine = RedisEngine(redis_server.url, presence_timeout=presence_timeout)
         kwargs.setdefault("welcome", "")
         chat = Chat(server, engine=engine, limits=ChatLimits.off(), **kwargs)
+        chat.closed = threading.Semaphore(0)  # released after each on_close: tests wait on it
+        chat.resource.on_close = lambda *args: (chat.on_close(*args), chat.closed.release())
         chat.url = f"ws://127.0.0.1:{server.port}/chat"
         made.append(chat)
         return chat
@@ -168,10 +170,11 @@ def test_the_members_of_a_killed_process_leave(chats, redis_server):
 
 def test_redis_killed_and_restarted_mid_chat(chats, redis_server, caplog):
     a, b = chats(welcome="hello"), chats()
-    with join(a, "alice") as alice, join(b, "bob") as bob, connect(a.url) as plain:
+    with join(a, "alice") as alice, join(b, "bob") as bob, connect(a.url) as plain, join(b, "carol") as carol:
         assert plain.recv(timeout=5) == "hello"
         recv_json(alice, "welcome")
         recv_json(bob, "welcome")
+        recv_json(carol, "welcome")
         present = a.users()  # alice, bob and the plain client's guest name
         say(alice, "before")
         assert recv_json(bob, "message")["text"] == "before"
@@ -188,11 +191,15 @@ def test_redis_killed_and_restarted_mid_chat(chats, redis_server, caplog):
         with pytest.raises(ConnectionClosedError) as refused, join(a, "newcomer") as newcomer:
             newcomer.recv(timeout=5)
         assert refused.value.rcvd.code == 1013
+        carol.close()  # leaves while Redis is down: announced when it is back
+        assert b.closed.acquire(timeout=5)
         outages = [r for r in caplog.records if r.getMessage().startswith("Redis at") and "unreachable" in r.getMessage()]
         assert 1 <= len(outages) <= 2  # once per server, not once per message
 
         redis_server.start()  # the same port; its append-only file kept everything
         wait_until(lambda: a.engine._down_since is None and b.engine._down_since is None, what="reconnecting")
+        assert "carol" not in follow_users(alice, set(present), lambda users: "carol" not in users)
+        present.remove("carol")
         say(bob, "after")
         for ws in (alice, bob):
             message = recv_json(ws, "message")
@@ -203,6 +210,17 @@ def test_redis_killed_and_restarted_mid_chat(chats, redis_server, caplog):
             assert welcome["users"] == sorted([*present, "newcomer"])  # presence came through
             assert [m["text"] for m in welcome["history"]] == ["before", "after"]
     assert [r for r in caplog.records if "reachable again" in r.getMessage()]
+
+
+def follow_users(ws, users, until):
+    """The user list as ``ws`` sees it (``users`` events, joins and leaves), until ``until(users)``."""
+    while not until(users):
+        event = json.loads(ws.recv(timeout=5))
+        if event["type"] == "users":
+            users = set(event["users"])
+        elif event["type"] in ("join", "leave"):
+            (users.add if event["type"] == "join" else users.discard)(event["nick"])
+    return users
 
 
 def test_redis_restarted_empty_starts_a_new_epoch(chats, redis_server):

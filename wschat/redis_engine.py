@@ -436,6 +436,8 @@ class RedisEngine:
         pubsub.subscribe(self._control)  # raises while Redis is down
         self._back_up()
         requested: set[str] = set()
+        with self._lock:
+            again = set(self._wanted)  # subscribed before this connection: events may have been missed
         interval = self.presence_timeout / 3
         next_beat = 0.0
         while not self._stopping.is_set():
@@ -451,7 +453,7 @@ class RedisEngine:
                 continue
             room = message["channel"][len(self.prefix) + len("room:"):]
             if message["type"] == "subscribe":
-                self._subscribed(room, requested)
+                self._subscribed(room, requested, again)
             elif message["type"] == "message":
                 self._received(room, message["data"])
 
@@ -471,14 +473,22 @@ class RedisEngine:
         requested |= added
         requested -= dropped
 
-    def _subscribed(self, room: str, requested: set[str]) -> None:
+    def _subscribed(self, room: str, requested: set[str], again: set[str]) -> None:
         if room not in requested:
             return
         with self._changed:
             self._confirmed.add(room)
             self._changed.notify_all()
-        if room in self._last:  # subscribed again after an outage: what was missed meanwhile
+        if room not in again:
+            return
+        # Subscribed again after a drop or an outage: the messages missed
+        # meanwhile from the history, and the user list as it is now (joins
+        # and leaves are not kept anywhere to be replayed).
+        again.discard(room)
+        if room in self._last:
             self._fill(room, *self._last[room], None)
+        if self._deliver is not None:
+            self._deliver(room, {"type": "users", "room": room, "users": self.users(room)}, None, None)
 
     def _back_up(self) -> None:
         """The subscriber is connected: calls may go to Redis again."""
