@@ -782,16 +782,18 @@ def main(argv=None) -> int:
 def print_table(results: dict, servers: list[str], failed: set, reference: str = REFERENCE) -> None:
     reference = reference if reference in servers else None
     others = [s for s in servers if s != reference]
-    header = f"{'scenario':10} {'figure':13}" + "".join(f"{s:>14}" for s in servers)
+    width = {s: max(14, len(s) + 2) for s in servers}
+    header = f"{'scenario':10} {'figure':13}" + "".join(f"{s:>{width[s]}}" for s in servers)
     if reference:
-        header += "".join(f"{s + '/ref':>18}" for s in others)
+        header += "".join(f"{s + '/ref':>{width[s] + 4}}" for s in others)
     print(header)
     for (scenario, figure), by_server in results.items():
         medians = {s: statistics.median(v) for s, v in by_server.items() if (scenario, s) not in failed}
         line = f"{scenario:10} {figure:13}" + "".join(
-            f"{medians[s]:14,.1f}" if s in medians else f"{'failed':>14}" for s in servers)
+            f"{medians[s]:{width[s]},.1f}" if s in medians else f"{'failed':>{width[s]}}" for s in servers)
         if medians.get(reference):
-            line += "".join(f"{medians[s] / medians[reference]:17.2f}x" if s in medians else f"{'':>18}" for s in others)
+            line += "".join(f"{medians[s] / medians[reference]:{width[s] + 3}.2f}x" if s in medians
+                            else " " * (width[s] + 4) for s in others)
         print(line)
     if reference:
         print(f"(medians; ref = {reference}; for ms and KiB/conn, lower is better)")
