@@ -372,12 +372,12 @@ def test_the_flask_example_page_chats_as_the_logged_in_user(browser):
         page.locator("header", has_text="logged in as ann").wait_for()
         chat = page.frame_locator("iframe")
         nick = chat.locator("#nick")
-        nick.wait_for()
-        assert nick.input_value() == "ann" and nick.evaluate("input => input.readOnly")
+        sync_api.expect(nick).to_have_value("ann")  # filled in once the page has read wschat.json
+        assert nick.evaluate("input => input.readOnly")
         assert chat.locator("#nick-hint").text_content() == "(your login)"
         chat.locator("#join button[type=submit]").click()
         chat.locator("#status.online").wait_for()
-        assert chat.locator("#room-label").text_content() == "room main as ann"
+        sync_api.expect(chat.locator("#room-label")).to_have_text("room main as ann")  # from the welcome
         chat.locator("#message").fill("hello from the app page")
         chat.locator("#message").press("Enter")
         line = chat.locator("#messages li.message", has=chat.locator("span.text", has_text="hello from the app page"))

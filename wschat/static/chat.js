@@ -120,6 +120,8 @@
       state.refusedOpens = 0;
       $("room-label").textContent = `room ${msg.room} as ${msg.nick}`;
       showUsers();
+      setStatus("online", "online");
+      $("message").focus();
     },
     message(msg) { if (!(msg.seq <= state.lastSeq)) showMessage(msg, false); },
     join(msg) {
@@ -175,7 +177,7 @@
     const ws = new WebSocket(chatUrl(), config.subprotocol);
     let opened = false;
     state.ws = ws;
-    ws.onopen = () => { opened = true; setStatus("online", "online"); $("message").focus(); };
+    ws.onopen = () => { opened = true; setStatus("connecting", "joining"); };  // online once welcomed
     ws.onmessage = (event) => {
       let msg;
       try { msg = JSON.parse(event.data); } catch (e) { notice(String(event.data)); return; }
