@@ -20,132 +20,28 @@ encoded once per dialect for all of them.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import threading
-import time
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Callable
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import unquote
 
 from .connection import Connection
-from .engine import JOINED, TAKEN, Claim, Engine, EngineUnavailable, History, MemoryEngine, encode
+from .dialect import SUBPROTOCOL, asked_nick, encode, message_record, now_ms, parse_request, returning_from, text_problem
+from .engine import JOINED, TAKEN, Claim, Engine, EngineUnavailable, MemoryEngine
 from .errors import HandshakeError
 from .frames import CloseCode
 from .handshake import Request, text_response
 from .logsafe import quoted
 from .names import nick_problem, normalize, room_problem
-from .outbound import PreparedMessage
+from .rooms import Admission, ChatLimits, LocalRoom, Member
 from .server import Server
 
 log = logging.getLogger("wschat")
 
-SUBPROTOCOL = "wschat.v1"
 DEFAULT_WELCOME = "Welcome to Corvusoft Chat!"
 DEFAULT_ROOM = "main"
-MAX_REQUEST = 64 * 1024  # characters in one wschat.v1 request when messages have no length limit
 TRY_AGAIN_LATER = 1013  # close code (IANA registry): the chat's engine cannot be reached
-
-
-@dataclass
-class ChatLimits:
-    """Abuse limits; 0 turns one off."""
-
-    max_length: int = 2000  # characters in one chat message
-    rate: float = 5.0  # messages per second, sustained
-    burst: int = 10  # messages in a burst
-    max_nick_length: int = 24
-
-    def __post_init__(self) -> None:
-        if self.rate and self.burst < 1:  # a bucket must hold one message
-            self.burst = 1
-
-    @classmethod
-    def off(cls) -> ChatLimits:
-        return cls(max_length=0, rate=0, burst=0)
-
-
-@dataclass
-class Admission:
-    """What the chat learnt before answering a handshake (``Connection.user``
-    until ``on_open``): the app's user, and the room's (epoch, seq) then."""
-
-    user: object
-    position: tuple[str, int] | None
-
-    def said_since(self, epoch: str, records: list[dict]) -> list[dict]:
-        """The ``records`` said after the handshake was answered."""
-        if self.position is None:
-            return []
-        then_epoch, then_seq = self.position
-        if then_seq and then_epoch != epoch:
-            return []  # the room began anew meanwhile: its history is all new
-        return [record for record in records if record["seq"] > then_seq]
-
-
-@dataclass(eq=False)
-class Member:
-    """A connection's place in the chat (kept in ``Connection.context``)."""
-
-    conn: Connection
-    room: LocalRoom
-    nick: str
-    holder: str  # its claim on the nickname, for the engine
-    structured: bool  # speaks wschat.v1 JSON
-    identified: bool = False  # the nick is the app's user name (see Chat's ``authorize``)
-    tokens: float = 0.0
-    refilled: float = field(default_factory=time.monotonic)
-
-
-@dataclass(eq=False)
-class LocalRoom:
-    """This process's side of a room: its members here, and the messages
-    delivered to them; changed only under the chat's lock."""
-
-    name: str
-    recent: deque  # the last messages delivered here: they complete a newcomer's history
-    members: dict = field(default_factory=dict)  # holder -> Member
-    plain: dict = field(default_factory=dict)  # Connection -> None: insertion-ordered sets,
-    structured: dict = field(default_factory=dict)  # updated in O(1) on join and leave
-    joining: int = 0  # members between their claim and their welcome
-    seq: int | None = None  # the last message delivered here
-    epoch: str | None = None  # the sequence it belongs to
-
-    def add(self, member: Member) -> None:
-        self.members[member.holder] = member
-        (self.structured if member.structured else self.plain)[member.conn] = None
-
-    def remove(self, member: Member) -> None:
-        self.members.pop(member.holder, None)
-        (self.structured if member.structured else self.plain).pop(member.conn, None)
-
-    @property
-    def empty(self) -> bool:
-        return not self.members and not self.joining
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def _prepare_text(server: Server, text: str) -> tuple[PreparedMessage | None, str | None]:
-    """The plain clients' frame of ``text``, or why it cannot be sent: framing
-    encodes it, and a lone surrogate (valid JSON, not Unicode) fails there,
-    before anything is stored."""
-    try:
-        return server.prepare(text), None
-    except UnicodeEncodeError as exc:
-        return None, f"text is not valid Unicode (a lone surrogate at character {exc.start})"
-
-
-def _since(conn: Connection) -> tuple[int | None, str | None]:
-    """What a returning wschat.v1 client saw last: ``?since=SEQ&epoch=EPOCH``."""
-    query = parse_qs(urlsplit(conn.target).query)
-    since = query.get("since", [""])[0]
-    if not since.isascii() or not since.isdigit() or len(since) > 18:
-        return None, None
-    return int(since), query.get("epoch", [None])[0]
 
 
 class Chat:
@@ -218,11 +114,11 @@ class Chat:
         goes into the room's history even when no one is there.  Raises
         ``ValueError`` for text that is not valid Unicode, and
         ``EngineUnavailable`` when the engine cannot be reached."""
-        plain, problem = _prepare_text(self.server, text)
+        problem = text_problem(text)
         if problem is not None:
             raise ValueError(problem)
         name = normalize(room)
-        self.engine.publish_message(name, self._record(name, nick, text))
+        self.engine.publish_message(name, message_record(name, nick, text))
 
     def users(self, room: str = DEFAULT_ROOM) -> list[str]:
         return self.engine.users(normalize(room))
@@ -288,15 +184,15 @@ class Chat:
         with self._lock:
             local = self.rooms.get(name)
             if local is None:
-                local = self.rooms[name] = LocalRoom(name, deque(maxlen=self.history_size))
-            local.joining += 1  # keeps the room here, and subscribed, until the welcome
+                local = self.rooms[name] = LocalRoom(name, self.server, deque(maxlen=self.history_size))
+            local.joining += 1  # keeps the room here, and subscribed, until it is greeted
         claim, subscribed = None, False
         try:
             nick, claim, problem = self._claim(conn, name, holder)
             if claim is not None:
                 self.engine.subscribe(name)
                 subscribed = True
-                since, epoch = _since(conn) if structured else (None, None)
+                since, epoch = returning_from(conn.target) if structured else (None, None)
                 history = self.engine.history(name, since, epoch)
                 users = self.engine.users(name)
         except EngineUnavailable as exc:
@@ -310,31 +206,14 @@ class Chat:
             return
         member = Member(conn, local, nick, holder, structured, identified, tokens=float(self.limits.burst))
         with self._lock:
-            local.joining -= 1
-            records = self._catch_up(local, history)
-            if not structured:  # what was said since the handshake was answered, for plain clients too
-                missed_while_joining = admission.said_since(history.epoch, records)
             conn.context = member
-            if structured:
-                welcome = {"type": "welcome", "text": self.welcome, "room": name, "nick": nick,
-                           "epoch": history.epoch, "users": sorted({*users, nick}), "history": records}
-                if since is not None:
-                    welcome["missed"] = history.missed
-                if identified:
-                    welcome["identified"] = True
-                conn.send(encode(welcome))
-                if problem:
-                    self._notify(member, "nick_refused", f"{problem}; you are {nick}")
-            else:
-                if self.welcome:
-                    conn.send(self.welcome)
-                for record in missed_while_joining:
-                    conn.send(record["text"])
-            local.add(member)
+            local.greet(member, self.welcome, history, users, admission, returning=since is not None)
+            if problem and structured:
+                self._notify(member, "nick_refused", f"{problem}; you are {nick}")
         if claim.evicted:
             self._publish(name, {"type": "evict", "nick": nick, "_holders": claim.evicted})
         if claim.outcome == JOINED:
-            self._publish(name, {"type": "join", "room": name, "nick": nick, "time": _now_ms(), "_from": holder})
+            self._publish(name, {"type": "join", "room": name, "nick": nick, "time": now_ms(), "_from": holder})
         log.info("%s joined room %s as %s from %s", conn.key, quoted(name), quoted(nick), conn.remote_address[0])
 
     def _claim(self, conn: Connection, room: str, holder: str) -> tuple[str, Claim | None, str | None]:
@@ -345,7 +224,7 @@ class Chat:
             nick = self.nick_for(conn.user)
             claim = engine.claim(room, nick, holder, str(self.user_id(conn.user)))
             return nick, (None if claim.outcome == TAKEN else claim), None
-        wanted = normalize(parse_qs(urlsplit(conn.target).query).get("nick", [""])[0].strip())
+        wanted = normalize(asked_nick(conn.target))
         problem = self._nick_problem(wanted) if wanted else "no nickname asked for"
         if problem is None:
             claim = engine.claim(room, wanted, holder)
@@ -362,30 +241,6 @@ class Chat:
             claim = self.engine.claim(room, guest, holder)
             if claim.outcome != TAKEN:
                 return guest, claim
-
-    def _catch_up(self, local: LocalRoom, history: History) -> list[dict]:
-        """A newcomer's history, seamless with what this process delivers
-        next (lock held): the engine's records, then the messages delivered
-        here since it read them, cut where delivery stands (the rest comes live)."""
-        self._follow_epoch(local, history.epoch)
-        limit = local.seq if local.seq is not None else history.seq
-        local.seq = limit
-        records = history.records + [record for record in local.recent if record["seq"] > history.seq]
-        return [record for record in records if record["seq"] <= limit]
-
-    def _follow_epoch(self, local: LocalRoom, epoch: str) -> None:
-        """The room's sequence of messages began anew (its engine lost it, as
-        a Redis restarted without persistence does): numbering starts over,
-        and the members here are told (lock held)."""
-        if local.epoch == epoch:
-            return
-        if local.epoch is not None:
-            local.seq = None
-            local.recent.clear()
-            if local.structured:
-                notice = encode({"type": "epoch", "room": local.name, "epoch": epoch})
-                self.server.broadcast(notice, connections=local.structured)
-        local.epoch = epoch
 
     def _give_up_joining(self, local: LocalRoom, subscribed: bool, claimed: tuple[str, str] | None) -> None:
         with self._lock:
@@ -416,66 +271,35 @@ class Chat:
         if not member.structured:
             self._say(member, message)
             return
-        request, problem = self._parse_request(message)
+        request, problem = parse_request(message, self.limits.max_length)
         if problem is not None:
             self._notify(member, "bad_request", problem)
-            return
-        kind = request["type"]
-        if kind == "message":
-            if not isinstance(request.get("text"), str):
-                self._notify(member, "bad_request", 'a "message" needs a "text" string')
-            else:
-                self._say(member, request["text"])
-        elif kind == "nick":
-            if not isinstance(request.get("nick"), str):
-                self._notify(member, "bad_request", 'a "nick" request needs a "nick" string')
-            else:
-                self._rename(member, normalize(request["nick"].strip()))
-        elif kind == "users":
+        elif request["type"] == "message":
+            self._say(member, request["text"])
+        elif request["type"] == "nick":
+            self._rename(member, normalize(request["nick"].strip()))
+        else:
             try:
                 users = self.engine.users(member.room.name)
             except EngineUnavailable:
                 self._notify(member, "unavailable", "the chat cannot reach its engine; try again later")
                 return
             conn.send(encode({"type": "users", "room": member.room.name, "users": users}))
-        else:
-            self._notify(member, "bad_request", f'unknown request type {quoted(kind, 40)}: '
-                                                f'"message", "nick" or "users"')
-
-    def _parse_request(self, message: str) -> tuple[dict | None, str | None]:
-        """A wschat.v1 request, or why it is not one.  Bounded: a request is a
-        flat JSON object no longer than a message may be (with room for escapes)."""
-        limit = 6 * self.limits.max_length + 1024 if self.limits.max_length else MAX_REQUEST
-        if len(message) > limit:
-            return None, f"request longer than {limit} characters"
-        try:
-            request = json.loads(message)
-        except RecursionError:
-            return None, "request nested too deeply: a request is a flat JSON object"
-        except ValueError as exc:
-            return None, f"not JSON ({exc.msg} at character {exc.pos})"
-        if not isinstance(request, dict) or not isinstance(request.get("type"), str):
-            return None, 'expected a JSON object with a "type" string'
-        return request, None
 
     def _say(self, member: Member, text: str) -> None:
         limit = self.limits.max_length
         if limit and len(text) > limit:
             self._notify(member, "too_long", f"message longer than {limit} characters; not sent")
             return
-        _, problem = _prepare_text(self.server, text)
+        problem = text_problem(text)
         if problem is not None:
             self._notify(member, "bad_request", f"{problem}; not sent")
             return
         room = member.room.name
         try:
-            self.engine.publish_message(room, self._record(room, member.nick, text))
+            self.engine.publish_message(room, message_record(room, member.nick, text))
         except EngineUnavailable:
             self._notify(member, "not_sent", "the chat cannot reach its engine; message not sent")
-
-    @staticmethod
-    def _record(room: str, nick: str, text: str) -> dict:
-        return {"type": "message", "room": room, "nick": nick, "text": text, "time": _now_ms()}
 
     def _rename(self, member: Member, nick: str) -> None:
         if member.identified:
@@ -497,7 +321,7 @@ class Chat:
     def _renamed(self, member: Member, nick: str) -> None:
         old, member.nick = member.nick, nick
         room = member.room.name
-        self._publish(room, {"type": "nick", "room": room, "old": old, "nick": nick, "time": _now_ms()})
+        self._publish(room, {"type": "nick", "room": room, "old": old, "nick": nick, "time": now_ms()})
 
     def _nick_problem(self, nick: str) -> str | None:
         problem = nick_problem(nick, self.limits.max_nick_length)
@@ -523,7 +347,7 @@ class Chat:
         except EngineUnavailable:
             return  # the engine lets the claim go when it is back (see RedisEngine)
         if left:
-            self._publish(room, {"type": "leave", "room": room, "nick": nick, "time": _now_ms()})
+            self._publish(room, {"type": "leave", "room": room, "nick": nick, "time": now_ms()})
 
     def _unsubscribe(self, room: str) -> None:
         try:
@@ -539,31 +363,17 @@ class Chat:
     def _deliver(self, room: str, event: dict, text: str | None, epoch: str | None) -> None:
         """An event of ``room``, from whichever process published it, in the
         room's order (on the engine's thread, or the publisher's)."""
-        if text is not None:  # a chat message
-            with self._lock:
-                local = self.rooms.get(room)
-                if local is None:
-                    return  # no one here
-                self._follow_epoch(local, epoch)
-                if local.seq is not None and event["seq"] <= local.seq:
-                    return  # a newcomer's history had it
-                local.seq = event["seq"]
-                local.recent.append(event)
-                if local.plain:
-                    self.server.broadcast(event["text"], connections=local.plain)
-                if local.structured:
-                    self.server.broadcast(text, connections=local.structured)
-            return
         if event["type"] == "evict":
             self._evicted(room, event)
             return
         with self._lock:
             local = self.rooms.get(room)
-            if local is None or not local.structured:
-                return
-            joiner = local.members.get(event.get("_from"))
-            public = encode({key: value for key, value in event.items() if not key.startswith("_")})
-            self.server.broadcast(public, connections=local.structured, exclude=joiner.conn if joiner else None)
+            if local is None:
+                return  # no one here
+            if text is not None:
+                local.deliver_message(event, text, epoch)
+            else:
+                local.deliver_event(event)
 
     def _evicted(self, room: str, event: dict) -> None:
         """An app user took its name back: its anonymous holders here become guests."""
@@ -590,23 +400,15 @@ class Chat:
     # -- limits and notices ------------------------------------------------------------
 
     def _within_rate(self, member: Member) -> bool:
-        """A token bucket: ``rate`` per second, ``burst`` at once.  A client
-        that keeps sending when out of tokens is closed with 1008."""
-        limits = self.limits
-        if not limits.rate:
-            return True
-        now = time.monotonic()
-        member.tokens = min(limits.burst, member.tokens + (now - member.refilled) * limits.rate)
-        member.refilled = now
-        member.tokens -= 1
-        if member.tokens >= 0:
-            return True
-        if member.tokens < -limits.burst:
+        """Whether the member's message is within the rate limit; a client
+        that keeps sending when out of it is closed with 1008."""
+        allowed = member.take_token(self.limits)
+        if allowed is None:
             log.warning("%s: rate limit exceeded again and again, closing", member.conn.key)
             member.conn.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
-        else:
-            self._notify(member, "rate_limited", f"more than {limits.rate:g} messages per second; message dropped")
-        return False
+        elif not allowed:
+            self._notify(member, "rate_limited", f"more than {self.limits.rate:g} messages per second; message dropped")
+        return bool(allowed)
 
     def _notify(self, member: Member, code: str, text: str) -> None:
         """Tell one client what went wrong, in its dialect."""

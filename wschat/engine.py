@@ -23,13 +23,13 @@ user's tabs; an anonymous one has exactly one.
 
 from __future__ import annotations
 
-import json
 import secrets
 import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from .dialect import encode
 from .names import nick_key
 
 JOINED = "joined"  # the nickname is new to the room: a join to announce
@@ -55,11 +55,6 @@ class History:
     seq: int  # the room's last sequence number
     records: list[dict]  # messages after ``since``, oldest first (at most the kept history)
     missed: bool  # some messages after ``since`` are no longer kept
-
-
-def encode(event: dict) -> str:
-    """One wschat.v1 event as JSON, in the one compact form every engine uses."""
-    return json.dumps(event, ensure_ascii=False, separators=(",", ":"))
 
 
 def new_epoch() -> str:

@@ -1,0 +1,83 @@
+"""The ``wschat.v1`` dialect on the wire: JSON events out, JSON requests in.
+
+Every event leaves in one compact form (``encode``), the same in every engine
+and process.  Requests come in bounded: no longer than a chat message may be
+(with room for escapes), and never nested deeper than the JSON parser can
+take; what is wrong with one is said in words the client can show.  The
+format is in README.rst.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from urllib.parse import parse_qs, urlsplit
+
+from .logsafe import quoted
+
+SUBPROTOCOL = "wschat.v1"
+MAX_REQUEST = 64 * 1024  # characters in one request when chat messages have no length limit
+FIELDS = {"message": "text", "nick": "nick", "users": None}  # request type -> the string it carries
+
+
+def encode(event: dict) -> str:
+    """One event as JSON: compact, non-ASCII left as it is."""
+    return json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+
+
+def now_ms() -> int:
+    """The time events carry: milliseconds since the epoch."""
+    return int(time.time() * 1000)
+
+
+def message_record(room: str, nick: str, text: str) -> dict:
+    """A chat message as it is published (its engine adds ``seq``)."""
+    return {"type": "message", "room": room, "nick": nick, "text": text, "time": now_ms()}
+
+
+def parse_request(message: str, max_length: int = 0) -> tuple[dict | None, str | None]:
+    """A request, or why it is not one.  ``max_length`` is the chat's
+    message length limit (0: none), which bounds a request too."""
+    limit = 6 * max_length + 1024 if max_length else MAX_REQUEST
+    if len(message) > limit:
+        return None, f"request longer than {limit} characters"
+    try:
+        request = json.loads(message)
+    except RecursionError:
+        return None, "request nested too deeply: a request is a flat JSON object"
+    except ValueError as exc:
+        return None, f"not JSON ({exc.msg} at character {exc.pos})"
+    if not isinstance(request, dict) or not isinstance(request.get("type"), str):
+        return None, 'expected a JSON object with a "type" string'
+    kind = request["type"]
+    if kind not in FIELDS:
+        return None, f'unknown request type {quoted(kind, 40)}: "message", "nick" or "users"'
+    field = FIELDS[kind]
+    if field is not None and not isinstance(request.get(field), str):
+        return None, f'a "{kind}" request needs a "{field}" string'
+    return request, None
+
+
+def text_problem(text: str) -> str | None:
+    """Why ``text`` cannot be sent, or None: a lone surrogate is valid JSON
+    but not Unicode, and is refused before anything is stored."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"text is not valid Unicode (a lone surrogate at character {exc.start})"
+    return None
+
+
+def asked_nick(target: str) -> str:
+    """The nickname a client asks for in its handshake: ``?nick=NAME``."""
+    return parse_qs(urlsplit(target).query).get("nick", [""])[0].strip()
+
+
+def returning_from(target: str) -> tuple[int | None, str | None]:
+    """Where a returning client left off: ``?since=SEQ&epoch=EPOCH`` (see
+    ``engine.select_history``); (None, None) for a newcomer."""
+    query = parse_qs(urlsplit(target).query)
+    since = query.get("since", [""])[0]
+    if not since.isascii() or not since.isdigit() or len(since) > 18:
+        return None, None
+    return int(since), query.get("epoch", [None])[0]

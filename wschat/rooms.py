@@ -1,0 +1,185 @@
+"""A chat room as one process sees it: its members connected here, and the
+messages delivered to them, in the room's order.
+
+What every process shares (the order, the history, who holds which
+nickname) is the engine's; a ``LocalRoom`` holds what this process alone
+needs: its connections, in one set per dialect so that a message is encoded
+once for each, and the last sequence number delivered here, so that a
+newcomer's history and the live messages after it meet without a gap or a
+duplicate.  Every method runs under the chat's lock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .dialect import encode
+from .engine import History
+
+if TYPE_CHECKING:
+    from .connection import Connection
+    from .server import Server
+
+
+@dataclass
+class ChatLimits:
+    """Abuse limits; 0 turns one off."""
+
+    max_length: int = 2000  # characters in one chat message
+    rate: float = 5.0  # messages per second, sustained
+    burst: int = 10  # messages in a burst
+    max_nick_length: int = 24
+
+    def __post_init__(self) -> None:
+        if self.rate and self.burst < 1:  # a bucket must hold one message
+            self.burst = 1
+
+    @classmethod
+    def off(cls) -> ChatLimits:
+        return cls(max_length=0, rate=0, burst=0)
+
+
+@dataclass
+class Admission:
+    """What the chat learnt before answering a handshake (``Connection.user``
+    until ``on_open``): the app's user, and the room's (epoch, seq) then."""
+
+    user: object
+    position: tuple[str, int] | None
+
+    def said_since(self, epoch: str, records: list[dict]) -> list[dict]:
+        """The ``records`` said after the handshake was answered."""
+        if self.position is None:
+            return []
+        then_epoch, then_seq = self.position
+        if then_seq and then_epoch != epoch:
+            return []  # the room began anew meanwhile: its history is all new
+        return [record for record in records if record["seq"] > then_seq]
+
+
+@dataclass(eq=False)
+class Member:
+    """A connection's place in the chat (kept in ``Connection.context``)."""
+
+    conn: Connection
+    room: LocalRoom
+    nick: str
+    holder: str  # its claim on the nickname, for the engine
+    structured: bool  # speaks wschat.v1 JSON
+    identified: bool = False  # the nick is the app's user name (see Chat's ``authorize``)
+    tokens: float = 0.0
+    refilled: float = field(default_factory=time.monotonic)
+
+    def take_token(self, limits: ChatLimits) -> bool | None:
+        """The rate limit, a token bucket (``rate`` per second, ``burst`` at
+        once): True when a message may go, False when it is dropped, None
+        when the member kept sending that long past it (close it)."""
+        if not limits.rate:
+            return True
+        now = time.monotonic()
+        self.tokens = min(limits.burst, self.tokens + (now - self.refilled) * limits.rate) - 1
+        self.refilled = now
+        if self.tokens >= 0:
+            return True
+        return None if self.tokens < -limits.burst else False
+
+
+@dataclass(eq=False)
+class LocalRoom:
+    """This process's side of a room (see the module docstring)."""
+
+    name: str
+    server: Server
+    recent: deque  # the last messages delivered here: they complete a newcomer's history
+    members: dict = field(default_factory=dict)  # holder -> Member
+    plain: dict = field(default_factory=dict)  # Connection -> None: insertion-ordered sets,
+    structured: dict = field(default_factory=dict)  # updated in O(1) on join and leave
+    joining: int = 0  # members between their claim and their welcome
+    seq: int | None = None  # the last message delivered here
+    epoch: str | None = None  # the sequence it belongs to
+
+    def add(self, member: Member) -> None:
+        self.members[member.holder] = member
+        (self.structured if member.structured else self.plain)[member.conn] = None
+
+    def remove(self, member: Member) -> None:
+        self.members.pop(member.holder, None)
+        (self.structured if member.structured else self.plain).pop(member.conn, None)
+
+    @property
+    def empty(self) -> bool:
+        return not self.members and not self.joining
+
+    def greet(self, member: Member, welcome: str, history: History, users: list[str], admission: Admission,
+              returning: bool) -> None:
+        """Welcome a member that finished joining, and count it in: in
+        wschat.v1 with the room's state and its history (or what it missed,
+        when ``returning``); plain, with the welcome text and any message
+        said since its handshake was answered.  Nothing is lost or doubled
+        between that and the live messages that follow."""
+        self.joining -= 1
+        records = self.catch_up(history)
+        conn = member.conn
+        if member.structured:
+            event = {"type": "welcome", "text": welcome, "room": self.name, "nick": member.nick,
+                     "epoch": history.epoch, "users": sorted({*users, member.nick}), "history": records}
+            if returning:
+                event["missed"] = history.missed
+            if member.identified:
+                event["identified"] = True
+            conn.send(encode(event))
+        else:
+            if welcome:
+                conn.send(welcome)
+            for record in admission.said_since(history.epoch, records):
+                conn.send(record["text"])
+        self.add(member)
+
+    def catch_up(self, history: History) -> list[dict]:
+        """A newcomer's history, seamless with what is delivered here next:
+        the engine's records, then the messages delivered here since it read
+        them, cut where delivery stands (the rest comes live)."""
+        self.follow_epoch(history.epoch)
+        limit = self.seq if self.seq is not None else history.seq
+        self.seq = limit
+        records = history.records + [record for record in self.recent if record["seq"] > history.seq]
+        return [record for record in records if record["seq"] <= limit]
+
+    def follow_epoch(self, epoch: str) -> None:
+        """The room's sequence of messages began anew (its engine lost it, as
+        a Redis restarted without persistence does): numbering starts over,
+        and the members here are told."""
+        if self.epoch == epoch:
+            return
+        if self.epoch is not None:
+            self.seq = None
+            self.recent.clear()
+            if self.structured:
+                notice = encode({"type": "epoch", "room": self.name, "epoch": epoch})
+                self.server.broadcast(notice, connections=self.structured)
+        self.epoch = epoch
+
+    def deliver_message(self, record: dict, text: str, epoch: str) -> None:
+        """A chat message, to every member here once, in the room's order:
+        ``text`` to wschat.v1 clients, the bare text to plain ones."""
+        self.follow_epoch(epoch)
+        if self.seq is not None and record["seq"] <= self.seq:
+            return  # a newcomer's history had it
+        self.seq = record["seq"]
+        self.recent.append(record)
+        if self.plain:
+            self.server.broadcast(record["text"], connections=self.plain)
+        if self.structured:
+            self.server.broadcast(text, connections=self.structured)
+
+    def deliver_event(self, event: dict) -> None:
+        """A presence event to the wschat.v1 members here, but not to the
+        joiner it announces (``_from``): its welcome said it already."""
+        if not self.structured:
+            return
+        joiner = self.members.get(event.get("_from"))
+        public = encode({key: value for key, value in event.items() if not key.startswith("_")})
+        self.server.broadcast(public, connections=self.structured, exclude=joiner.conn if joiner else None)
