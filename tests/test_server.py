@@ -674,7 +674,7 @@ def test_the_loop_never_sleeps_with_connections_to_flush(certificate, monkeypatc
 
     class RecordingSelector(selectors.DefaultSelector):
         def select(self, timeout=None):
-            if loops and timeout and loops[0]._dirty:
+            if loops and timeout and loops[0].handoff.has_dirty:
                 sleeps.append(timeout)
             return super().select(timeout)
 

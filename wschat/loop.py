@@ -16,7 +16,6 @@ the loop waits for the peer's EOF ("lingering") -> released, ``on_close``.
 
 from __future__ import annotations
 
-import errno
 import itertools
 import logging
 import selectors
@@ -29,6 +28,7 @@ from . import transport
 from .connection import Connection, queue_for_many
 from .dispatch import InlineDispatcher, PoolDispatcher
 from .errors import HandshakeError
+from .handoff import Handoff
 from .logsafe import address_text
 from .outbound import PreparedMessage
 from .pinger import Pinger
@@ -39,8 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("wschat")
 
-ACCEPT_PAUSE = 0.5  # seconds without accepting after running out of descriptors
-RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 READ, WRITE = selectors.EVENT_READ, selectors.EVENT_WRITE
 _keys = itertools.count(1)
 
@@ -57,30 +55,20 @@ class Loop:
         self.stopped = threading.Event()  # set by the server once it has forgotten this run
         self._metrics = server.metrics
         self._per_ip: dict[str, int] = {}  # open WebSockets by client address: the loop's own
-        self._listener = listener
         self._selector = selectors.DefaultSelector()
         self._buffer = memoryview(bytearray(transport.READ_BUFFER_SIZE))  # every read goes here
         self._ciphertext = memoryview(bytearray(transport.READ_SIZE))  # and under TLS, comes from here
-        self._wake_r, self._wake_w = socket.socketpair()
-        for sock in (self._wake_r, self._wake_w):
-            sock.setblocking(False)
-        self._dirty: set[Connection] = set()  # with bytes to write; guarded by _dirty_lock
-        self._calls: list = []  # (callback, args) to run on the loop thread; guarded by _dirty_lock
-        self._ended = False  # no more calls are taken; likewise
-        self._dirty_lock = threading.Lock()
-        self._wake_sent = False
+        self.handoff = Handoff(server.metrics, self.on_loop_thread)
         self._handshaking: set[Connection] = set()  # the loop's own, like _timed
         self._timed: set[Connection] = set()  # with a deadline
         self._thread_id: int | None = None
         self._stopping = False
         self._stop_deadline = 0.0
-        self._accept_resume = 0.0  # when accepting resumes after a pause; 0 when not paused
         self.dispatcher = (PoolDispatcher(self, server.workers, server.max_pending_calls) if server.workers
                            else InlineDispatcher(self))
         self.pinger = Pinger(self, server.ping_interval, server.ping_timeout)
-        if listener is not None:
-            self._selector.register(listener, READ, None)
-        self._selector.register(self._wake_r, READ, self._wake_r)
+        self._acceptor = transport.Acceptor(listener, self._selector) if listener is not None else None
+        self._selector.register(self.handoff.reader, READ, self.handoff)
 
     # -- thread-safe, for any thread -----------------------------------------------------
 
@@ -117,34 +105,20 @@ class Loop:
 
     def flush_soon(self, conn: Connection, messages: int = 0) -> None:
         """``conn`` has bytes to write (``messages`` new ones): flush it on the loop's next pass."""
-        self._mark_dirty((conn,), messages)
+        self.handoff.mark_dirty((conn,), messages)
 
     def send_many(self, message: PreparedMessage, connections: Iterable[Connection]) -> int:
         """Queue one prepared message for many connections (never blocks;
         see ``queue_for_many``), then wake the loop once."""
         queued = queue_for_many(message, connections, self.max_queue)
         if queued:
-            self._mark_dirty(queued, len(queued))
+            self.handoff.mark_dirty(queued, len(queued))
         return len(queued)
-
-    def _mark_dirty(self, conns, messages: int = 0) -> None:
-        with self._dirty_lock:
-            self._dirty.update(conns)
-            self._metrics.messages_sent += messages  # one writer at a time: this lock's holder
-            if self._wake_sent or self.on_loop_thread():
-                return  # the loop flushes dirty connections before it sleeps
-            self._wake_sent = True
-        self._wake()
 
     def call_soon(self, callback, *args) -> bool:
         """Run ``callback(*args)`` on the loop thread, on its next pass;
         False when the loop has ended (it will not run)."""
-        with self._dirty_lock:
-            if self._ended:
-                return False
-            self._calls.append((callback, args))
-        self._wake()
-        return True
+        return self.handoff.call_soon(callback, *args)
 
     def resume_reading(self, conn: Connection) -> None:
         """A paused connection's handler backlog drained (from a worker)."""
@@ -156,13 +130,7 @@ class Loop:
         self._stop_deadline = time.monotonic() + timeout
         self._stopping = True
         self.pinger.cancel()
-        self._wake()  # always: from a signal handler the loop may sit in select()
-
-    def _wake(self) -> None:
-        try:
-            self._wake_w.send(b"\0")
-        except OSError:
-            pass  # a byte is already waiting, or the loop is gone
+        self.handoff.wake()  # always: from a signal handler the loop may sit in select()
 
     # -- the loop -----------------------------------------------------------------------
 
@@ -176,20 +144,21 @@ class Loop:
 
     def _run(self) -> None:
         select = self._selector.select
+        handoff = self.handoff
         next_check = 0.0
         shutting_down = False
         while True:
             # Never sleep on dirty connections: a flush can make more (on_close handlers, close_notify).
-            for key, events in select(0 if self._dirty else 0.25 if self._timed else 1.0):
+            for key, events in select(0 if handoff.has_dirty else 0.25 if self._timed else 1.0):
                 conn = key.data
                 if conn is None:
-                    self._accept()
-                elif conn is self._wake_r:
-                    self._drain_waker()
+                    self._acceptor.accept(self._accepted)
+                elif conn is handoff:
+                    handoff.drain()
                 else:
                     try:
                         if events & WRITE:
-                            self._on_writable(conn)
+                            self._flush(conn)
                         if events & READ and conn._sock is not None:
                             self._on_readable(conn)
                     except Exception:  # a bug must not take the loop down
@@ -200,9 +169,8 @@ class Loop:
             if now >= next_check:
                 next_check = now + 0.2
                 self._check_deadlines(now)
-                if self._accept_resume and now >= self._accept_resume and not self._stopping:  # listener paused
-                    self._accept_resume = 0.0
-                    self._selector.register(self._listener, READ, None)
+                if self._acceptor is not None and not self._stopping:
+                    self._acceptor.resume_if_due(now)
             if self._stopping:
                 if not shutting_down:
                     shutting_down = True
@@ -211,20 +179,10 @@ class Loop:
                 if now >= self._stop_deadline or self._all_gone():
                     return
 
-    def _drain_waker(self) -> None:
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except OSError:
-            pass
-
     def _flush_dirty(self) -> None:
         """Run what other threads asked of the loop, then write every dirty
         connection (those the calls dirty wait for the next pass, which does not sleep)."""
-        with self._dirty_lock:
-            dirty, self._dirty = self._dirty, set()
-            calls, self._calls = self._calls, []
-            self._wake_sent = False
+        dirty, calls = self.handoff.take()
         for callback, args in calls:
             try:
                 callback(*args)
@@ -243,22 +201,8 @@ class Loop:
 
     # -- accepting --------------------------------------------------------------------------
 
-    def _accept(self) -> None:
-        server = self.server
-        for _ in range(128):  # bounded, so a connection storm cannot starve the others
-            try:
-                sock, address = self._listener.accept()
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                if exc.errno in RESOURCE_ERRORS:  # out of descriptors: pause, do not spin
-                    log.error("accept failed (%s); pausing accepts for %.1fs", exc.strerror, ACCEPT_PAUSE)
-                    self._selector.unregister(self._listener)
-                    self._accept_resume = time.monotonic() + ACCEPT_PAUSE
-                else:  # the client left before we took it
-                    log.debug("accept failed: %s", exc)
-                return
-            self._take(sock, address, server.ssl_context)
+    def _accepted(self, sock: socket.socket, address) -> None:
+        self._take(sock, address, self.server.ssl_context)
 
     def adopt(self, sock: socket.socket, address, data: bytes) -> None:
         """Serve a connection that another server accepted and began to read
@@ -336,9 +280,6 @@ class Loop:
         self._handshaking.discard(conn)
 
     # -- writing --------------------------------------------------------------------------------
-
-    def _on_writable(self, conn: Connection) -> None:
-        self._flush(conn)
 
     def _flush(self, conn: Connection) -> None:
         """Write what the kernel takes, then see where the connection's life stands."""
@@ -455,24 +396,23 @@ class Loop:
 
     def _all_gone(self) -> bool:
         """Whether every WebSocket has said its last word (shutdown may end)."""
-        if self._dirty or self.connections:
+        if self.handoff.has_dirty or self.connections:
             return False
         return all(conn._lingering or conn._protocol.state is CONNECTING for conn in self._timed)
 
     def _release_all(self) -> None:
         self.pinger.stop()
-        with self._dirty_lock:
-            self._ended = True
+        self.handoff.end()
         self._flush_dirty()  # the last calls: what they take in is released below
         with self.map_lock:
             remaining = list(self.connections.values())
-        for conn in remaining + list(self._timed) + list(self._handshaking) + list(self._dirty):
+        dirty, _ = self.handoff.take()
+        for conn in remaining + list(self._timed) + list(self._handshaking) + list(dirty):
             self._release(conn)
         self.dispatcher.shutdown()
-        if self._listener is not None:
-            self._listener.close()
+        if self._acceptor is not None:
+            self._acceptor.close()
         self._selector.close()
-        self._wake_r.close()
-        self._wake_w.close()
+        self.handoff.close()
         log.info("stopped")
 

@@ -15,16 +15,64 @@ OpenSSL's input is empty.
 
 from __future__ import annotations
 
+import errno
+import logging
+import selectors
 import socket
 import ssl
+import time
+from typing import Callable
 
 from .outbound import Outbox
+
+log = logging.getLogger("wschat")
 
 READ_SIZE = 256 * 1024
 READ_BUFFER_SIZE = READ_SIZE + 64 * 1024  # plaintext of one read of ciphertext, and a record it completed
 IOV_MAX = 1024  # buffers per sendmsg call
 TLS_BATCH = 64 * 1024  # plaintext encrypted at a time: what waits encrypted stays this small
 _RETRY = (BlockingIOError, InterruptedError)
+ACCEPT_BATCH = 128  # accepted at a time: a connection storm cannot starve the connections open
+ACCEPT_PAUSE = 0.5  # seconds without accepting after running out of descriptors
+RESOURCE_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+class Acceptor:
+    """The listening socket in the loop's selector.  Out of descriptors it
+    stops listening for ``ACCEPT_PAUSE`` rather than spin on ``accept()``
+    (the pending connection stays ready, and select() would return at once)."""
+
+    def __init__(self, listener: socket.socket, selector: selectors.BaseSelector):
+        self.listener = listener
+        self._selector = selector
+        self._resume_at = 0.0  # when listening resumes after a pause; 0 when not paused
+        selector.register(listener, selectors.EVENT_READ, None)
+
+    def accept(self, take: Callable[[socket.socket, object], object]) -> None:
+        """Accept what is waiting, ``ACCEPT_BATCH`` at most, each given to ``take(sock, address)``."""
+        for _ in range(ACCEPT_BATCH):
+            try:
+                sock, address = self.listener.accept()
+            except _RETRY:
+                return
+            except OSError as exc:
+                if exc.errno in RESOURCE_ERRORS:
+                    log.error("accept failed (%s); pausing accepts for %.1fs", exc.strerror, ACCEPT_PAUSE)
+                    self._selector.unregister(self.listener)
+                    self._resume_at = time.monotonic() + ACCEPT_PAUSE
+                else:  # the client left before we took it
+                    log.debug("accept failed: %s", exc)
+                return
+            take(sock, address)
+
+    def resume_if_due(self, now: float) -> None:
+        """Listen again once a pause is over."""
+        if self._resume_at and now >= self._resume_at:
+            self._resume_at = 0.0
+            self._selector.register(self.listener, selectors.EVENT_READ, None)
+
+    def close(self) -> None:
+        self.listener.close()
 
 
 class TLS:
