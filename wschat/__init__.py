@@ -14,7 +14,8 @@ from .errors import (
 from .frames import IMPLEMENTATION, CloseCode, Opcode
 from .connection import Connection
 from .outbound import PreparedMessage
-from .server import Resource, Server
+from .resources import Resource
+from .server import Server
 
 __all__ = [
     "__version__",

@@ -23,7 +23,7 @@ from .protocol import OPEN, ServerProtocol, State
 
 if TYPE_CHECKING:
     from .loop import Loop
-    from .server import Resource
+    from .resources import Resource
     from .transport import TLS
 
 log = logging.getLogger("wschat")

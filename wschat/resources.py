@@ -1,0 +1,47 @@
+"""A WebSocket endpoint: where it is, and what handles its connections."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from .handshake import Request
+
+
+class Resource:
+    """A WebSocket endpoint: a path and the handlers of its connections.
+
+    Handlers (each optional) mirror restbed's: ``on_open(conn)``,
+    ``on_message(conn, message)`` with ``str`` or ``bytes``,
+    ``on_close(conn, code, reason)`` and ``on_error(conn, exception)``.
+    The path also matches its sub-paths: ``/chat`` serves ``/chat/lobby``.
+
+    ``authorize(request)`` (optional) decides before the upgrade, once the
+    request passed every other check: it returns who the client is (any
+    object, kept as ``Connection.user``; None for anonymous), or raises
+    ``HandshakeError(status, reason, headers)`` to refuse with that status,
+    headers and ``reason`` as the body.  Any other exception is a 500.  With
+    ``Server(workers=...)`` it runs on threads of its own (it may look up a
+    session in a database); otherwise on the loop thread, so it must be quick.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        on_open: Callable | None = None,
+        on_message: Callable | None = None,
+        on_close: Callable | None = None,
+        on_error: Callable | None = None,
+        subprotocols: Sequence[str] = (),
+        authorize: Callable[[Request], object] | None = None,
+    ):
+        self.path = path.rstrip("/") or "/"
+        self.authorize = authorize
+        self.on_open = on_open
+        self.on_message = on_message
+        self.on_close = on_close
+        self.on_error = on_error
+        self.subprotocols = tuple(subprotocols)
+
+    def matches(self, path: str) -> bool:
+        return path == self.path or path.startswith(self.path if self.path.endswith("/") else self.path + "/")
