@@ -1,7 +1,6 @@
 """permessage-deflate (RFC 7692): negotiation, compressed messages in and out, bombs."""
 
 import os
-import struct
 import tracemalloc
 import zlib
 

@@ -11,7 +11,6 @@ import os
 import selectors
 import signal
 import socket
-import ssl
 import struct
 import threading
 import tracemalloc

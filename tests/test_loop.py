@@ -2,7 +2,6 @@
 
 import contextlib
 import socket
-import ssl
 import threading
 
 import pytest

@@ -9,7 +9,6 @@ and subscriptions, and all they share is Redis.
 
 import contextlib
 import json
-import logging
 import os
 import re
 import signal
