@@ -194,7 +194,7 @@ class Chat:
                 subscribed = True
                 since, epoch = returning_from(conn.target) if structured else (None, None)
                 history = self.engine.history(name, since, epoch)
-                users = self.engine.users(name)
+                users = self.engine.users(name) if structured else None  # O(members): for those who get it
         except EngineUnavailable as exc:
             log.warning("%s: cannot join room %s: %s", conn.key, quoted(name), exc)
             conn.close(TRY_AGAIN_LATER, "chat unavailable, try again later")
@@ -370,7 +370,7 @@ class Chat:
             local = self.rooms.get(room)
             if local is None:
                 return  # no one here
-            if text is not None:
+            if event["type"] == "message":
                 local.deliver_message(event, text, epoch)
             else:
                 local.deliver_event(event)

@@ -12,9 +12,11 @@ same for every process serving the chat goes through an engine:
 ``MemoryEngine`` (the default) keeps it all in this process;
 ``redis_engine.RedisEngine`` keeps it in Redis, so that several processes, on
 one machine or several, are one chat.  Both deliver events through the
-callback given to ``start``: ``deliver(room, event, text, epoch)``, where
-``text`` is the JSON of a chat message as clients receive it (None for other
-events) and ``epoch`` names the room's sequence it belongs to.
+callback given to ``start``: ``deliver(room, event, text, epoch)``.  For a
+chat message (``event["type"] == "message"``) ``epoch`` names the room's
+sequence it belongs to, and ``text`` is its JSON as clients receive it when
+the engine has it at hand (Redis carries it), or None: the room encodes it
+only if a wschat.v1 client is there to get it.  For other events both are None.
 
 A holder is one connection's claim on a nickname (``"process/connection"``);
 a nickname held for an app's user (``user_id``) may have several holders, the
@@ -29,7 +31,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from .dialect import encode
 from .names import nick_key
 
 JOINED = "joined"  # the nickname is new to the room: a join to announce
@@ -151,9 +152,8 @@ class MemoryEngine:
             record["seq"] = target.seq
             target.history.append(record)
             self._forget_if_idle(room)
-            text = encode(record)
             if self._deliver is not None:
-                self._deliver(room, record, text, target.epoch)
+                self._deliver(room, record, None, target.epoch)
             return target.seq
 
     def publish(self, room: str, event: dict) -> None:

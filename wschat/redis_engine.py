@@ -30,7 +30,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .dialect import encode, now_ms
+from .dialect import now_ms
 from .engine import ADDED, JOINED, TAKEN, Claim, Deliver, EngineUnavailable, History
 from .logsafe import quoted
 from .redis_store import RedisStore
@@ -365,7 +365,7 @@ class RedisEngine:
         deliver = self._deliver
         for record in records:
             if deliver is not None:
-                deliver(room, record, encode(record), history.epoch)
+                deliver(room, record, None, history.epoch)
             self._last[room] = (history.epoch, record["seq"])
 
     # -- heartbeat and sweeping -------------------------------------------------------------

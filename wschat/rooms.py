@@ -113,11 +113,11 @@ class LocalRoom:
     def empty(self) -> bool:
         return not self.members and not self.joining
 
-    def greet(self, member: Member, welcome: str, history: History, users: list[str], admission: Admission,
-              returning: bool) -> None:
+    def greet(self, member: Member, welcome: str, history: History, users: list[str] | None,
+              admission: Admission, returning: bool) -> None:
         """Welcome a member that finished joining, and count it in: in
-        wschat.v1 with the room's state and its history (or what it missed,
-        when ``returning``); plain, with the welcome text and any message
+        wschat.v1 with the room's ``users`` and its history (or what it
+        missed, when ``returning``); plain, with the welcome text and any message
         said since its handshake was answered.  Nothing is lost or doubled
         between that and the live messages that follow."""
         self.joining -= 1
@@ -162,9 +162,10 @@ class LocalRoom:
                 self.server.broadcast(notice, connections=self.structured)
         self.epoch = epoch
 
-    def deliver_message(self, record: dict, text: str, epoch: str) -> None:
+    def deliver_message(self, record: dict, text: str | None, epoch: str) -> None:
         """A chat message, to every member here once, in the room's order:
-        ``text`` to wschat.v1 clients, the bare text to plain ones."""
+        its JSON ``text`` (made here when None) to wschat.v1 clients, the
+        bare text to plain ones."""
         self.follow_epoch(epoch)
         if self.seq is not None and record["seq"] <= self.seq:
             return  # a newcomer's history had it
@@ -173,7 +174,7 @@ class LocalRoom:
         if self.plain:
             self.server.broadcast(record["text"], connections=self.plain)
         if self.structured:
-            self.server.broadcast(text, connections=self.structured)
+            self.server.broadcast(encode(record) if text is None else text, connections=self.structured)
 
     def deliver_event(self, event: dict) -> None:
         """A presence event to the wschat.v1 members here, but not to the
