@@ -119,9 +119,11 @@ def test_page_reconnects_after_server_restart(page_for):
     server.stop()
     page.wait_for_selector("#status.offline")
     assert "1001" in page.text_content("#status")
+    assert page.text_content("#users-title").startswith("Last seen online")  # not "Online" while away
     server = chat_server(port)
     try:
         page.wait_for_selector("#status.online", timeout=20000)
+        assert page.text_content("#users-title") == "Online (1)"
         send(page, "back again")
         last_message(page, "back again")
     finally:
@@ -245,6 +247,7 @@ def test_with_redis_a_restarted_server_loses_nothing(page_for, redis_server):
         last_message(alice, "while alice was away")
         send(alice, "back")
         last_message(bob, "back")
+        last_message(alice, "back")  # each page in its own time
         assert texts(alice) == ["before", "while alice was away", "back"]
         assert alice.locator("#messages li.notice", has_text="restarted").count() == 0
         assert alice.locator("#messages li.notice", has_text="missed").count() == 0

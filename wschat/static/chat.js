@@ -52,6 +52,9 @@
     const online = kind === "online";
     $("message").disabled = !online;
     $("send").disabled = !online;
+    // Away from the chat the list is what it was when we left it: say so.
+    $("users-pane").classList.toggle("stale", !online);
+    $("users-word").textContent = online ? "Online" : "Last seen online";
   }
 
   function timeText(ms) {
