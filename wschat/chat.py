@@ -291,10 +291,6 @@ class Chat:
         if limit and len(text) > limit:
             self._notify(member, "too_long", f"message longer than {limit} characters; not sent")
             return
-        problem = text_problem(text)
-        if problem is not None:
-            self._notify(member, "bad_request", f"{problem}; not sent")
-            return
         room = member.room.name
         try:
             self.engine.publish_message(room, message_record(room, member.nick, text))

@@ -55,12 +55,14 @@ def parse_request(message: str, max_length: int = 0) -> tuple[dict | None, str |
     field = FIELDS[kind]
     if field is not None and not isinstance(request.get(field), str):
         return None, f'a "{kind}" request needs a "{field}" string'
-    return request, None
+    problem = text_problem(request["text"]) if field == "text" else None
+    return (None, f"{problem}; not sent") if problem else (request, None)
 
 
 def text_problem(text: str) -> str | None:
     """Why ``text`` cannot be sent, or None: a lone surrogate is valid JSON
-    but not Unicode, and is refused before anything is stored."""
+    but not Unicode, and is refused before anything is stored.  (Text from a
+    frame never has one: it was decoded from valid UTF-8.)"""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
