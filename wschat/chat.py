@@ -13,8 +13,9 @@ Two dialects share every room:
 A room is the path below the resource: ``/chat`` is the room ``main``,
 ``/chat/lobby`` the room ``lobby``.  What is shared between processes (the
 order of messages, history, who holds which nickname) is the engine's
-(``engine.py``); the chat keeps its own connections, and each message is
-encoded once per dialect for all of them.
+(``engine.py``); this process's side of each room is a ``LocalRoom``
+(``rooms.py``), which encodes each message once per dialect for all its
+members; the JSON dialect itself is ``dialect.py``.
 """
 
 from __future__ import annotations
