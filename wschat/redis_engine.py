@@ -55,7 +55,6 @@ class RedisEngine:
         self.url = url
         self.history_size = history
         self.presence_timeout = presence_timeout
-        self.room_ttl = room_ttl
         self.timeout = timeout
         self.prefix = prefix + ":"
         self.process_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
