@@ -52,6 +52,10 @@ def test_header_matching_is_case_insensitive_and_tokenised():
     assert negotiate(request(lines)).key == KEY
 
 
+def test_an_empty_body_declared_is_no_body():
+    assert negotiate(request(GOOD + ["Content-Length: 0"])).key == KEY
+
+
 def test_path_drops_query():
     assert request(request_line="GET /chat/room?x=1 HTTP/1.1").path == "/chat/room"
 
@@ -71,6 +75,9 @@ def test_path_drops_query():
         (without("sec-websocket-key") + ["Sec-WebSocket-Key: not base64!"], None, "Key"),
         (without("sec-websocket-key") + ["Sec-WebSocket-Key: AAAA"], None, "Key"),
         (GOOD + [f"Sec-WebSocket-Key: {KEY}"], None, "more than one"),
+        (GOOD + ["Content-Length: 5"], None, "no body"),  # section 4.1: a GET without a body
+        (GOOD + ["Transfer-Encoding: chunked"], None, "no body"),
+        (GOOD + ["Content-Length: 0", "Content-Length: 0"], None, "no body"),
     ],
 )
 def test_bad_requests_get_400(lines, request_line, reason):

@@ -291,6 +291,10 @@ def negotiate(
         raise HandshakeError(400, "WebSocket upgrade needs HTTP/1.1")
     if not _single(request, "Host"):
         raise HandshakeError(400, "missing Host header")
+    if request.fields.get("transfer-encoding") or request.fields.get("content-length", ["0"]) != ["0"]:
+        # Section 4.1: the upgrade is a GET without a body.  Bytes after the head are frames, so a
+        # body would be read as frames (standalone) or swallowed by a WSGI server: refuse it before the 101.
+        raise HandshakeError(400, "a WebSocket upgrade request has no body")
     if "websocket" not in request.tokens("Upgrade"):
         raise HandshakeError(400, "missing 'Upgrade: websocket'")
     if "upgrade" not in request.tokens("Connection"):
