@@ -245,3 +245,32 @@ def test_a_small_bomb_fed_one_byte_at_a_time_is_refused_too(feed):
     bomb = compressed(bytes(4 << 20))  # 4 MiB of zeros in about 4 kB
     events = feed(protocol, client_frame(Opcode.BINARY, bomb, rsv=0b100))
     assert isinstance(events[-1], ConnectionFailed) and isinstance(events[-1].error, MessageTooBig)
+
+
+def finished(data):
+    """A message compressed as a whole stream, ended by a final block (BFINAL), as some clients send it."""
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+    return compressor.compress(data) + compressor.flush(zlib.Z_FINISH)
+
+
+@pytest.mark.parametrize("takeover", [False, True], ids=["no-takeover", "takeover"])
+def test_a_stream_ended_by_a_final_block_is_a_message_and_the_next_starts_anew(feed, takeover):
+    protocol = deflate_protocol(client_no_context_takeover=not takeover)
+    stream = client_frame(Opcode.TEXT, finished(b"first " * 30), rsv=0b100)
+    stream += client_frame(Opcode.TEXT, finished(b"second " * 30)[:7], fin=False, rsv=0b100)
+    stream += client_frame(Opcode.CONTINUATION, finished(b"second " * 30)[7:])
+    assert feed(protocol, stream) == [TextMessage("first " * 30), TextMessage("second " * 30)]
+
+
+@pytest.mark.parametrize("split", [None, "fragment"])
+def test_data_after_the_final_deflate_block_fails_with_1007(feed, split):
+    """RFC 7692 section 7.2.2: what follows a final block is not part of the message."""
+    data = finished(b"the message " * 20) + compressed(b"smuggled")
+    if split is None:
+        stream = client_frame(Opcode.TEXT, data, rsv=0b100)
+    else:
+        end = len(finished(b"the message " * 20))
+        stream = client_frame(Opcode.TEXT, data[:end], fin=False, rsv=0b100) + client_frame(Opcode.CONTINUATION, data[end:])
+    events = feed(deflate_protocol(), stream)
+    assert isinstance(events[-1], ConnectionFailed) and isinstance(events[-1].error, InvalidPayload)
+    assert events[-1].error.close_code == 1007 and not any(isinstance(e, TextMessage) for e in events)

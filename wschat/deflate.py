@@ -137,17 +137,28 @@ class Inflater:
     def __init__(self) -> None:
         self._zlib = zlib.decompressobj(-15)  # a 15-bit window reads any smaller one
 
+    @property
+    def ended(self) -> bool:
+        """The sender closed its deflate stream (a final block, BFINAL): the
+        next message starts a new one."""
+        return self._zlib.eof
+
     def feed(self, data: bytes, room: int) -> bytes:
         """Inflate ``data``; raise ``MessageTooBig`` as soon as more than
-        ``room`` bytes would come out, ``InvalidPayload`` if it is not deflate."""
+        ``room`` bytes would come out, ``InvalidPayload`` if it is not deflate
+        or goes on after the stream's final block (RFC 7692 section 7.2.2)."""
+        zlib_object = self._zlib
         try:
-            out = self._zlib.decompress(data, room + 1)
+            out = zlib_object.decompress(data, room + 1)
         except zlib.error as exc:
             raise InvalidPayload(f"message does not inflate ({exc})") from None
+        if zlib_object.eof and zlib_object.unused_data:
+            raise InvalidPayload("data after the final deflate block")
         if len(out) > room:
             raise MessageTooBig("message larger than the limit once inflated")
         return out
 
     def finish(self, room: int) -> bytes:
-        """The end of a message: the empty block its sender took off."""
-        return self.feed(_EMPTY_BLOCK, room)
+        """The end of a message: the empty block its sender took off (none
+        is needed after a final block)."""
+        return b"" if self._zlib.eof else self.feed(_EMPTY_BLOCK, room)
