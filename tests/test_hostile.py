@@ -21,6 +21,7 @@ from websockets.sync.client import connect
 from wschat import ConnectionClosed, SendTimeout
 from wschat.chat import Chat, ChatLimits
 from wschat.frames import Opcode, encode_frame
+from wschat.outbound import BUFFER_OVERHEAD
 from wschat.server import Server
 
 from .helpers import RawClient, Recorder, blocked_in, server_with_slow_client, start_server, wait_until
@@ -48,7 +49,7 @@ def barrier(server, path="/chat"):
 
 def fill_to_the_mark(server, conn):
     """Queue for a client that never reads until the kernel takes no more
-    and the queue is exactly at the mark: any frame more is over it."""
+    and the queue is at the mark: any frame more is over it."""
     while True:
         try:
             conn.send(b"f" * 8192, timeout=0)
@@ -57,10 +58,10 @@ def fill_to_the_mark(server, conn):
             barrier(server, "/echo")
             if conn.queued == before:
                 break
-    gap = server.max_queue - conn.queued
+    gap = server.max_queue - conn.queued - BUFFER_OVERHEAD  # the frame's buffer counts too
     if gap >= 2:
         conn.send(b"g" * (gap - 2 if gap - 2 < 126 else gap - 4), timeout=0)  # header of 2 or 4 bytes
-    assert conn.queued == server.max_queue
+    assert server.max_queue - conn.queued < 2 + BUFFER_OVERHEAD  # the smallest frame no longer fits
 
 
 @contextlib.contextmanager

@@ -3,7 +3,7 @@
 import pytest
 
 from wschat.frames import Opcode, encode_frame
-from wschat.outbound import Outbox, PreparedMessage
+from wschat.outbound import BUFFER_OVERHEAD, Outbox, PreparedMessage
 
 
 def contents(outbox):
@@ -73,3 +73,27 @@ def test_prepared_message_is_the_encoded_frame(size):
     assert b"".join(binary.parts) == encode_frame(Opcode.BINARY, bytes(size))
     assert len(binary.parts) == (2 if size >= 16384 else 1)  # a large payload is never copied into the frame
     assert repr(PreparedMessage(b"", Opcode.PING)) == "<PreparedMessage PING 2 bytes>"
+
+
+def test_a_pong_not_yet_begun_is_replaced_by_the_next_and_a_begun_one_is_not():
+    outbox = Outbox()
+    outbox.put_pong(b"\x8a\x01a")
+    outbox.append(b"\x81\x02hi")
+    outbox.put_pong(b"\x8a\x02bb")  # replaces the first, where it stands
+    assert outbox.buffers == [b"\x8a\x02bb", b"\x81\x02hi"] and outbox.size == 8
+    outbox.consume(1)  # the pong is under way: it stays whole, and the next is queued behind
+    outbox.put_pong(b"\x8a\x01c")
+    assert [bytes(b) for b in outbox.buffers[outbox.start:]] == [b"\x02bb", b"\x81\x02hi", b"\x8a\x01c"]
+    outbox.consume(outbox.size)
+    outbox.append(b"\x81\x01x")  # where the last pong stood there is now a text frame: never replaced
+    outbox.put_pong(b"\x8a\x01d")
+    assert outbox.buffers == [b"\x81\x01x", b"\x8a\x01d"]
+
+
+def test_cost_counts_each_buffer_beyond_its_bytes():
+    outbox = Outbox()
+    assert outbox.cost == 0
+    outbox.extend((b"head", memoryview(b"payload")), 11)
+    assert outbox.cost == 11 + 2 * BUFFER_OVERHEAD
+    outbox.consume(4)
+    assert outbox.cost == 7 + BUFFER_OVERHEAD

@@ -17,7 +17,7 @@ from websockets.sync.client import connect
 from wschat import ConnectionClosed, SendTimeout
 from wschat.errors import InvalidPayload, ProtocolError
 from wschat.frames import Opcode, encode_frame
-from wschat.transport import READ_SIZE
+from wschat.outbound import BUFFER_OVERHEAD
 from wschat.server import Server
 
 from .helpers import RawClient, Recorder, server_with_slow_client, start_server
@@ -700,22 +700,27 @@ def test_the_loop_never_sleeps_with_connections_to_flush(certificate, monkeypatc
     assert sleeps == []
 
 
-def test_ping_flood_without_reading_is_bounded():
-    """Pongs count against the outbound mark too: a client that sends pings
-    and never reads the pongs is closed, not given unbounded memory."""
+def test_a_ping_flood_without_reading_holds_one_pong_and_the_last_ping_is_answered():
+    """RFC 6455 5.5.3 lets an endpoint answer only the most recent ping: a
+    client that floods pings and never reads holds one pong in its queue,
+    not one per ping (on 6ddb637 each ping queued its own and the client
+    was closed with 1008), and the pong it gets last answers its last ping."""
     server, recorder, slow, slow_conn = server_with_slow_client(64 * 1024)
     try:
-        ping = encode_frame(Opcode.PING, b"p" * 125, mask=os.urandom(4))
         peak = 0
-        for _ in range(200):  # up to 5 MB of pings, in 25 KB batches
-            try:
-                slow.sock.sendall(ping * 200)
-            except OSError:  # the server gave up on us: the point
-                break
+        for batch in range(100):  # 20,000 pings, 2.6 MB
+            slow.sock.sendall(b"".join(encode_frame(Opcode.PING, b"%06d" % (batch * 200 + i) + b"p" * 119,
+                                                    mask=os.urandom(4)) for i in range(200)))
             peak = max(peak, slow_conn.queued)
-        assert peak <= 64 * 1024 + READ_SIZE  # the mark, plus the replies to one read
-        _, _, code, reason = recorder.wait("close", conn=slow_conn)
-        assert (code, reason) == (1008, "client too slow")
+        slow.send_frame(Opcode.PING, b"last")
+        pongs = []
+        while not pongs or pongs[-1] != b"last":
+            frame = slow.recv_frame()
+            assert frame.opcode == Opcode.PONG
+            pongs.append(frame.payload)
+        assert peak <= 127 + BUFFER_OVERHEAD  # one pong of 125 bytes, and its buffer
+        assert len(pongs) < 20000 and pongs == sorted(pongs)  # coalesced; each the latest ping of its time
+        assert slow_conn.is_open
     finally:
         slow.close()
         server.stop()

@@ -18,7 +18,7 @@ from .errors import ConnectionClosed, SendTimeout, WebSocketError
 from .frames import CloseCode
 from .handshake import Request, parse_request
 from .logsafe import quoted
-from .outbound import PreparedMessage
+from .outbound import BUFFER_OVERHEAD, PreparedMessage
 from .protocol import OPEN, ServerProtocol, State
 
 if TYPE_CHECKING:
@@ -118,8 +118,9 @@ class Connection:
 
     @property
     def queued(self) -> int:
-        """Bytes waiting in the outbound queue."""
-        return self._protocol.outbox.size
+        """What the outbound queue holds, in bytes: its frames and the
+        overhead of their buffers, as ``max_queue`` counts it."""
+        return self._protocol.outbox.cost
 
     @property
     def close_code(self) -> int:
@@ -144,7 +145,7 @@ class Connection:
         prepared = message if isinstance(message, PreparedMessage) else PreparedMessage(message)
         with self._lock:
             parts, size = prepared.frame_for(self._protocol.deflate)
-            self._make_room(size, timeout)
+            self._make_room(size + BUFFER_OVERHEAD * len(parts), timeout)
             self._protocol.send_frame(parts, size)
         self._loop.flush_soon(self, messages=1)
 
@@ -174,11 +175,12 @@ class Connection:
 
     # -- for the loop and the dispatcher ---------------------------------------------------
 
-    def _make_room(self, size: int, timeout: float | None) -> None:
-        """Wait (lock held) until ``size`` more bytes fit under the mark."""
+    def _make_room(self, cost: int, timeout: float | None) -> None:
+        """Wait (lock held) until a frame that costs ``cost`` fits under the
+        mark (what the queue holds, counted as ``Outbox.cost`` counts it)."""
         outbox = self._protocol.outbox
         limit = self._loop.max_queue
-        if not outbox.size or outbox.size + size <= limit or self._protocol.state is not OPEN:
+        if not outbox.size or outbox.cost + cost <= limit or self._protocol.state is not OPEN:
             return
         if self._loop.on_loop_thread():
             self._overflow()
@@ -187,7 +189,7 @@ class Connection:
             self._room = threading.Condition(self._lock)
         timeout = self._loop.send_timeout if timeout is None else timeout
         end = time.monotonic() + timeout
-        while outbox.size and outbox.size + size > limit and self._protocol.state is OPEN:
+        while outbox.size and outbox.cost + cost > limit and self._protocol.state is OPEN:
             remaining = end - time.monotonic()
             if remaining <= 0:
                 raise SendTimeout(f"{self.key}: outbound queue still full after {timeout:.1f}s")
@@ -231,26 +233,28 @@ def queue_for_many(message: PreparedMessage, connections: Iterable[Connection], 
     """Queue one prepared message for many connections: the hot path of every
     broadcast; returns those it was queued for.  Never blocks: a client over
     the mark ``limit`` is closed as too slow.  For speed it does inline what
-    ``ServerProtocol.send_frame`` does: the state test and the append, under
-    each connection's lock."""
+    ``ServerProtocol.send_frame`` and ``Outbox.cost`` do: the state test, the
+    mark and the append, under each connection's lock."""
     plain_parts, plain_size = message.parts, message.size
-    agreement = agreed_parts = agreed_size = None  # the last agreement met: most connections share one
+    plain_cost = plain_size + BUFFER_OVERHEAD * len(plain_parts)
+    agreement = agreed_parts = agreed_size = agreed_cost = None  # the last agreement met: most connections share one
     queued = []
     for conn in connections:
         protocol = conn._protocol
         outbox = protocol.outbox
         deflate = protocol.deflate
         if deflate is None:
-            parts, size = plain_parts, plain_size
+            parts, size, cost = plain_parts, plain_size, plain_cost
         elif deflate is agreement:
-            parts, size = agreed_parts, agreed_size
+            parts, size, cost = agreed_parts, agreed_size, agreed_cost
         else:  # compressed once per agreement, not once per recipient
             parts, size = agreed_parts, agreed_size = message.frame_for(deflate)
+            cost = agreed_cost = size + BUFFER_OVERHEAD * len(parts)
             agreement = deflate
         with conn._lock:
             if protocol.state is not OPEN:
                 continue
-            if outbox.size and outbox.size + size > limit:
+            if outbox.size and outbox.size + BUFFER_OVERHEAD * (len(outbox.buffers) - outbox.start) + cost > limit:
                 conn._overflow()
                 continue
             outbox.buffers += parts

@@ -27,7 +27,6 @@ from .protocol import (
     BinaryMessage,
     CloseReceived,
     ConnectionFailed,
-    Ping,
     Pong,
     RequestReceived,
     RequestRefused,
@@ -110,10 +109,6 @@ class InlineDispatcher:
                 if conn.resource.on_error is not None:
                     submit(conn, conn.resource.on_error, conn, event.error)
                 submit(conn, conn._fail, event.error)
-            elif kind is Ping:  # its pong counts against the mark: a peer that pings and never reads
-                if protocol.outbox.size > loop.max_queue and protocol.state is OPEN:
-                    with conn._lock:
-                        conn._overflow()
             elif kind is Pong:
                 conn._on_pong(event.payload)
             elif kind is RequestReceived:

@@ -260,8 +260,9 @@ class ServerProtocol:
         return self._inflater
 
     def _end_inflation(self) -> None:
-        """After a message: no inflater is kept unless the client keeps its context."""
-        if self.deflate.client_no_context_takeover:
+        """After a message: no inflater is kept unless the client keeps its
+        context and its stream goes on (a final block ends it)."""
+        if self.deflate.client_no_context_takeover or self._inflater.ended:
             self._inflater = None
 
     def _inflate_whole(self, payload: bytes) -> bytes:
@@ -277,7 +278,7 @@ class ServerProtocol:
             raise ProtocolError("RSV bits set on a control frame")
         if opcode == Opcode.PING:
             if self.state is OPEN:
-                self.outbox.append(self._frame(Opcode.PONG, payload))
+                self.outbox.put_pong(self._frame(Opcode.PONG, payload))
             return Ping(payload)
         if opcode == Opcode.PONG:
             return Pong(payload)
