@@ -199,6 +199,22 @@ def test_frames_right_behind_the_request_are_not_lost_in_the_hand_over(app):
         assert event["text"] == "early"
 
 
+@pytest.mark.parametrize("framing, body", [
+    ("Transfer-Encoding: chunked", b"5\r\nhello\r\n0\r\n\r\n"),
+    ("Content-Length: 5", b"hello"),
+])
+def test_an_upgrade_with_a_body_gets_400_through_the_hand_over_too(app, framing, body):
+    """RFC 6455 4.1: the upgrade is a GET without a body.  On 6ddb637 the WSGI
+    server swallowed a chunked body and the frame behind it was lost."""
+    cookie = app.login("ann")
+    with RawClient(app.port, handshake=False) as client:
+        head = (f"GET /chat HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+                f"Cookie: {cookie}\r\n{framing}\r\n\r\n").encode()
+        client.sock.sendall(head + body + bytes([0x81, 0x80]) + b"\0\0\0\0")
+        assert client.read_head().startswith(b"HTTP/1.1 400 ") and client.at_eof()
+
+
 def test_sigterm_closes_the_chat_clients_with_1001(app):
     with app.chat(app.login("ann")) as ws:
         recv_json(ws, "welcome")

@@ -14,7 +14,7 @@ import time
 from typing import Sequence
 
 from . import __version__
-from .chat import DEFAULT_WELCOME, Chat, ChatLimits
+from .chat import DEFAULT_MAX_HISTORY_BYTES, DEFAULT_WELCOME, Chat, ChatLimits
 from .engine import EngineUnavailable
 from .files import DEFAULT_PAGE_POLICY
 from .frames import IMPLEMENTATION
@@ -26,6 +26,23 @@ STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 
 def version_text() -> str:
     return f"wschat {__version__} (frames: {IMPLEMENTATION}; C accelerator {'in use' if IMPLEMENTATION == 'C' else 'not in use'})"
+
+
+_UNITS = {"": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2, "mib": 1 << 20,
+          "g": 1000**3, "gb": 1000**3, "gib": 1 << 30}
+
+
+def byte_size(text: str) -> int:
+    """A number of bytes: ``1048576``, ``1MiB``, ``32 MiB``, ``64M`` (K, M, G: powers of 1000; KiB, MiB, GiB: of 1024)."""
+    number = text.strip().rstrip("BbIiKkMmGg ")
+    unit = text.strip()[len(number):].strip().lower()
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size in bytes (such as 1048576, 64KiB, 16MiB)") from None
+    if not 0 <= value < 1 << 62 or value != int(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole, non-negative number of bytes")
+    return int(value)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -40,10 +57,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--path", default="/chat", help="the chat's WebSocket path (default /chat; /chat/NAME is room NAME)")
     add("--ping-interval", type=float, default=5.0, help="seconds between pings to every client (default 5; 0: none)")
     add("--ping-timeout", type=float, default=20.0, help="close a client silent this long (default 20; 0: never)")
-    add("--max-message-size", type=int, default=1 << 20, help="largest WebSocket message in bytes (default 1 MiB)")
+    add("--max-message-size", type=byte_size, default=1 << 20, metavar="BYTES",
+        help="largest WebSocket message in bytes (default 1MiB)")
+    add("--message-timeout", type=float, default=30.0, metavar="SECONDS",
+        help="a message begun must end within this (1008 past it; default 30; 0: no limit)")
+    add("--max-buffered", type=byte_size, default=None, metavar="BYTES",
+        help="what all peers together may make the server hold (unfinished messages, inflated; request heads; "
+             "handler calls waiting): past it the connections holding the most are closed with 1013 "
+             "(default 64MiB, or 4 x --max-message-size if larger; 0: no bound)")
     add("--max-connections", type=int, default=10000, help="open WebSockets at most (default 10000)")
-    add("--max-queue", type=int, default=16 << 20,
-        help="bytes queued for one client before it is closed as too slow (1008; default 16 MiB)")
+    add("--max-queue", type=byte_size, default=16 << 20, metavar="BYTES",
+        help="bytes queued for one client before it is closed as too slow (1008; default 16MiB)")
     add("--allowed-origin", action="append", dest="allowed_origins", metavar="ORIGIN",
         help="accept browsers from this Origin only (repeatable; default: any)")
     add("--no-compression", action="store_true", help="decline permessage-deflate (RFC 7692; on by default)")
@@ -54,6 +78,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--history", type=int, default=50,
         help="messages kept per room and replayed to wschat.v1 clients as they join (default 50; "
              "plain clients, like the seed's page, get live messages only)")
+    add("--max-history-bytes", type=byte_size, default=DEFAULT_MAX_HISTORY_BYTES, metavar="BYTES",
+        help="history a welcome carries at most: the newest messages that fit (default 32KiB; 0: no bound)")
     add("--welcome", default=DEFAULT_WELCOME, help=f"welcome text ('' for none; default {DEFAULT_WELCOME!r})")
     add("--max-chat-length", type=int, default=2000, help="characters per chat message (default 2000; 0: no limit)")
     add("--rate-limit", type=float, default=5.0, help="messages per second per client (default 5; 0: no limit)")
@@ -135,6 +161,8 @@ def build(args: argparse.Namespace) -> tuple[Server, Chat]:
         max_connections=args.max_connections,
         max_message_size=args.max_message_size,
         max_queue=args.max_queue,
+        max_buffered=args.max_buffered,
+        message_timeout=args.message_timeout,
         ping_interval=args.ping_interval,
         ping_timeout=args.ping_timeout or None,
         workers=args.workers,
@@ -147,7 +175,8 @@ def build(args: argparse.Namespace) -> tuple[Server, Chat]:
     )
     limits = ChatLimits(args.max_chat_length, args.rate_limit, args.rate_burst, args.max_nick_length)
     try:
-        chat = Chat(server, args.path, welcome=args.welcome, history=args.history, limits=limits, engine=engine)
+        chat = Chat(server, args.path, welcome=args.welcome, history=args.history,
+                    max_history_bytes=args.max_history_bytes, limits=limits, engine=engine)
     except EngineUnavailable as exc:
         raise SetupError(str(exc)) from None
     return server, chat

@@ -42,6 +42,7 @@ log = logging.getLogger("wschat")
 
 DEFAULT_WELCOME = "Welcome to Corvusoft Chat!"
 DEFAULT_ROOM = "main"
+DEFAULT_MAX_HISTORY_BYTES = 32 << 10  # 50 typical messages fit 3 times over; long ones are cut to the newest
 TRY_AGAIN_LATER = 1013  # close code (IANA registry): the chat's engine cannot be reached
 
 
@@ -52,6 +53,9 @@ class Chat:
     max_idle_rooms)`` by default, this process alone; see ``engine.py`` and
     ``redis_engine.py``).  ``page_config`` is where the browser client finds
     the chat's path and limits (a plain HTTP route; None for none).
+    A welcome carries the newest of the room's ``history`` messages that fit
+    in ``max_history_bytes`` (their text in UTF-8, plus 160 bytes each; 0: no
+    bound), and so does a returning client's catch-up (then ``missed``).
 
     ``authorize`` is the resource's hook (see ``Resource``): it refuses a
     handshake, or names the app's user.  A named user's nickname is
@@ -68,6 +72,7 @@ class Chat:
         *,
         welcome: str = DEFAULT_WELCOME,
         history: int = 50,
+        max_history_bytes: int = DEFAULT_MAX_HISTORY_BYTES,
         limits: ChatLimits | None = None,
         max_idle_rooms: int = 100,
         page_config: str | None = "/wschat.json",
@@ -82,6 +87,7 @@ class Chat:
         self.user_id = user_id
         self._app_authorize = authorize
         self.welcome = welcome
+        self.max_history_bytes = max_history_bytes
         self.limits = limits or ChatLimits()
         self.rooms: dict[str, LocalRoom] = {}
         self._lock = threading.Lock()  # guards rooms and members
@@ -208,7 +214,8 @@ class Chat:
         member = Member(conn, local, nick, holder, structured, identified, tokens=float(self.limits.burst))
         with self._lock:
             conn.context = member
-            local.greet(member, self.welcome, history, users, admission, returning=since is not None)
+            local.greet(member, self.welcome, history, users, admission, returning=since is not None,
+                        max_history_bytes=self.max_history_bytes)
             if problem and structured:
                 self._notify(member, "nick_refused", f"{problem}; you are {nick}")
         if claim.evicted:

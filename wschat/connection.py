@@ -43,8 +43,8 @@ class Connection:
     __slots__ = (
         "key", "remote_address", "client_address", "resource", "subprotocol", "user", "context", "last_seen", "latency",
         "_loop", "_protocol", "_lock", "_room", "_closed", "_head",
-        # the loop's: socket, deadline, selector events, stages of the end
-        "_sock", "_tls", "_deadline", "_events", "_ending", "_lingering",
+        # the loop's: socket, deadline, selector events, stages of the end, bytes held for the budget
+        "_sock", "_tls", "_deadline", "_events", "_ending", "_lingering", "_held",
         # the dispatcher's: handler calls waiting, one running, reading paused
         "_tasks", "_running", "_paused",
     )
@@ -71,6 +71,7 @@ class Connection:
         self._events = 0
         self._ending = False  # the close deadline is set
         self._lingering = False  # our write side is shut; waiting for the peer's EOF
+        self._held = 0  # what its protocol held when the budget last counted it
         self._tasks = None
         self._running = False
         self._paused = False

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from .errors import InvalidPayload, MessageTooBig
 
 NAME = "permessage-deflate"
+INFLATER_COST = 40 << 10  # what a zlib inflater holds once it has inflated (its 32 KiB window and state; tracemalloc)
 RSV1 = 0b100
 _EMPTY_BLOCK = b"\x00\x00\xff\xff"
 _PARAMS = {"server_no_context_takeover", "client_no_context_takeover", "server_max_window_bits",

@@ -12,13 +12,14 @@ is paused: the loop stops reading it until its backlog is down to half.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Callable
 
 from .deflate import NAME as DEFLATE
-from .errors import ConnectionClosed, HandshakeError
+from .errors import ConnectionClosed, HandshakeError, WebSocketError
 from .frames import CloseCode
 from .handshake import Answer, Request
 from .logsafe import quoted
@@ -38,7 +39,8 @@ if TYPE_CHECKING:
     from .loop import Loop
 
 log = logging.getLogger("wschat")
-_worker = threading.local()  # .dispatcher on the pool's own threads
+_worker = threading.local()
+CALL_OVERHEAD = 160  # a waiting call's tuple, its queue slot, the event it came from  # .dispatcher on the pool's own threads
 
 
 def run_handler(conn: Connection, handler: Callable, args: tuple) -> None:
@@ -58,6 +60,11 @@ def run_handler(conn: Connection, handler: Callable, args: tuple) -> None:
             except Exception:
                 log.exception("%s: error handler failed", conn.key)
         conn.close(CloseCode.INTERNAL_ERROR, "internal server error")
+
+
+def call_cost(args: tuple) -> int:
+    """What a handler call waiting for a worker holds: its message, and the call itself."""
+    return CALL_OVERHEAD + sum(sys.getsizeof(arg) for arg in args if isinstance(arg, (str, bytes)))
 
 
 def authorize(conn: Connection, request: Request, hook: Callable) -> tuple[object, HandshakeError | None]:
@@ -104,11 +111,7 @@ class InlineDispatcher:
             elif kind is CloseReceived:
                 submit(conn, conn._acknowledge_close)
             elif kind is ConnectionFailed:
-                loop.server.metrics.count("failures", event.error.close_code)
-                log.info("%s: failing the connection with %d: %s", conn.key, event.error.close_code, event.error)
-                if conn.resource.on_error is not None:
-                    submit(conn, conn.resource.on_error, conn, event.error)
-                submit(conn, conn._fail, event.error)
+                self.fail(conn, event.error)
             elif kind is Pong:
                 conn._on_pong(event.payload)
             elif kind is RequestReceived:
@@ -121,6 +124,15 @@ class InlineDispatcher:
             loop.watch(conn)
         if protocol.outbox.size:
             loop.flush_soon(conn)
+
+    def fail(self, conn: Connection, error: WebSocketError) -> None:
+        """Fail the connection with the error's close code, after the handlers
+        of what arrived before it; ``on_error`` is told first."""
+        self._loop.server.metrics.count("failures", error.close_code)
+        log.info("%s: failing the connection with %d: %s", conn.key, error.close_code, error)
+        if conn.resource.on_error is not None:
+            self.submit(conn, conn.resource.on_error, conn, error)
+        self.submit(conn, conn._fail, error)
 
     def _answer(self, conn: Connection, request: Request) -> None:
         """Apply the server's answer to a request: upgrade (once authorized), refuse, or serve a file."""
@@ -156,6 +168,7 @@ class InlineDispatcher:
             conn._paused = False
         self._loop.watch(conn)
         self.process(conn)  # frames that came right behind the request
+        self._loop.account(conn)
         if conn._protocol.outbox.size:
             self._loop.flush_soon(conn)
 
@@ -240,11 +253,13 @@ class PoolDispatcher(InlineDispatcher):
         self._resume_after_hook(conn)
 
     def submit(self, conn: Connection, handler: Callable, *args) -> None:
+        cost = call_cost(args)
+        self._loop.budget.change(conn, cost)  # held until the call has run
         with conn._lock:
             tasks = conn._tasks
             if tasks is None:
                 tasks = conn._tasks = deque()
-            tasks.append((handler, args))
+            tasks.append((handler, args, cost))
             if len(tasks) >= self.max_pending:
                 conn._paused = True
             if conn._running:
@@ -265,11 +280,12 @@ class PoolDispatcher(InlineDispatcher):
                     conn._tasks = None
                     conn._running = False
                     return
-                handler, args = tasks.popleft()
+                handler, args, cost = tasks.popleft()
                 resume = conn._paused and len(tasks) <= low
             if resume:
                 self._loop.resume_reading(conn)
             run_handler(conn, handler, args)
+            self._loop.budget.change(conn, -cost)
 
     def shutdown(self) -> None:
         self._hooks.shutdown(wait=False, cancel_futures=True)  # a hook still running finds the loop gone

@@ -32,6 +32,18 @@ class MessageTooBig(WebSocketError):
     close_code = 1009
 
 
+class PolicyViolation(WebSocketError):
+    """The peer broke one of the server's rules, such as finishing a message in time (close 1008)."""
+
+    close_code = 1008
+
+
+class TryAgainLater(WebSocketError):
+    """The server holds more than its memory budget; this connection holds the most (close 1013)."""
+
+    close_code = 1013
+
+
 class ConnectionClosed(WebSocketError):
     """Sending on a connection that is closing or closed."""
 

@@ -223,6 +223,10 @@ class FrameParser:
             self._pos = 0
         self._data += data
 
+    def clear(self) -> None:
+        """Drop what is received and not parsed (nothing more will be)."""
+        self._data, self._pos, self._piece = b"", 0, None
+
     def detach(self) -> None:
         """Let go of the fed buffer: what is not parsed yet is copied (a few
         header bytes, as a rule), so the caller may reuse its buffer."""

@@ -25,9 +25,10 @@ import time
 from typing import TYPE_CHECKING, Iterable
 
 from . import transport
+from .budget import Budget
 from .connection import Connection, queue_for_many
 from .dispatch import InlineDispatcher, PoolDispatcher
-from .errors import HandshakeError
+from .errors import HandshakeError, PolicyViolation, TryAgainLater
 from .handoff import Handoff
 from .logsafe import address_text
 from .outbound import PreparedMessage
@@ -50,6 +51,8 @@ class Loop:
         self.server = server
         self.max_queue = server.max_queue
         self.send_timeout = server.send_timeout
+        self.message_timeout = server.message_timeout
+        self.budget = Budget(server.max_buffered)
         self.connections: dict[str, Connection] = {}  # the socket map: open WebSockets
         self.map_lock = threading.Lock()
         self.stopped = threading.Event()  # set by the server once it has forgotten this run
@@ -88,6 +91,10 @@ class Loop:
             "wschat_handshakes_in_progress": ("Connections whose request is not answered yet.", len(self._handshaking)),
             "wschat_queued_bytes": ("Bytes waiting in the outbound queues of open connections.",
                                     sum(conn._protocol.outbox.size for conn in conns)),
+            "wschat_buffered_bytes": ("Bytes peers make the server hold: request heads, unfinished frames and "
+                                      "messages (inflated), inflaters, handler calls waiting.", self.budget.total),
+            "wschat_buffered_limit_bytes": ("The server-wide bound on wschat_buffered_bytes (max_buffered; 0: none).",
+                                            self.budget.limit),
         }
 
     def connections_from(self, address: str) -> int:
@@ -198,6 +205,7 @@ class Loop:
                 conn._paused = False
             self.watch(conn)
             self.dispatcher.process(conn)
+            self.account(conn)
 
     # -- accepting --------------------------------------------------------------------------
 
@@ -212,6 +220,7 @@ class Loop:
             with conn._lock:
                 conn._protocol.receive_data(data)
             self.dispatcher.process(conn)
+            self.account(conn)
 
     def _take(self, sock: socket.socket, address, ssl_context) -> Connection | None:
         """A new connection, waiting for its request under the handshake deadline."""
@@ -263,6 +272,56 @@ class Loop:
         finally:
             with conn._lock:
                 protocol.detach()  # before the buffer takes the next read
+        self.account(conn)
+
+    # -- what peers make the server hold ------------------------------------------------------
+
+    def account(self, conn: Connection) -> None:
+        """After its bytes were parsed: count what ``conn`` holds against the
+        budget (shedding the largest holders when over it), and give an
+        unfinished message its deadline."""
+        protocol = conn._protocol
+        change = protocol.buffered - conn._held
+        if change:
+            conn._held += change
+            self.budget.change(conn, change)
+            if change > 0 and self.budget.over:
+                self._shed()
+        if self.message_timeout and protocol.state is OPEN:
+            if not protocol.receiving:
+                if conn._deadline is not None:
+                    conn._deadline = None
+                    self._timed.discard(conn)
+            elif conn._deadline is None:
+                conn._deadline = time.monotonic() + self.message_timeout
+                self._timed.add(conn)
+
+    def _shed(self) -> None:
+        """Over the budget: close the connections that hold the most until it is not."""
+        budget = self.budget
+        passed: set[Connection] = set()
+        while budget.over:
+            conn = budget.largest(passed)
+            if conn is None:
+                return
+            passed.add(conn)
+            if conn._sock is None or not conn._protocol.reading:
+                continue  # what it holds are handler calls, which closing would not free
+            log.warning("%s: the server holds %d bytes, over max_buffered (%d); closing this connection, "
+                        "which holds the most (%d)", conn.key, budget.total, budget.limit, budget.held(conn))
+            self._metrics.add("budget_closes")
+            if conn._protocol.state is CONNECTING:
+                self._release(conn)
+            else:
+                self._give_up(conn, TryAgainLater("server busy: try again later"))
+
+    def _give_up(self, conn: Connection, error: Exception) -> None:
+        """Read no more from ``conn``, let go of its unfinished message, and
+        fail it with the error's close code (after its earlier messages' handlers)."""
+        with conn._lock:
+            conn._protocol.abandon()
+        self.account(conn)
+        self.dispatcher.fail(conn, error)
 
     # -- answering the request ---------------------------------------------------------------
 
@@ -343,6 +402,11 @@ class Loop:
             if conn._sock is None:
                 self._timed.discard(conn)
             elif conn._deadline is not None and now >= conn._deadline:
+                if conn._protocol.state is OPEN:  # a message begun too long ago (see _account)
+                    conn._deadline = None
+                    self._timed.discard(conn)
+                    self._give_up(conn, PolicyViolation(f"message not completed within {self.message_timeout:g}s"))
+                    continue
                 if conn._protocol.awaiting_answer:  # its authorize hook is still running
                     log.warning("%s: authorization took longer than the handshake timeout", conn.key)
                     self.dispatcher.refuse(conn, HandshakeError(503, "authorization timed out", (("Retry-After", "5"),)))
@@ -369,6 +433,9 @@ class Loop:
             if conn._room is not None:
                 conn._room.notify_all()
             closed = conn._closed
+        if conn._held:  # what its protocol held is gone; waiting handler calls give theirs back as they run
+            self.budget.change(conn, -conn._held)
+            conn._held = 0
         if conn._events:
             self._selector.unregister(sock)
             conn._events = 0

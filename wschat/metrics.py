@@ -24,6 +24,8 @@ _COUNTERS = (
     ("bytes_sent", "wschat_sent_bytes_total", "Bytes written to clients (before TLS).", None),
     ("slow_clients", "wschat_slow_client_closes_total", "Clients closed with 1008 for not reading (outbound queue over max_queue).", None),
     ("handler_errors", "wschat_handler_errors_total", "Handler calls that raised.", None),
+    ("budget_closes", "wschat_budget_closes_total",
+     "Connections closed with 1013 because peers made the server hold more than max_buffered.", None),
 )
 
 
@@ -41,6 +43,7 @@ class Metrics:
         self.bytes_sent = 0
         self.slow_clients = 0
         self.handler_errors = 0
+        self.budget_closes = 0
         self._lock = threading.Lock()
 
     def add(self, name: str, amount: int = 1) -> None:
@@ -57,7 +60,8 @@ class Metrics:
         """The exposition text: ``gauges`` maps a name to (help, value)."""
         lines: list[str] = []
         for name, (help_text, value) in gauges.items():
-            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value:g}"]
+            sample = value if isinstance(value, int) else f"{value:g}"  # :g would round large integers
+            lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {sample}"]
         for attribute, name, help_text, label in _COUNTERS:
             lines += [f"# HELP {name} {help_text}", f"# TYPE {name} counter"]
             if label is None:

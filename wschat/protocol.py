@@ -37,6 +37,7 @@ from .frames import (
     encode_frame,
     parse_close_payload,
 )
+from .deflate import INFLATER_COST
 from .handshake import DEFAULT_MAX_HEADER_SIZE, Request, build_error_response, find_head_end, parse_request
 from .outbound import Outbox
 from .reassembly import Reassembly
@@ -199,10 +200,34 @@ class ServerProtocol:
 
     @property
     def buffered(self) -> int:
-        """Received bytes held: an unfinished request head, frame or message."""
+        """What received bytes hold: an unfinished request head, frame or
+        message (inflated), and an inflater's state."""
         if self._parser is None:
-            return len(self._head or b"")
-        return self._parser.buffered + (self._message.size if self._message else 0)
+            return len(self._head) if self._head else 0
+        held = self._parser.buffered
+        if self._message is not None:
+            held += self._message.size
+        if self._inflater is not None:
+            held += INFLATER_COST
+        return held
+
+    @property
+    def receiving(self) -> bool:
+        """A message (or a frame) has begun to arrive and has not ended."""
+        return self._reading and (self._message is not None or (self._parser is not None and self._parser.buffered > 0))
+
+    @property
+    def reading(self) -> bool:
+        """Whether received bytes are still parsed (not after a close frame, an error or ``abandon``)."""
+        return self._reading
+
+    def abandon(self) -> None:
+        """Read no more, and let go of what an unfinished message holds: the
+        connection is to be failed (queue its close with ``fail``)."""
+        self._reading = False
+        self._message = self._inflater = None
+        if self._parser is not None:
+            self._parser.clear()
 
     def _next_request(self) -> RequestReceived | RequestRefused | None:
         head = self._head
@@ -372,7 +397,7 @@ class ServerProtocol:
 
     def fail(self, error: WebSocketError) -> None:
         """Fail the connection (section 7.1.7): a close with the error's code, then nothing more."""
-        self._reading = False
+        self.abandon()
         if self.state is OPEN:
             reason = str(error).encode("utf-8")[: MAX_CONTROL_PAYLOAD - 2].decode("utf-8", "ignore")
             self.outbox.append(self._frame(Opcode.CLOSE, encode_close_payload(error.close_code, reason)))

@@ -42,6 +42,22 @@ class ChatLimits:
         return cls(max_length=0, rate=0, burst=0)
 
 
+RECORD_OVERHEAD = 160  # what a message's JSON holds besides its text: keys, room, nick, time, seq
+
+
+def newest_within(records: list[dict], max_bytes: int) -> tuple[list[dict], bool]:
+    """The newest ``records`` that fit in ``max_bytes`` (each counted as its
+    text in UTF-8 and ``RECORD_OVERHEAD``; 0: all), and whether older ones were left out."""
+    if not max_bytes:
+        return records, False
+    total = 0
+    for index in range(len(records) - 1, -1, -1):
+        total += RECORD_OVERHEAD + len(records[index]["text"].encode("utf-8"))
+        if total > max_bytes:
+            return records[index + 1 :], True
+    return records, False
+
+
 @dataclass
 class Admission:
     """What the chat learnt before answering a handshake (``Connection.user``
@@ -114,20 +130,22 @@ class LocalRoom:
         return not self.members and not self.joining
 
     def greet(self, member: Member, welcome: str, history: History, users: list[str] | None,
-              admission: Admission, returning: bool) -> None:
+              admission: Admission, returning: bool, max_history_bytes: int = 0) -> None:
         """Welcome a member that finished joining, and count it in: in
         wschat.v1 with the room's ``users`` and its history (or what it
-        missed, when ``returning``); plain, with the welcome text and any message
-        said since its handshake was answered.  Nothing is lost or doubled
-        between that and the live messages that follow."""
+        missed, when ``returning``), the newest within ``max_history_bytes``;
+        plain, with the welcome text and any message said since its handshake
+        was answered.  Nothing is lost or doubled between that and the live
+        messages that follow."""
         self.joining -= 1
         records = self.catch_up(history)
         conn = member.conn
         if member.structured:
+            kept, cut = newest_within(records, max_history_bytes)
             event = {"type": "welcome", "text": welcome, "room": self.name, "nick": member.nick,
-                     "epoch": history.epoch, "users": sorted({*users, member.nick}), "history": records}
+                     "epoch": history.epoch, "users": sorted({*users, member.nick}), "history": kept}
             if returning:
-                event["missed"] = history.missed
+                event["missed"] = history.missed or cut
             if member.identified:
                 event["identified"] = True
             conn.send(encode(event))

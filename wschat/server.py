@@ -18,6 +18,7 @@ import ssl
 import threading
 from typing import Callable, Collection, Iterable, Sequence
 
+from .budget import DEFAULT_MAX_BUFFERED
 from .connection import Connection
 from .files import DEFAULT_PAGE_POLICY, file_response
 from .errors import HandshakeError
@@ -62,6 +63,14 @@ class Server:
     pool, one at a time per connection and in order; a connection with
     ``max_pending_calls`` handler calls waiting is not read until half are done.
 
+    Above the per-connection limits, ``max_buffered`` bounds what all peers
+    together make the server hold (request heads, unfinished frames and
+    messages once inflated, inflaters, handler calls waiting): past it the
+    connections holding the most are closed with 1013 until it is not
+    (default: 64 MiB, or 4 x ``max_message_size`` if larger; 0: no bound).
+    A message begun must end within ``message_timeout`` seconds, or its
+    connection is closed with 1008 (0: no limit).
+
     ``compression`` is permessage-deflate (RFC 7692), on unless None: the
     settings are ``deflate.PerMessageDeflate``'s; a broadcast is compressed
     once, and an idle connection keeps no zlib state.
@@ -97,6 +106,8 @@ class Server:
         ping_timeout: float | None = 20.0,
         workers: int = 0,
         max_pending_calls: int = 16,
+        max_buffered: int | None = None,
+        message_timeout: float = 30.0,
         max_connections_per_ip: int = 0,
         forwarded_allow_ips: Iterable[str] = (),
         health_path: str | None = "/healthz",
@@ -125,6 +136,8 @@ class Server:
         self.ping_timeout = ping_timeout
         self.workers = workers
         self.max_pending_calls = max_pending_calls
+        self.max_buffered = max(DEFAULT_MAX_BUFFERED, 4 * max_message_size) if max_buffered is None else max_buffered
+        self.message_timeout = message_timeout
         self.max_connections_per_ip = max_connections_per_ip
         self.forwarded_allow_ips = frozenset(forwarded_allow_ips)
         self.page_policy = page_policy
