@@ -45,8 +45,8 @@ def test_messages_up_to_16_mib_in_one_frame(echo, compression, size):
 
 
 @pytest.mark.parametrize("compression", ["deflate", None])
-@pytest.mark.parametrize("fragment, total", [(1, 1000), (64, 4 * MiB), (1024, MiB), (65536, 16 * MiB)],
-                         ids=["1B", "64B-4MiB-65536-fragments", "1KiB", "64KiB-16MiB"])
+@pytest.mark.parametrize("fragment, total", [(1, 1000), (64, 4 * MiB), (256, 16 * MiB), (1024, MiB), (65536, 16 * MiB)],
+                         ids=["1B", "64B-4MiB-65536-fragments", "256B-16MiB-65536-fragments", "1KiB", "64KiB-16MiB"])
 def test_messages_in_fragments(echo, compression, fragment, total):
     text = os.urandom(total // 2).hex()
     with connect(url(echo), max_size=None, compression=compression) as ws:

@@ -12,8 +12,11 @@ import json
 import os
 import re
 import struct
+import subprocess
+import sys
 import threading
 import zlib
+from pathlib import Path
 
 import pytest
 from websockets.sync.client import connect
@@ -258,3 +261,11 @@ def test_an_upgrade_with_a_body_gets_400_and_no_101(body_headers, body):
             assert response.startswith(b"HTTP/1.1 400 ") and peer.at_eof()
     finally:
         server.stop()
+
+
+def test_the_hostile_tool_runs_both_attacks_on_a_live_server():
+    tool = Path(__file__).resolve().parent.parent / "tools" / "hostile.py"
+    result = subprocess.run([sys.executable, str(tool), "--stallers", "20", "--flooders", "2", "--flood-megabytes", "4",
+                             "--server-args", "--max-buffered 8MiB"], capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "a newcomer chats" in result.stdout and "ping-flood: 2 non-reading peers sent 8 MiB" in result.stdout
