@@ -1,5 +1,7 @@
 """The outbox and prepared messages, sans I/O."""
 
+import random
+
 import pytest
 
 from wschat.frames import Opcode, encode_frame
@@ -97,3 +99,24 @@ def test_cost_counts_each_buffer_beyond_its_bytes():
     assert outbox.cost == 11 + 2 * BUFFER_OVERHEAD
     outbox.consume(4)
     assert outbox.cost == 7 + BUFFER_OVERHEAD
+
+
+def test_the_running_cost_always_equals_bytes_plus_overhead_per_buffer_left():
+    rng = random.Random(7)
+    outbox = Outbox()
+    for _ in range(5000):
+        action = rng.random()
+        if action < 0.3:
+            outbox.append(bytes([0x81, 1]) + b"x")
+        elif action < 0.5:
+            parts = (b"\x82\x7e\x40\x00", memoryview(bytes(rng.randrange(1, 300))))
+            outbox.extend(parts, sum(map(len, parts)))
+        elif action < 0.6:
+            outbox.put_pong(bytes([0x8A, 2]) + b"pp")
+        elif action < 0.95 and outbox.size:
+            outbox.consume(rng.randrange(1, outbox.size + 1))
+        elif action >= 0.95:
+            outbox.discard_unstarted()
+        live = outbox.buffers[outbox.start:]
+        assert outbox.size == sum(map(len, live))
+        assert outbox.cost == outbox.size + BUFFER_OVERHEAD * len(live)

@@ -234,7 +234,7 @@ def queue_for_many(message: PreparedMessage, connections: Iterable[Connection], 
     """Queue one prepared message for many connections: the hot path of every
     broadcast; returns those it was queued for.  Never blocks: a client over
     the mark ``limit`` is closed as too slow.  For speed it does inline what
-    ``ServerProtocol.send_frame`` and ``Outbox.cost`` do: the state test, the
+    ``ServerProtocol.send_frame`` and ``Outbox.extend`` do: the state test, the
     mark and the append, under each connection's lock."""
     plain_parts, plain_size = message.parts, message.size
     plain_cost = plain_size + BUFFER_OVERHEAD * len(plain_parts)
@@ -255,10 +255,12 @@ def queue_for_many(message: PreparedMessage, connections: Iterable[Connection], 
         with conn._lock:
             if protocol.state is not OPEN:
                 continue
-            if outbox.size and outbox.size + BUFFER_OVERHEAD * (len(outbox.buffers) - outbox.start) + cost > limit:
+            queued_cost = outbox.cost
+            if queued_cost and queued_cost + cost > limit:
                 conn._overflow()
                 continue
             outbox.buffers += parts
             outbox.size += size
+            outbox.cost = queued_cost + cost
         queued.append(conn)
     return queued

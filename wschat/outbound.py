@@ -81,25 +81,22 @@ class Outbox:
     frame is under way, and a ``bytes`` buffer is always a frame's start.
     """
 
-    __slots__ = ("buffers", "start", "size", "_pong")
+    __slots__ = ("buffers", "start", "size", "cost", "_pong")
 
     def __init__(self) -> None:
         self.buffers: list = []
         self.start = 0  # buffers before this index are written
-        self.size = 0
+        self.size = 0  # bytes to write
+        self.cost = 0  # what the queue holds in memory: its bytes and BUFFER_OVERHEAD per buffer
         self._pong = -1  # where the last pong was queued
 
     def __len__(self) -> int:
         return self.size
 
-    @property
-    def cost(self) -> int:
-        """What the queue holds in memory: its bytes and its buffers' overhead."""
-        return self.size + BUFFER_OVERHEAD * (len(self.buffers) - self.start)
-
     def append(self, data: bytes) -> None:
         self.buffers.append(data)
         self.size += len(data)
+        self.cost += len(data) + BUFFER_OVERHEAD
 
     def put_pong(self, frame: bytes) -> None:
         """Queue a pong, in place of a pong queued and not yet begun: RFC 6455
@@ -112,6 +109,7 @@ class Outbox:
             if type(queued) is bytes and queued[0] == _PONG:
                 buffers[index] = frame
                 self.size += len(frame) - len(queued)
+                self.cost += len(frame) - len(queued)
                 return
         self._pong = len(buffers)
         self.append(frame)
@@ -119,6 +117,7 @@ class Outbox:
     def extend(self, parts: tuple, size: int) -> None:
         self.buffers += parts
         self.size += size
+        self.cost += size + BUFFER_OVERHEAD * len(parts)
 
     def pending(self, most: int) -> list:
         """Up to ``most`` buffers from the front, for one ``sendmsg``."""
@@ -134,6 +133,7 @@ class Outbox:
             return
         buffers = self.buffers
         index = self.start
+        self.cost -= sent
         while sent:
             head = buffers[index]
             if len(head) > sent:
@@ -142,6 +142,7 @@ class Outbox:
             sent -= len(head)
             buffers[index] = None
             index += 1
+        self.cost -= BUFFER_OVERHEAD * (index - self.start)  # the buffers written whole
         if index > 64 and index * 2 > len(buffers):  # compact now and then: amortised O(1)
             del buffers[:index]
             index = 0
@@ -151,6 +152,7 @@ class Outbox:
         self.buffers.clear()
         self.start = 0
         self.size = 0
+        self.cost = 0
 
     def discard_unstarted(self) -> None:
         """Drop every frame not yet begun.  The frame under way, if any, is
