@@ -18,7 +18,7 @@ from .errors import ConnectionClosed, SendTimeout, WebSocketError
 from .frames import CloseCode
 from .handshake import Request, parse_request
 from .logsafe import quoted
-from .outbound import BUFFER_OVERHEAD, PreparedMessage
+from .outbound import BUFFER_OVERHEAD, COST_PER_BYTE_AT_MOST, PreparedMessage
 from .protocol import OPEN, ServerProtocol, State
 
 if TYPE_CHECKING:
@@ -255,12 +255,11 @@ def queue_for_many(message: PreparedMessage, connections: Iterable[Connection], 
         with conn._lock:
             if protocol.state is not OPEN:
                 continue
-            queued_cost = outbox.cost
-            if queued_cost and queued_cost + cost > limit:
+            queued_size = outbox.size  # a queue far under the mark is not counted buffer by buffer
+            if queued_size and (queued_size + size) * COST_PER_BYTE_AT_MOST > limit and outbox.cost + cost > limit:
                 conn._overflow()
                 continue
             outbox.buffers += parts
-            outbox.size += size
-            outbox.cost = queued_cost + cost
+            outbox.size = queued_size + size
         queued.append(conn)
     return queued

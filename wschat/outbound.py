@@ -17,6 +17,9 @@ LARGE_PAYLOAD = 16384  # from here on a payload is a buffer of its own, never co
 # What one queued buffer costs beyond its bytes: the object's header (33 bytes), the allocator's
 # rounding and the queue's slot (measured with tracemalloc: 41 bytes, before rounding).
 BUFFER_OVERHEAD = 48
+# A buffer holds a byte at least, so a queue costs at most this many times its size: below
+# limit / COST_PER_BYTE_AT_MOST bytes a queue is under the mark without counting its buffers.
+COST_PER_BYTE_AT_MOST = BUFFER_OVERHEAD + 1
 _PONG = 0x8A  # the first byte of a pong frame (FIN, opcode 0xA)
 
 
@@ -81,22 +84,25 @@ class Outbox:
     frame is under way, and a ``bytes`` buffer is always a frame's start.
     """
 
-    __slots__ = ("buffers", "start", "size", "cost", "_pong")
+    __slots__ = ("buffers", "start", "size", "_pong")
 
     def __init__(self) -> None:
         self.buffers: list = []
         self.start = 0  # buffers before this index are written
         self.size = 0  # bytes to write
-        self.cost = 0  # what the queue holds in memory: its bytes and BUFFER_OVERHEAD per buffer
         self._pong = -1  # where the last pong was queued
 
     def __len__(self) -> int:
         return self.size
 
+    @property
+    def cost(self) -> int:
+        """What the queue holds in memory: its bytes, and BUFFER_OVERHEAD per buffer."""
+        return self.size + BUFFER_OVERHEAD * (len(self.buffers) - self.start)
+
     def append(self, data: bytes) -> None:
         self.buffers.append(data)
         self.size += len(data)
-        self.cost += len(data) + BUFFER_OVERHEAD
 
     def put_pong(self, frame: bytes) -> None:
         """Queue a pong, in place of a pong queued and not yet begun: RFC 6455
@@ -109,7 +115,6 @@ class Outbox:
             if type(queued) is bytes and queued[0] == _PONG:
                 buffers[index] = frame
                 self.size += len(frame) - len(queued)
-                self.cost += len(frame) - len(queued)
                 return
         self._pong = len(buffers)
         self.append(frame)
@@ -117,7 +122,6 @@ class Outbox:
     def extend(self, parts: tuple, size: int) -> None:
         self.buffers += parts
         self.size += size
-        self.cost += size + BUFFER_OVERHEAD * len(parts)
 
     def pending(self, most: int) -> list:
         """Up to ``most`` buffers from the front, for one ``sendmsg``."""
@@ -133,7 +137,6 @@ class Outbox:
             return
         buffers = self.buffers
         index = self.start
-        self.cost -= sent
         while sent:
             head = buffers[index]
             if len(head) > sent:
@@ -142,7 +145,6 @@ class Outbox:
             sent -= len(head)
             buffers[index] = None
             index += 1
-        self.cost -= BUFFER_OVERHEAD * (index - self.start)  # the buffers written whole
         if index > 64 and index * 2 > len(buffers):  # compact now and then: amortised O(1)
             del buffers[:index]
             index = 0
@@ -152,7 +154,6 @@ class Outbox:
         self.buffers.clear()
         self.start = 0
         self.size = 0
-        self.cost = 0
 
     def discard_unstarted(self) -> None:
         """Drop every frame not yet begun.  The frame under way, if any, is
