@@ -1,5 +1,6 @@
 """End-to-end tests of the chat: the seed's behaviour, and the wschat.v1 dialect."""
 
+import contextlib
 import json
 import logging
 import threading
@@ -11,8 +12,9 @@ from websockets.sync.client import connect
 from wschat import HandshakeError
 from wschat.chat import DEFAULT_WELCOME, Chat, ChatLimits
 from wschat.engine import MemoryEngine
+from wschat.frames import Opcode
 
-from .helpers import start_server
+from .helpers import RawClient, start_server, wait_until
 
 
 @pytest.fixture
@@ -55,7 +57,7 @@ def recv_json(ws, kind=None):
 
 def test_seed_behaviour_welcome_broadcast_and_logging(make_chat, caplog):
     chat = make_chat()
-    caplog.set_level(logging.INFO, logger="wschat")
+    caplog.set_level(logging.DEBUG, logger="wschat")  # the seed's "Received message" line is a debug one
     with plain(chat) as a, plain(chat) as b:
         assert a.recv(timeout=5) == DEFAULT_WELCOME
         assert b.recv(timeout=5) == DEFAULT_WELCOME
@@ -68,9 +70,38 @@ def test_seed_behaviour_welcome_broadcast_and_logging(make_chat, caplog):
     assert any(m.startswith("Closed connection to") for m in messages)
 
 
+def test_the_default_log_level_logs_joins_and_closes_not_what_people_say(caplog):
+    """At INFO (the default) one line per join, with the client's address
+    (the one its proxy forwarded), and one per close: never a message's
+    text.  A client's protocol error is INFO too: it is not the server's."""
+    caplog.set_level(logging.INFO, logger="wschat")
+    server = start_server(forwarded_allow_ips=["127.0.0.1"])
+    chat = Chat(server)
+    try:
+        url = f"ws://127.0.0.1:{server.port}/chat"
+        with connect(url, additional_headers={"X-Forwarded-For": "203.0.113.7"}) as ws:
+            ws.recv(timeout=5)
+            ws.send("a secret plan")
+            ws.recv(timeout=5)
+            ws.send(b"binary")  # refused with 1003
+            with pytest.raises(ConnectionClosedError):
+                ws.recv(timeout=5)
+        with RawClient(server.port) as raw:
+            raw.send_frame(Opcode.TEXT, b"\xff not UTF-8")
+            assert raw.recv_close() == 1007
+        wait_until(lambda: sum("Closed connection" in r.getMessage() for r in caplog.records) == 2)
+    finally:
+        server.stop()
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert not any("secret plan" in line for _, line in lines), lines
+    joins = [line for _, line in lines if " joined room " in line]
+    assert joins[0].endswith("from 203.0.113.7") and joins[1].endswith("from 127.0.0.1"), joins
+    assert any("Errored" in line for _, line in lines) and all(level <= logging.INFO for level, _ in lines), lines
+
+
 def test_log_lines_cannot_be_forged_or_flooded(make_chat, caplog):
     chat = make_chat(welcome="", limits=ChatLimits.off())
-    caplog.set_level(logging.INFO, logger="wschat")
+    caplog.set_level(logging.DEBUG, logger="wschat")
     with plain(chat) as ws:
         ws.send("hi\nFAKE ERROR server compromised" + "x" * 5000)
         ws.recv(timeout=5)
@@ -243,6 +274,48 @@ def test_rate_limit_notice_then_close(make_chat):
             while True:
                 ws.recv(timeout=5)
         assert info.value.rcvd.code == 1008
+
+
+def test_a_rate_of_one_is_one_message(make_chat):
+    chat = make_chat(welcome="", limits=ChatLimits(rate=1, burst=1))
+    with plain(chat) as ws:
+        ws.send("first")
+        assert ws.recv(timeout=5) == "first"
+        ws.send("second, too soon")
+        assert ws.recv(timeout=5) == "* more than 1 message per second; message dropped"
+
+
+def test_guest_names_fit_a_short_nickname_limit(make_chat):
+    """With --max-nick-length 3 a guest is g1, g2, ... (6ddb637: guest-1, a
+    name the chat itself would refuse); when every short name is taken the
+    newcomer is told to come back (1013), not kept waiting."""
+    chat = make_chat(limits=ChatLimits(max_nick_length=2))
+    with contextlib.ExitStack() as stack:
+        clients = [stack.enter_context(structured(chat)) for _ in range(10)]
+        nicks = {recv_json(ws, "welcome")["nick"] for ws in clients}
+        assert nicks == {f"g{n}" for n in range(10)}
+        with structured(chat) as eleventh:
+            with pytest.raises(ConnectionClosedError) as info:
+                eleventh.recv(timeout=5)
+            assert info.value.rcvd.code == 1013 and "no guest nickname is free" in info.value.rcvd.reason
+
+
+def test_server_broadcast_reaches_each_client_in_its_dialect(make_chat):
+    """``Server.broadcast(text)`` to everyone: a wschat.v1 client gets a JSON
+    message event (6ddb637 sent it bare text it cannot parse), a plain
+    client the text, and another resource's client the text."""
+    chat = make_chat(welcome="")
+    chat.server.resource("/raw")
+    with plain(chat) as seed, structured(chat, nick="kim") as kim, \
+            connect(f"ws://127.0.0.1:{chat.server.port}/raw") as raw:
+        recv_json(kim, "welcome")
+        wait_until(lambda: len(chat.server.connections()) == 3)
+        assert chat.server.broadcast("maintenance at noon") == 3
+        event = recv_json(kim, "message")
+        assert (event["nick"], event["text"]) == ("server", "maintenance at noon") and "seq" not in event
+        assert seed.recv(timeout=5) == "maintenance at noon" and raw.recv(timeout=5) == "maintenance at noon"
+        assert chat.server.broadcast(b"bytes go as they are", path="/raw") == 1
+        assert raw.recv(timeout=5) == b"bytes go as they are"
 
 
 def test_post_from_the_application(make_chat):

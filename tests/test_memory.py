@@ -115,7 +115,7 @@ def test_the_budget_counts_request_heads_and_sheds_the_largest():
     """Request heads in progress count too: with a budget of 64 KiB, a
     dozen peers dribbling 7 KiB heads run it over, and the server drops the
     ones holding the most instead of holding them all."""
-    server = start_server(max_buffered=64 << 10, metrics_path="/metrics")
+    server = start_server(max_buffered=64 << 10, max_message_size=16 << 10, metrics_path="/metrics")
     server.resource("/chat", on_message=lambda conn, message: conn.send(message))
     peers = []
     try:

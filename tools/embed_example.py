@@ -38,7 +38,8 @@ def make_app(chat: Chat, port: int = 8000) -> http.server.ThreadingHTTPServer:
             except ValueError as exc:  # not valid Unicode
                 self.reply(400, f"{exc}\n")
                 return
-            self.reply(200, f"sent to {len(chat.users())} users\n")
+            count = len(chat.users())
+            self.reply(200, f"sent to {count} {'user' if count == 1 else 'users'}\n")
 
         def reply(self, status: int, text: str) -> None:
             body = text.encode()

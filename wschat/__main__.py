@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Sequence
 
-from . import __version__
+from . import __version__, checks
 from .chat import DEFAULT_MAX_HISTORY_BYTES, DEFAULT_WELCOME, Chat, ChatLimits
 from .engine import EngineUnavailable
 from .files import DEFAULT_PAGE_POLICY
@@ -146,12 +146,31 @@ def redis_engine(args: argparse.Namespace):
         raise SetupError(f"--redis {args.redis}: {exc}") from None
 
 
-def build(args: argparse.Namespace) -> tuple[Server, Chat]:
+# Settings whose option is not named after them (the rest: --max-queue for max_queue, ...).
+OPTIONS = {"max_length": "--max-chat-length", "rate": "--rate-limit", "burst": "--rate-burst"}
+
+
+def setting_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments' values, naming the option, or None.
+    Everything is built once, binding, reading and connecting nothing, so
+    that each value meets the check its class makes (as from Python)."""
+    try:
+        if args.redis:
+            checks.seconds("presence_timeout", args.presence_timeout, positive=True)
+        build(args, dry_run=True)
+    except checks.SettingError as error:
+        option = OPTIONS.get(error.name, "--" + error.name.replace("_", "-"))
+        return f"{option} must be {error.accepts}, not {error.value!r}"
+    return None
+
+
+def build(args: argparse.Namespace, *, dry_run: bool = False) -> tuple[Server, Chat]:
     """The server and chat that the arguments describe (not yet listening).
     Raises ``SetupError`` for a certificate or key that cannot be used, or a
-    Redis that cannot be reached."""
-    context = tls_context(args.certfile, args.keyfile) if args.certfile else None
-    engine = redis_engine(args) if args.redis else None
+    Redis that cannot be reached; ``SettingError`` for a bad value.  A
+    ``dry_run`` reads no certificate and uses no Redis: it only checks."""
+    context = tls_context(args.certfile, args.keyfile) if args.certfile and not dry_run else None
+    engine = redis_engine(args) if args.redis and not dry_run else None
     server = Server(
         args.host,
         args.port,
@@ -198,6 +217,10 @@ def ready_line(url: str, path: str, processes: int = 1) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    problem = setting_problem(args)
+    if problem is not None:
+        print(f"python -m wschat: error: {problem}", file=sys.stderr)
+        return 2  # as argparse does for a bad option
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     raise_descriptor_limit()
     # SIGINT and SIGTERM are blocked in every thread (those started later

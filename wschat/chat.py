@@ -27,14 +27,15 @@ from collections import deque
 from typing import Callable
 from urllib.parse import unquote
 
+from . import checks
 from .connection import Connection
-from .dialect import SUBPROTOCOL, asked_nick, encode, message_record, now_ms, parse_request, returning_from, text_problem
+from .dialect import SUBPROTOCOL, announcement, asked_nick, encode, message_record, now_ms, parse_request, returning_from, text_problem
 from .engine import JOINED, TAKEN, Claim, Engine, EngineUnavailable, MemoryEngine
 from .errors import HandshakeError
 from .frames import CloseCode
 from .handshake import Request, text_response
 from .logsafe import quoted
-from .names import nick_problem, normalize, room_problem
+from .names import guest_nick, nick_problem, normalize, room_problem
 from .rooms import Admission, ChatLimits, LocalRoom, Member
 from .server import Server
 
@@ -42,6 +43,7 @@ log = logging.getLogger("wschat")
 
 DEFAULT_WELCOME = "Welcome to Corvusoft Chat!"
 DEFAULT_ROOM = "main"
+GUEST_TRIES = 1000  # guest names tried before a newcomer is told to come back later
 DEFAULT_MAX_HISTORY_BYTES = 32 << 10  # 50 typical messages fit 3 times over; long ones are cut to the newest
 TRY_AGAIN_LATER = 1013  # close code (IANA registry): the chat's engine cannot be reached
 
@@ -81,6 +83,10 @@ class Chat:
         user_id: Callable[[object], str] = str,
         engine: Engine | None = None,
     ):
+        checks.url_path("path", path)
+        checks.whole("history", history, 0, " (0: none kept)")
+        checks.whole("max_history_bytes", max_history_bytes, 0, " (0: no bound)")
+        checks.whole("max_idle_rooms", max_idle_rooms, 0)
         self.server = server
         self.engine = engine if engine is not None else MemoryEngine(history, max_idle_rooms)
         self.nick_of = nick_of
@@ -100,6 +106,7 @@ class Chat:
             on_error=self.on_error,
             subprotocols=[SUBPROTOCOL],
             authorize=self._admit,
+            dialects={SUBPROTOCOL: announcement},
         )
         if page_config:
             server.http_route(page_config, self._page_config)
@@ -208,7 +215,10 @@ class Chat:
             self._give_up_joining(local, subscribed, claim and (nick, holder))
             return
         if claim is None:
-            conn.close(CloseCode.POLICY_VIOLATION, "another user has this nickname")
+            if identified:
+                conn.close(CloseCode.POLICY_VIOLATION, "another user has this nickname")
+            else:
+                conn.close(TRY_AGAIN_LATER, "no guest nickname is free in this room")
             self._give_up_joining(local, False, None)
             return
         member = Member(conn, local, nick, holder, structured, identified, tokens=float(self.limits.burst))
@@ -222,7 +232,7 @@ class Chat:
             self._publish(name, {"type": "evict", "nick": nick, "_holders": claim.evicted})
         if claim.outcome == JOINED:
             self._publish(name, {"type": "join", "room": name, "nick": nick, "time": now_ms(), "_from": holder})
-        log.info("%s joined room %s as %s from %s", conn.key, quoted(name), quoted(nick), conn.remote_address[0])
+        log.info("%s joined room %s as %s from %s", conn.key, quoted(name), quoted(nick), conn.client_address)
 
     def _claim(self, conn: Connection, room: str, holder: str) -> tuple[str, Claim | None, str | None]:
         """The nickname a newcomer gets, its claim (None: an app user's name
@@ -242,13 +252,15 @@ class Chat:
         guest, claim = self._guest(room, holder)
         return guest, claim, problem if wanted else None
 
-    def _guest(self, room: str, holder: str) -> tuple[str, Claim]:
-        """The first free guest nickname, claimed."""
-        while True:
-            guest = f"guest-{next(self._guests)}"
+    def _guest(self, room: str, holder: str) -> tuple[str, Claim | None]:
+        """The first free guest nickname, claimed (None: none free among the
+        next GUEST_TRIES, as when short nicknames leave few to choose from)."""
+        for _ in range(GUEST_TRIES):
+            guest = guest_nick(next(self._guests), self.limits.max_nick_length)
             claim = self.engine.claim(room, guest, holder)
             if claim.outcome != TAKEN:
                 return guest, claim
+        return guest, None
 
     def _give_up_joining(self, local: LocalRoom, subscribed: bool, claimed: tuple[str, str] | None) -> None:
         with self._lock:
@@ -273,7 +285,7 @@ class Chat:
             conn.close(CloseCode.UNSUPPORTED_DATA, "binary messages are not supported")
             return
         # %r and a cut: a message can neither flood the log nor forge lines in it.
-        log.info("Received message %r from %s", message[:200], conn.key)
+        log.debug("Received message %r from %s", message[:200], conn.key)
         if not self._within_rate(member):
             return
         if not member.structured:
@@ -360,7 +372,7 @@ class Chat:
             pass  # a broker that is gone has no subscriptions left to drop
 
     def on_error(self, conn: Connection, error: Exception) -> None:
-        log.warning("WebSocket Errored '%s' for %s.", error, conn.key)
+        log.info("WebSocket Errored '%s' for %s.", error, conn.key)  # the client's fault: no warning
 
     # -- what the engine delivers --------------------------------------------------------
 
@@ -386,9 +398,12 @@ class Chat:
             squatters = [local.members[holder] for holder in event["_holders"] if local and holder in local.members]
         for member in squatters:
             try:
-                guest, _ = self._guest(room, member.holder)
+                guest, claim = self._guest(room, member.holder)
             except EngineUnavailable:
                 member.conn.close(TRY_AGAIN_LATER, "chat unavailable, try again later")
+                continue
+            if claim is None:
+                member.conn.close(TRY_AGAIN_LATER, "no guest nickname is free in this room")
                 continue
             self._notify(member, "renamed", f"the user {event['nick']} joined and has that name; you are now {guest}")
             self._renamed(member, guest)
@@ -411,7 +426,9 @@ class Chat:
             log.warning("%s: rate limit exceeded again and again, closing", member.conn.key)
             member.conn.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")
         elif not allowed:
-            self._notify(member, "rate_limited", f"more than {self.limits.rate:g} messages per second; message dropped")
+            rate = self.limits.rate
+            self._notify(member, "rate_limited", f"more than {rate:g} message{'' if rate == 1 else 's'} per second; "
+                                                 "message dropped")
         return bool(allowed)
 
     def _notify(self, member: Member, code: str, text: str) -> None:

@@ -35,6 +35,12 @@ def message_record(room: str, nick: str, text: str) -> dict:
     return {"type": "message", "room": room, "nick": nick, "text": text, "time": now_ms()}
 
 
+def announcement(text: str) -> str:
+    """``Server.broadcast``'s text to every client, as a wschat.v1 event: a
+    message from "server" with no room and no ``seq`` (it is in no history)."""
+    return encode({"type": "message", "nick": "server", "text": text, "time": now_ms()})
+
+
 def parse_request(message: str, max_length: int = 0) -> tuple[dict | None, str | None]:
     """A request, or why it is not one.  ``max_length`` is the chat's
     message length limit (0: none), which bounds a request too."""

@@ -45,6 +45,15 @@ def nick_key(nick: str) -> str:
     return unicodedata.normalize("NFKC", nick.casefold())
 
 
+def guest_nick(number: int, max_length: int = 0) -> str:
+    """Guest ``number``'s nickname: ``guest-7``, or ``g7`` where that is too
+    long, its number then taken modulo what fits (``max_length`` >= 2)."""
+    nick = f"guest-{number}"
+    if max_length and len(nick) > max_length:
+        nick = f"g{number % 10 ** (max_length - 1)}"
+    return nick
+
+
 def nick_problem(nick: str, max_length: int = 0) -> str | None:
     """Why ``nick`` (normalized) cannot be a nickname, or None."""
     if not NICK_PATTERN.fullmatch(nick) or (max_length and len(nick) > max_length):

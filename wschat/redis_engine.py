@@ -30,6 +30,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from . import checks
 from .dialect import now_ms
 from .engine import ADDED, JOINED, TAKEN, Claim, Deliver, EngineUnavailable, History
 from .logsafe import quoted
@@ -52,6 +53,9 @@ class RedisEngine:
         prefix: str = "wschat",
         timeout: float = 2.0,
     ):
+        checks.whole("history", history, 0, " (0: none kept)")
+        checks.seconds("presence_timeout", presence_timeout, positive=True)
+        checks.whole("room_ttl", room_ttl, 1)
         self.url = url
         self.history_size = history
         self.presence_timeout = presence_timeout

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
+from . import checks
 from .handshake import Request
 
 
@@ -22,6 +23,10 @@ class Resource:
     headers and ``reason`` as the body.  Any other exception is a 500.  With
     ``Server(workers=...)`` it runs on threads of its own (it may look up a
     session in a database); otherwise on the loop thread, so it must be quick.
+
+    ``dialects`` maps a subprotocol to how its clients are told a text
+    message that ``Server.broadcast`` sends to everyone (the chat's
+    ``wschat.v1`` clients expect a JSON event, not bare text).
     """
 
     def __init__(
@@ -34,14 +39,16 @@ class Resource:
         on_error: Callable | None = None,
         subprotocols: Sequence[str] = (),
         authorize: Callable[[Request], object] | None = None,
+        dialects: Mapping[str, Callable[[str], str]] | None = None,
     ):
-        self.path = path.rstrip("/") or "/"
+        self.path = checks.url_path("path", path).rstrip("/") or "/"
         self.authorize = authorize
         self.on_open = on_open
         self.on_message = on_message
         self.on_close = on_close
         self.on_error = on_error
         self.subprotocols = tuple(subprotocols)
+        self.dialects = dict(dialects or {})
 
     def matches(self, path: str) -> bool:
         return path == self.path or path.startswith(self.path if self.path.endswith("/") else self.path + "/")

@@ -16,6 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from . import checks
 from .dialect import encode
 from .engine import History
 
@@ -34,6 +35,11 @@ class ChatLimits:
     max_nick_length: int = 24
 
     def __post_init__(self) -> None:
+        checks.whole("max_length", self.max_length, 0, " (0: no limit)")
+        checks.number("rate", self.rate, unit="messages per second", meaning=" (0: no limit)")
+        checks.whole("burst", self.burst, 0)
+        if self.max_nick_length != 0:  # a guest's name needs two characters at least (g1)
+            checks.whole("max_nick_length", self.max_nick_length, 2, " (0: no limit)")
         if self.rate and self.burst < 1:  # a bucket must hold one message
             self.burst = 1
 

@@ -18,6 +18,7 @@ import ssl
 import threading
 from typing import Callable, Collection, Iterable, Sequence
 
+from . import checks
 from .budget import DEFAULT_MAX_BUFFERED
 from .connection import Connection
 from .files import DEFAULT_PAGE_POLICY, file_response
@@ -115,6 +116,27 @@ class Server:
         page_policy: str | None = DEFAULT_PAGE_POLICY,
         reuse_port: bool = False,
     ):
+        checks.port("port", port)
+        checks.folder("static_dir", static_dir)
+        checks.whole("max_connections", max_connections, 1)
+        checks.whole("max_message_size", max_message_size, 1)
+        checks.whole("max_header_size", max_header_size, 64)
+        checks.whole("max_queue", max_queue, 1)
+        checks.seconds("send_timeout", send_timeout)
+        checks.seconds("handshake_timeout", handshake_timeout, positive=True)
+        checks.seconds("close_timeout", close_timeout)
+        checks.seconds("ping_interval", ping_interval, meaning=" (0: no pings)")
+        if ping_timeout is not None:
+            checks.seconds("ping_timeout", ping_timeout, meaning=" (0: never)")
+        checks.whole("workers", workers, 0, " (0: handlers on the loop thread)")
+        checks.whole("max_pending_calls", max_pending_calls, 1)
+        checks.whole("max_connections_per_ip", max_connections_per_ip, 0, " (0: no limit)")
+        if max_buffered is not None:
+            checks.whole("max_buffered", max_buffered, 0, " (0: no bound)")
+            if 0 < max_buffered < max_message_size:
+                raise checks.SettingError("max_buffered", f"0 (no bound) or at least the largest message size "
+                                          f"({max_message_size}), which must fit", max_buffered)
+        checks.seconds("message_timeout", message_timeout, meaning=" (0: no limit)")
         self.host = host
         self.requested_port = port
         self.reuse_port = reuse_port
@@ -133,7 +155,7 @@ class Server:
         self.handshake_timeout = handshake_timeout
         self.close_timeout = close_timeout
         self.ping_interval = ping_interval
-        self.ping_timeout = ping_timeout
+        self.ping_timeout = ping_timeout or None
         self.workers = workers
         self.max_pending_calls = max_pending_calls
         self.max_buffered = max(DEFAULT_MAX_BUFFERED, 4 * max_message_size) if max_buffered is None else max_buffered
@@ -392,13 +414,31 @@ class Server:
         """Send ``message`` to every open connection (of ``path``'s resource,
         or of ``connections``), except ``exclude`` (one or several).  Never
         blocks: a client whose queue is full is closed with 1008.  Returns
-        how many it was queued for."""
+        how many it was queued for.
+
+        Text sent to every connection (no ``connections`` given) reaches a
+        client whose subprotocol is one of its resource's ``dialects`` in
+        that dialect's terms: a chat client gets a chat message from "server"."""
         loop = self._loop
         if loop is None:
             return 0
-        prepared = message if isinstance(message, PreparedMessage) else PreparedMessage(message)
         targets = self.connections(path) if connections is None else connections
         if exclude is not None:
             skip = {exclude} if isinstance(exclude, Connection) else set(exclude)
             targets = [conn for conn in targets if conn not in skip]
+        if connections is None and isinstance(message, str):
+            return self._broadcast_text(loop, message, targets)
+        prepared = message if isinstance(message, PreparedMessage) else PreparedMessage(message)
         return loop.send_many(prepared, targets)
+
+    @staticmethod
+    def _broadcast_text(loop: Loop, text: str, targets: Iterable[Connection]) -> int:
+        """``text`` to each of ``targets`` in its resource's dialect (if any),
+        framed once per dialect."""
+        groups: dict = {}
+        for conn in targets:
+            resource = conn.resource
+            dialect = resource.dialects.get(conn.subprotocol) if resource is not None else None
+            groups.setdefault(dialect, []).append(conn)
+        return sum(loop.send_many(PreparedMessage(text if dialect is None else dialect(text)), conns)
+                   for dialect, conns in groups.items())
