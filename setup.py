@@ -61,8 +61,10 @@ setup(
             "docutils>=0.22",
             "flask>=2.3",
             "gunicorn>=22",
+            "django>=4.2",
             "redis[hiredis]>=5",
         ],
+        "examples": ["flask>=2.3", "gunicorn>=22", "django>=4.2"],  # README's embedding recipes
         "bench": ["websockets>=12"],
     },
     entry_points={"console_scripts": ["wschat=wschat.__main__:main"]},
