@@ -67,3 +67,25 @@ def test_verification_names_loss_duplicates_and_reordering(bench):
         bench.verify([b"".join(frames)[:-1]], 64, 1, 4)
     with pytest.raises(bench.BenchError, match="unknown sender"):
         bench.verify([header + bench.payload(7, 0, 64)], 64, 1, 1)
+
+
+@pytest.mark.parametrize("kind", ["threading", "asyncio"])
+def test_the_reference_servers_carry_a_fanout(bench, kind):
+    """tools/bench_servers.py, the python-websockets servers bench.py measures wschat against."""
+    import signal
+    import subprocess
+    import sys
+
+    from .helpers import free_port
+    from .test_deploy import wait_for_port
+
+    port = free_port()
+    servers = os.path.join(os.path.dirname(BENCH), "bench_servers.py")
+    process = subprocess.Popen([sys.executable, servers, kind, str(port)], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_port(port, process)
+        assert bench.run_fanout(port, clients=3, messages=10, size=64, window=2)["deliveries/s"] > 0
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=10)

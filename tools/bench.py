@@ -729,7 +729,7 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} CPUs, Python {platform.python_version()}, wschat frames: {IMPLEMENTATION}"
 
 
-def main(argv=None) -> int:
+def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--servers", default="wschat,ws-threading,ws-asyncio", help=f"from {', '.join(SERVERS)}")
@@ -741,7 +741,11 @@ def main(argv=None) -> int:
                         help="also run the wschat of another checkout (e.g. a git worktree of an older commit) "
                              "as the server 'wschat-base': before and after in the same run")
     parser.add_argument("--reference", default=REFERENCE, help=f"the server ratios are given against (default {REFERENCE})")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = make_parser().parse_args(argv)
     if args.baseline:
         SERVERS["wschat-base"] = (WSCHAT + ["--port", "{port}"], {}, os.path.abspath(args.baseline))
     servers = args.servers.split(",")
