@@ -172,7 +172,14 @@ def test_the_limit_applies_to_the_inflated_size():
     protocol = deflate_protocol(max_message_size=1000)
     assert pull(protocol, client_frame(Opcode.BINARY, compressed(bytes(1000)), rsv=0b100)) == [BinaryMessage(bytes(1000))]
     [event] = pull(protocol, client_frame(Opcode.BINARY, compressed(bytes(1001)), rsv=0b100))
-    assert isinstance(event.error, MessageTooBig)
+    assert isinstance(event.error, MessageTooBig) and str(event.error) == "message larger than the limit once inflated"
+
+
+def test_an_uncompressed_message_too_big_is_not_said_to_be_inflated():
+    """On a connection that agreed on compression, a plain (RSV1 clear) message's 1009 reason gives the limit."""
+    protocol = deflate_protocol(max_message_size=1000)
+    [event] = pull(protocol, client_frame(Opcode.BINARY, bytes(1001)))
+    assert isinstance(event.error, MessageTooBig) and str(event.error) == "message larger than 1000 bytes"
 
 
 # -- sending -------------------------------------------------------------------------------

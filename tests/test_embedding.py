@@ -39,7 +39,7 @@ def test_app_request_handler_posts_to_chat():
         with connect(f"ws://127.0.0.1:{server.port}/chat") as ws:
             url = f"http://127.0.0.1:{app.server_address[1]}/announce?text=deploy+finished"
             with urllib.request.urlopen(url, timeout=5) as response:
-                assert response.read() == b"sent to 1 users\n"
+                assert response.read() == b"sent to 1 user\n"  # 6ddb637: "1 users"
             assert ws.recv(timeout=5) == "deploy finished"
     finally:
         app.shutdown()
