@@ -14,6 +14,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import signal
 import ssl
 import threading
 from typing import Callable, Collection, Iterable, Sequence
@@ -312,11 +313,22 @@ class Server:
         return self
 
     def serve_forever(self) -> None:
-        """Run the loop in the calling thread until ``stop()``."""
+        """Run the loop in the calling thread until ``stop()``.  In the main
+        thread, unless the program handles SIGINT itself, Ctrl-C stops it as
+        ``stop()`` does (clients get 1001) and it returns, rather than a
+        KeyboardInterrupt cutting through the loop."""
         loop = self._new_loop()
         if loop is None:
             raise RuntimeError("the server is running already")
-        self._serve(loop)
+        interrupt = (threading.current_thread() is threading.main_thread()
+                     and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        if interrupt:
+            signal.signal(signal.SIGINT, lambda *_: self.stop())
+        try:
+            self._serve(loop)
+        finally:
+            if interrupt:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def _new_loop(self) -> Loop | None:
         self.bind()
