@@ -22,6 +22,7 @@ import atexit
 import os
 import secrets
 import tempfile
+from importlib import import_module
 from urllib.parse import urlencode
 
 import django
@@ -51,6 +52,8 @@ from django.shortcuts import redirect  # noqa: E402
 from django.urls import path  # noqa: E402
 from django.utils.html import escape  # noqa: E402
 
+SessionStore = import_module(settings.SESSION_ENGINE).SessionStore
+
 from wschat import Chat, HandshakeError, Server  # noqa: E402
 from wschat.__main__ import STATIC_DIR  # noqa: E402
 from wschat.handshake import Request  # noqa: E402
@@ -65,6 +68,7 @@ header {{ padding: .5rem 1rem; background: #0c4b33; color: #fff; }} header a {{ 
 iframe {{ flex: 1; border: 0; }} form {{ padding: 1rem; }}</style></head>
 <body><header>Django app {status}</header>{content}</body></html>
 """
+CHAT_FRAME = '<iframe src="/chat-client/index.html" title="Chat"></iframe>'
 LOGIN_FORM = """<form action="/login"><label>User name <input name="user" required maxlength="24"></label>
 <button>Log in</button> <span>{problem}</span></form>"""
 
@@ -76,7 +80,7 @@ server = Server(port=None, workers=2)
 def session_user(req: Request) -> User:
     """The chat's authorize hook: the Django user of the session cookie; 401 without one."""
     request = HttpRequest()
-    request.session = django_session(req.cookies.get(settings.SESSION_COOKIE_NAME))
+    request.session = SessionStore(session_key=req.cookies.get(settings.SESSION_COOKIE_NAME))
     try:
         user = auth.get_user(request)  # checks the session's password hash as Django's middleware does
     finally:
@@ -86,12 +90,6 @@ def session_user(req: Request) -> User:
     return user
 
 
-def django_session(key: str | None):
-    from importlib import import_module
-
-    return import_module(settings.SESSION_ENGINE).SessionStore(session_key=key)
-
-
 chat = Chat(server, "/chat", authorize=session_user, nick_of=User.get_username, page_config=None)
 
 
@@ -99,8 +97,9 @@ def index(request):
     if not request.user.is_authenticated:
         problem = escape(request.GET.get("problem", ""))
         return HttpResponse(PAGE.format(status="", content=LOGIN_FORM.format(problem=problem)))
-    status = f"&middot; logged in as <b>{escape(request.user.get_username())}</b> &middot; <a href=\"/logout\">log out</a>"
-    return HttpResponse(PAGE.format(status=status, content='<iframe src="/chat-client/index.html" title="Chat"></iframe>'))
+    name = escape(request.user.get_username())
+    status = f'&middot; logged in as <b>{name}</b> &middot; <a href="/logout">log out</a>'
+    return HttpResponse(PAGE.format(status=status, content=CHAT_FRAME))
 
 
 def login(request):

@@ -29,7 +29,17 @@ from urllib.parse import unquote
 
 from . import checks
 from .connection import Connection
-from .dialect import SUBPROTOCOL, announcement, asked_nick, encode, message_record, now_ms, parse_request, returning_from, text_problem
+from .dialect import (
+    SUBPROTOCOL,
+    announcement,
+    asked_nick,
+    encode,
+    message_record,
+    now_ms,
+    parse_request,
+    returning_from,
+    text_problem,
+)
 from .engine import JOINED, TAKEN, Claim, Engine, EngineUnavailable, MemoryEngine
 from .errors import HandshakeError
 from .frames import CloseCode
