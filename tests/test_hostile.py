@@ -56,7 +56,7 @@ def fill_to_the_mark(server, conn):
         except SendTimeout:
             before = conn.queued
             barrier(server, "/echo")
-            if conn.queued == before:
+            if before and conn.queued == before:  # a loop pass later the kernel took none of it: full
                 break
     gap = server.max_queue - conn.queued - BUFFER_OVERHEAD  # the frame's buffer counts too
     if gap >= 2:

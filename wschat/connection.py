@@ -120,8 +120,10 @@ class Connection:
     @property
     def queued(self) -> int:
         """What the outbound queue holds, in bytes: its frames and the
-        overhead of their buffers, as ``max_queue`` counts it."""
-        return self._protocol.outbox.cost
+        overhead of their buffers, as ``max_queue`` counts it.  Read under
+        the lock: the loop thread may be writing the queue meanwhile."""
+        with self._lock:
+            return self._protocol.outbox.cost
 
     @property
     def close_code(self) -> int:
