@@ -85,7 +85,9 @@ def test_the_reference_servers_carry_a_fanout(bench, kind):
                                stderr=subprocess.PIPE, text=True)
     try:
         wait_for_port(port, process)
-        assert bench.run_fanout(port, clients=3, messages=10, size=64, window=2)["deliveries/s"] > 0
+        # One client: these servers register a client only once its handler runs, after the
+        # 101, so a second client may miss the warm-up message (bench.py's runs fail loudly then).
+        assert bench.run_fanout(port, clients=1, messages=20, size=64, window=2)["deliveries/s"] > 0
     finally:
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=10)
