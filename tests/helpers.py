@@ -10,8 +10,10 @@ from __future__ import annotations
 import base64
 import os
 import queue
+import signal
 import socket
 import struct
+import subprocess
 import sys
 import time
 
@@ -185,6 +187,29 @@ def server_with_slow_client(max_queue, **kwargs):
     slow = RawClient(server.port, rcvbuf=4096)
     _, slow_conn = recorder.wait("open")
     return server, recorder, slow, slow_conn
+
+
+def wait_for_port(port: int, process: subprocess.Popen) -> None:
+    """Wait until something listens on 127.0.0.1:``port``, while ``process`` lives (20 s at most)."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+            time.sleep(0.05)
+
+
+def stop_process(process: subprocess.Popen, signum: int = signal.SIGTERM, timeout: float = 20) -> tuple[int, str]:
+    """Send ``signum``, wait (killing it past ``timeout``): its exit code and standard error."""
+    process.send_signal(signum)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+    _, err = process.communicate()
+    return process.returncode, err or ""
 
 
 def free_port() -> int:

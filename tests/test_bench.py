@@ -72,12 +72,10 @@ def test_verification_names_loss_duplicates_and_reordering(bench):
 @pytest.mark.parametrize("kind", ["threading", "asyncio"])
 def test_the_reference_servers_carry_a_fanout(bench, kind):
     """tools/bench_servers.py, the python-websockets servers bench.py measures wschat against."""
-    import signal
     import subprocess
     import sys
 
-    from .helpers import free_port
-    from .test_deploy import wait_for_port
+    from .helpers import free_port, stop_process, wait_for_port
 
     port = free_port()
     servers = os.path.join(os.path.dirname(BENCH), "bench_servers.py")
@@ -89,5 +87,4 @@ def test_the_reference_servers_carry_a_fanout(bench, kind):
         # 101, so a second client may miss the warm-up message (bench.py's runs fail loudly then).
         assert bench.run_fanout(port, clients=1, messages=20, size=64, window=2)["deliveries/s"] > 0
     finally:
-        process.send_signal(signal.SIGTERM)
-        process.communicate(timeout=10)
+        stop_process(process, timeout=10)

@@ -76,7 +76,7 @@ def test_the_default_log_level_logs_joins_and_closes_not_what_people_say(caplog)
     text.  A client's protocol error is INFO too: it is not the server's."""
     caplog.set_level(logging.INFO, logger="wschat")
     server = start_server(forwarded_allow_ips=["127.0.0.1"])
-    chat = Chat(server)
+    Chat(server)
     try:
         url = f"ws://127.0.0.1:{server.port}/chat"
         with connect(url, additional_headers={"X-Forwarded-For": "203.0.113.7"}) as ws:

@@ -11,29 +11,21 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
+from .helpers import free_port, stop_process, wait_for_port
+
 ROOT = Path(__file__).resolve().parent.parent
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 
 if not os.path.exists(NGINX) and not os.environ.get("WSCHAT_REQUIRE_SERVICES"):
     pytest.skip(f"nginx is not installed at {NGINX} (apt-get install nginx)", allow_module_level=True)
-
-
-def free_port():
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def documented_block(start: str, end: str) -> str:
@@ -45,19 +37,6 @@ def documented_block(start: str, end: str) -> str:
 
 
 MAP_BLOCK = ("map $http_upgrade $connection_upgrade {", "\n    upstream wschat {")
-
-
-def wait_for_port(port, process):
-    import socket
-
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
-            time.sleep(0.05)
 
 
 def run_behind_nginx(tmp_path, config: str, upstreams: dict[str, subprocess.Popen]):
@@ -78,12 +57,7 @@ def run_behind_nginx(tmp_path, config: str, upstreams: dict[str, subprocess.Pope
         yield nginx_port
     finally:
         for process in (nginx, *upstreams.values()):
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-            process.communicate()
+            stop_process(process, timeout=10)
 
 
 def start_wschat(port: int, *options: str) -> subprocess.Popen:

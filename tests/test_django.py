@@ -8,7 +8,6 @@ import importlib.util
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +16,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from .helpers import free_port
-from .test_deploy import wait_for_port
+from .helpers import free_port, stop_process, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -49,12 +47,7 @@ def app(tmp_path_factory):
         wait_for_port(port, process)
         yield port
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        process.communicate()
+        stop_process(process)
 
 
 def get(port: int, target: str, cookie: str = "") -> tuple[int, dict, str]:

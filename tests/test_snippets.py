@@ -27,8 +27,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from .helpers import free_port
-from .test_deploy import wait_for_port
+from .helpers import free_port, stop_process, wait_for_port
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCUMENTS = ["README.rst", *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.rst"))]
@@ -81,17 +80,6 @@ def command(line: str) -> list[str]:
 def start(argv: list[str], tmp_path: Path) -> subprocess.Popen:
     env = {**os.environ, "HOME": str(tmp_path)}  # gunicorn writes its control socket under HOME
     return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def stop(process: subprocess.Popen, signum: int = signal.SIGTERM) -> tuple[int, str]:
-    """Its exit code and standard error, once ``signum`` stopped it."""
-    process.send_signal(signum)
-    try:
-        process.wait(20)
-    finally:
-        process.kill()
-        _, err = process.communicate()
-    return process.returncode, err
 
 
 def get(port: int, target: str, headers: dict | None = None) -> tuple[int, str]:
@@ -228,7 +216,7 @@ def test_a_python_snippet_runs_as_written(name, text, tmp_path):
         wait_for_port(local.port, process)
         check(local.port)
     finally:
-        code, err = stop(process, signal.SIGINT)
+        code, err = stop_process(process, signal.SIGINT)
     assert code == 0, err  # Ctrl-C, as the reader would stop it: no KeyboardInterrupt traceback
 
 
@@ -247,7 +235,7 @@ def test_each_command_line_serves_as_written_and_stops_on_sigterm(name, text, tm
             wait_for_port(ports[0], process)
             check(ports[0])
         finally:
-            code, err = stop(process)
+            code, err = stop_process(process)
         assert code == 0, (line, err)
 
 
@@ -286,7 +274,7 @@ def test_the_deployment_guide_installs_and_its_systemd_command_serves(tmp_path):
         answers_health(local.port)
         assert get(local.port, "/metrics")[0] == 200  # --metrics
     finally:
-        code, err = stop(process)
+        code, err = stop_process(process)
     assert code == 0, err
 
 
