@@ -322,10 +322,14 @@ class Chat:
             self._notify(member, "too_long", f"message longer than {limit} characters; not sent")
             return
         room = member.room.name
-        try:
-            self.engine.publish_message(room, message_record(room, member.nick, text))
-        except EngineUnavailable:
+
+        def not_sent(_: EngineUnavailable) -> None:
             self._notify(member, "not_sent", "the chat cannot reach its engine; message not sent")
+
+        try:  # returns at once: a sender never waits for another's round trip to the engine
+            self.engine.publish_message(room, message_record(room, member.nick, text), not_sent)
+        except EngineUnavailable as exc:
+            not_sent(exc)
 
     def _rename(self, member: Member, nick: str) -> None:
         if member.identified:
@@ -421,10 +425,14 @@ class Chat:
     def _publish(self, room: str, event: dict) -> None:
         """Publish a presence event; one that cannot be published is logged
         (the engine's outage is logged once; its presence is reconciled later)."""
-        try:
-            self.engine.publish(room, event)
-        except EngineUnavailable as exc:
+
+        def not_published(exc: EngineUnavailable) -> None:
             log.debug("room %s: %s event not published: %s", quoted(room), event["type"], exc)
+
+        try:
+            self.engine.publish(room, event, not_published)
+        except EngineUnavailable as exc:
+            not_published(exc)
 
     # -- limits and notices ------------------------------------------------------------
 

@@ -44,6 +44,9 @@ class EngineUnavailable(Exception):
     """The engine cannot be reached (its broker is down): nothing was done."""
 
 
+Failed = Callable[[EngineUnavailable], None]
+
+
 @dataclass
 class Claim:
     outcome: str  # JOINED, ADDED or TAKEN
@@ -73,8 +76,10 @@ class Engine(Protocol):
 
     def subscribe(self, room: str) -> None: ...  # once per member: counted, like unsubscribe
     def unsubscribe(self, room: str) -> None: ...
-    def publish_message(self, room: str, record: dict) -> int: ...
-    def publish(self, room: str, event: dict) -> None: ...
+    # Without ``failed`` these wait, and raise EngineUnavailable; with it they
+    # may return at once, and ``failed`` is called (on any thread) on failure.
+    def publish_message(self, room: str, record: dict, failed: Failed | None = None) -> None: ...
+    def publish(self, room: str, event: dict, failed: Failed | None = None) -> None: ...
     def history(self, room: str, since: int | None = None, epoch: str | None = None) -> History: ...
     def position(self, room: str) -> tuple[str, int]: ...  # (epoch, last sequence number)
     def claim(self, room: str, nick: str, holder: str, user_id: str | None = None) -> Claim: ...
@@ -145,7 +150,7 @@ class MemoryEngine:
             room = self.rooms[name] = _Room(deque(maxlen=self.history_size))
         return room
 
-    def publish_message(self, room: str, record: dict) -> int:
+    def publish_message(self, room: str, record: dict, failed: Failed | None = None) -> None:
         with self._lock:
             target = self._room(room)
             target.seq += 1
@@ -154,9 +159,8 @@ class MemoryEngine:
             self._forget_if_idle(room)
             if self._deliver is not None:
                 self._deliver(room, record, None, target.epoch)
-            return target.seq
 
-    def publish(self, room: str, event: dict) -> None:
+    def publish(self, room: str, event: dict, failed: Failed | None = None) -> None:
         with self._lock:
             if self._deliver is not None:
                 self._deliver(room, event, None, None)

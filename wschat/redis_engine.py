@@ -1,17 +1,29 @@
 """The Redis engine: several wschat processes, on one machine or many, are one chat.
 
-The data and its atomic changes are ``redis_store``'s.  This module makes
-them an engine (see ``engine.py``) that a chat can lean on while Redis comes
-and goes:
+The data and its atomic changes are ``redis_store``'s; which node serves a
+room is ``redis_nodes``'.  This module makes them an engine (see
+``engine.py``) that a chat can lean on while Redis comes and goes:
 
+* ``--redis`` names one Redis, or any node of a Redis Cluster (found out at
+  start): a room's keys and channel hash to one slot, so rooms spread over
+  the masters, and a cluster's rooms use sharded pub/sub (SPUBLISH,
+  SSUBSCRIBE);
+* publishing never waits for another sender's round trip: events queue, and
+  whichever caller finds no one flushing sends everything queued, one
+  script call per room and one write per node, and reads the replies in
+  order (the others return at once; a failure reaches the sender through
+  its ``failed`` callback).  Each room's order is the queue's, and its
+  sequence numbers are Redis's;
 * a process subscribes to the rooms it has members in, and only those;
-* one thread (``wschat-redis``) owns the subscription: it delivers events in
-  each room's order, fills any gap in a room's sequence from the history,
-  keeps this process's heartbeat, and sweeps the members of processes that
-  died without a word (they leave within ``presence_timeout`` and a third);
-* while Redis is unreachable every call fails at once with
-  ``EngineUnavailable`` (the chat tells the sender), the outage is logged
-  once, and the thread reconnects with backoff; when Redis is back, the
+* one thread (``wschat-redis``) owns the subscriptions (one connection per
+  node): it delivers each read's events in each room's order, fills any gap
+  in a room's sequence from the history, keeps this process's heartbeat,
+  and sweeps the members of processes that died without a word (they leave
+  within ``presence_timeout`` and a third);
+* while Redis (or a cluster's master) is unreachable every call fails at
+  once with ``EngineUnavailable`` (the chat tells the sender), the outage is
+  logged once, and the thread reconnects with backoff (on a cluster, to
+  whichever node masters each slot after a failover); when it is back, the
   leaves that could not be announced are, the claims Redis lost are made
   again, and each room's members get what they missed and who is there now.
 """
@@ -22,26 +34,44 @@ import json
 import logging
 import os
 import secrets
+import selectors
 import socket
 import threading
 import time
+from collections import defaultdict
+from typing import Any
+from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from . import checks
-from .dialect import now_ms
-from .engine import ADDED, JOINED, TAKEN, Claim, Deliver, EngineUnavailable, History
+from .dialect import encode, now_ms
+from .engine import ADDED, JOINED, TAKEN, Claim, Deliver, EngineUnavailable, Failed, History
 from .logsafe import quoted
-from .redis_store import RedisStore
+from .redis_nodes import Address, Nodes
+from .redis_store import MAX_BATCH, PUBLISH_BATCH, RedisStore
+from .resp import ReplyError, RespConnection, pack, pack_all
 
 log = logging.getLogger("wschat")
+
+LINK_ERRORS = (OSError, ConnectionError, TimeoutError)  # a node's connection is gone (socket.timeout is OSError)
+
+
+class Waiter(threading.Event):
+    """A blocking publish's outcome: set when done, with ``error`` when it failed."""
+
+    error: EngineUnavailable | None = None
+
+    def failed(self, error: EngineUnavailable) -> None:
+        self.error = error
+        self.set()
 
 
 class RedisEngine:
     """Rooms, history and presence in the Redis at ``url``
-    (``redis://HOST:PORT/DB``); see the module docstring."""
+    (``redis://HOST:PORT/DB``, or any node of a Redis Cluster); see the module docstring."""
 
     def __init__(
         self,
@@ -56,20 +86,23 @@ class RedisEngine:
         checks.whole("history", history, 0, " (0: none kept)")
         checks.seconds("presence_timeout", presence_timeout, positive=True)
         checks.whole("room_ttl", room_ttl, 1)
+        if "{" in prefix or "}" in prefix:
+            raise checks.SettingError("prefix must not hold '{' or '}' (a room's hash tag follows it)")
         self.url = url
         self.history_size = history
         self.presence_timeout = presence_timeout
+        self.room_ttl = room_ttl
         self.timeout = timeout
         self.prefix = prefix + ":"
         self.process_id = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         # No retries inside redis-py: an outage must fail fast, and is retried here.
-        self.redis = redis.Redis.from_url(
+        self.redis: Any = redis.Redis.from_url(
             url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
             decode_responses=True,
         )
-        self.store = RedisStore(self.redis, self.prefix, self.process_id, history=history, room_ttl=room_ttl,
-                                presence_timeout=presence_timeout)
-        self._control = f"{self.prefix}control:{self.process_id}"  # a channel to wake the subscriber thread
+        parts = urlsplit(url)
+        self.nodes = Nodes((parts.hostname or "127.0.0.1", parts.port or 6379), timeout)
+        self.store = self._new_store()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._wanted: dict[str, int] = {}  # room -> members here: the rooms to subscribe to
@@ -82,19 +115,41 @@ class RedisEngine:
         self._deliver: Deliver | None = None
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._wake_reader, self._wake_writer = socket.socketpair()  # wakes the subscriber thread
+        self._wake_writer.setblocking(False)
+        # Publishing (see the module docstring): the queue, whether a caller is flushing it, its links.
+        self._queue: list[tuple[str, str, Failed | None, Waiter | None]] = []  # (room, "M..."/"E...", ...)
+        self._flushing = False
+        self._links: dict[Address, RespConnection] = {}  # node -> the flusher's connection
+        self._outages = 0  # how many times Redis went down: links older than the last outage are dropped
+        self._links_made_after = 0
 
     def __repr__(self) -> str:
         return f"RedisEngine({self.url!r}, process {self.process_id})"
 
+    def _new_store(self) -> RedisStore:
+        return RedisStore(self.redis, self.prefix, self.process_id, history=self.history_size,
+                          room_ttl=self.room_ttl, presence_timeout=self.presence_timeout,
+                          sharded=self.nodes.cluster)
+
     # -- lifetime ----------------------------------------------------------------------
 
     def start(self, deliver: Deliver) -> None:
-        """Announce this process, and start delivering.  Raises
-        ``EngineUnavailable`` when Redis cannot be reached."""
+        """Find out whether ``url`` is a cluster, announce this process, and
+        start delivering.  Raises ``EngineUnavailable`` when Redis cannot be reached."""
         self._deliver = deliver
         try:
+            self.nodes.discover()
+            if self.nodes.cluster:
+                from redis.cluster import RedisCluster
+
+                self.redis.close()
+                host, port = self.nodes.address
+                self.redis = RedisCluster(host=host, port=port, socket_timeout=self.timeout,
+                                          socket_connect_timeout=self.timeout, decode_responses=True)
+                self.store = self._new_store()
             self.store.heartbeat()
-        except redis.RedisError as exc:
+        except (redis.RedisError, *LINK_ERRORS) as exc:
             raise EngineUnavailable(f"cannot reach Redis at {self.url}: {exc}") from None
         self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="wschat-redis", daemon=True)
@@ -110,10 +165,16 @@ class RedisEngine:
         self._deliver = None
         try:
             self.store.leave_everywhere()
-        except redis.RedisError as exc:
+        except (redis.RedisError, *LINK_ERRORS) as exc:
             log.warning("Redis: could not remove this process's members at once (%s); "
                         "they leave after %g s", exc, self.presence_timeout)
+        with self._lock:
+            links, self._links = self._links, {}
+        for link in links.values():
+            link.close()
         self.redis.close()
+        self._wake_reader.close()
+        self._wake_writer.close()
 
     # -- calls, failing fast while Redis is down ------------------------------------------
 
@@ -122,7 +183,7 @@ class RedisEngine:
             raise EngineUnavailable("Redis is unreachable")
         try:
             return function(*args, **kwargs)
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        except (redis.ConnectionError, redis.TimeoutError, *LINK_ERRORS) as exc:
             self._went_down(exc)
             raise EngineUnavailable(f"Redis is unreachable ({exc})") from None
         except redis.RedisError as exc:  # refused by Redis (out of memory, read-only replica...)
@@ -133,8 +194,10 @@ class RedisEngine:
             if self._down_since is not None:
                 return
             self._down_since = time.monotonic()
+            self._outages += 1
             self._confirmed.clear()
             self._changed.notify_all()
+        self._wake()
         log.warning("Redis at %s is unreachable (%s): chat messages are refused until it is back",
                     self.url, exc)
 
@@ -143,21 +206,19 @@ class RedisEngine:
     def subscribe(self, room: str) -> None:
         """Count one more member here; the first one waits for Redis to confirm the subscription."""
         with self._changed:
+            if self._down_since is not None:
+                raise EngineUnavailable("Redis is unreachable")
             self._wanted[room] = self._wanted.get(room, 0) + 1
             self._left.discard(room)
             if room in self._confirmed:
                 return
-        try:
-            self._call(self.redis.publish, self._control, "")  # wake the subscriber thread
-            with self._changed:
-                self._changed.wait_for(
-                    lambda: room in self._confirmed or self._down_since is not None, self.timeout)
-                if room in self._confirmed:
-                    return
-            raise EngineUnavailable("Redis did not confirm the subscription")
-        except EngineUnavailable:
-            self.unsubscribe(room)
-            raise
+        self._wake()
+        with self._changed:
+            self._changed.wait_for(lambda: room in self._confirmed or self._down_since is not None, self.timeout)
+            if room in self._confirmed:
+                return
+        self.unsubscribe(room)
+        raise EngineUnavailable("Redis did not confirm the subscription")
 
     def unsubscribe(self, room: str) -> None:
         with self._changed:
@@ -171,16 +232,130 @@ class RedisEngine:
 
     def _wake(self) -> None:
         try:
-            self.redis.publish(self._control, "")
-        except redis.RedisError:
-            pass  # down: the subscriber thread reconciles when it is back
+            self._wake_writer.send(b"\0")
+        except OSError:
+            pass  # a byte is already waiting, or the engine is stopped
 
-    def publish_message(self, room: str, record: dict) -> int:
-        record["seq"] = self._call(self.store.publish_message, room, record)
-        return record["seq"]
+    def publish_message(self, room: str, record: dict, failed: Failed | None = None) -> None:
+        """Publish a chat message (Redis numbers it).  With ``failed``,
+        returns at once and calls ``failed`` (on some thread) if it could not
+        be published; without, waits, and raises ``EngineUnavailable``."""
+        self._publish(room, "M" + encode(record), failed)
 
-    def publish(self, room: str, event: dict) -> None:
-        self._call(self.store.publish, room, event)
+    def publish(self, room: str, event: dict, failed: Failed | None = None) -> None:
+        """Publish a presence event, in the room's order with its messages."""
+        self._publish(room, "E" + encode(event), failed)
+
+    def _publish(self, room: str, item: str, failed: Failed | None) -> None:
+        if self._down_since is not None:
+            raise EngineUnavailable("Redis is unreachable")
+        waiter = Waiter() if failed is None else None
+        with self._lock:
+            self._queue.append((room, item, failed, waiter))
+            lead = not self._flushing
+            self._flushing = True
+        if lead:
+            self._flush()
+        if waiter is not None:
+            if not waiter.wait(self.timeout * 2 + 1):
+                raise EngineUnavailable("Redis did not answer in time")
+            if waiter.error is not None:
+                raise waiter.error
+
+    def _flush(self) -> None:
+        """Send what is queued, and what is queued meanwhile, until the queue is empty."""
+        while True:
+            with self._lock:
+                queued, self._queue = self._queue, []
+                if not queued:
+                    self._flushing = False
+                    return
+            try:
+                self._send(queued)
+            except BaseException as exc:  # a bug: no sender may wait for ever
+                log.exception("Redis: publishing failed")
+                self._fail(queued, EngineUnavailable(f"publishing failed: {exc!r}"))
+
+    def _send(self, queued: list) -> None:
+        """One script call per room (in chunks), one write per node, replies read in order."""
+        if self._links_made_after != self._outages:  # their peers may be gone, or restarted
+            self._links_made_after = self._outages
+            for node in list(self._links):
+                self._drop_link(node)
+        by_room: dict[str, list] = defaultdict(list)
+        for entry in queued:
+            by_room[entry[0]].append(entry)
+        calls = []  # (room, entries)
+        for room, entries in by_room.items():
+            for start in range(0, len(entries), MAX_BATCH):
+                calls.append((room, entries[start : start + MAX_BATCH]))
+        for _ in range(3):  # a MOVED or NOSCRIPT answer sends those calls again
+            calls = self._send_calls(calls)
+            if not calls:
+                return
+        self._fail([entry for _, entries in calls for entry in entries],
+                   EngineUnavailable("Redis kept redirecting the messages"))
+
+    def _send_calls(self, calls: list) -> list:
+        """Send ``calls``; the ones to send again (their node did not run them)."""
+        by_node: dict[Address, list] = defaultdict(list)
+        for call in calls:
+            by_node[self.nodes.node_of(self.store.channel(call[0]))].append(call)
+        again = []
+        for node, node_calls in by_node.items():
+            commands = [self.store.batch(room, [entry[1] for entry in entries]) for room, entries in node_calls]
+            try:
+                link = self._links.get(node) or self._link(node)
+                link.send(pack_all(commands))
+                replies = link.replies(len(commands))
+            except LINK_ERRORS as exc:
+                self._drop_link(node)
+                error = EngineUnavailable(f"Redis is unreachable ({exc})")
+                self._went_down(exc)
+                self._fail([entry for _, entries in node_calls for entry in entries], error)
+                continue
+            for call, reply in zip(node_calls, replies):
+                if not isinstance(reply, ReplyError):
+                    for _, _, _, waiter in call[1]:
+                        if waiter is not None:
+                            waiter.set()
+                    continue
+                text = str(reply)
+                if text.startswith("NOSCRIPT"):
+                    self._load_script(node)
+                    again.append(call)
+                elif text.startswith(("MOVED", "ASK")):
+                    self.nodes.moved(text.replace("ASK", "MOVED", 1))
+                    again.append(call)
+                else:  # out of memory, a cluster without a master for the slot...
+                    self._fail(call[1], EngineUnavailable(f"Redis refused: {text}"))
+        return again
+
+    def _link(self, node: Address) -> RespConnection:
+        link = self._links[node] = RespConnection(node, self.timeout)
+        return link
+
+    def _drop_link(self, node: Address) -> None:
+        link = self._links.pop(node, None)
+        if link is not None:
+            link.close()
+
+    def _load_script(self, node: Address) -> None:
+        try:
+            self._links[node].call("SCRIPT", "LOAD", PUBLISH_BATCH)
+        except (ReplyError, *LINK_ERRORS):
+            self._drop_link(node)  # sent again, and failed then if it still cannot be
+
+    @staticmethod
+    def _fail(entries: list, error: EngineUnavailable) -> None:
+        for _, _, failed, waiter in entries:
+            if waiter is not None:
+                waiter.failed(error)
+            elif failed is not None:
+                try:
+                    failed(error)
+                except Exception:
+                    log.exception("Redis: a publishing failure's callback failed")
 
     def history(self, room: str, since: int | None = None, epoch: str | None = None) -> History:
         return self._call(self.store.history, room, since, epoch)
@@ -192,11 +367,17 @@ class RedisEngine:
 
     def claim(self, room: str, nick: str, holder: str, user_id: str | None = None) -> Claim:
         user = "" if user_id is None else "u" + user_id
-        outcome, evicted = self._call(self.store.claim, room, nick, holder, user)
+        with self._lock:  # first: a room with a claim under way is never tidied off this process's list
+            self._held[room, holder] = (nick, user)
+        outcome, evicted = "taken", []
+        try:
+            outcome, evicted = self._call(self.store.claim, room, nick, holder, user)
+        finally:
+            if outcome == "taken":
+                with self._lock:
+                    self._held.pop((room, holder), None)
         if outcome == "taken":
             return Claim(TAKEN)
-        with self._lock:
-            self._held[room, holder] = (nick, user)
         return Claim(JOINED if outcome == "joined" else ADDED, evicted)
 
     def rename(self, room: str, old: str, new: str, holder: str) -> bool:
@@ -227,11 +408,11 @@ class RedisEngine:
     def _run(self) -> None:
         delay = 0.0  # before connecting again: none after a mere drop, backing off while Redis is down
         while not self._stopping.is_set():
-            pubsub = self.redis.pubsub()
+            subscriptions: dict[Address, RespConnection] = {}
             try:
-                self._serve(pubsub)
-            except (redis.RedisError, OSError, EngineUnavailable) as exc:
-                if self._down_since is None and self._answers():  # only the subscription dropped
+                self._serve(subscriptions)
+            except (redis.RedisError, ReplyError, EngineUnavailable, *LINK_ERRORS) as exc:
+                if self._down_since is None and self._answers():  # only a subscription dropped
                     log.info("Redis subscription dropped (%s): subscribing again", exc)
                     delay = 0.0
                 else:
@@ -242,61 +423,86 @@ class RedisEngine:
                 self._went_down(RuntimeError("subscriber failed"))
                 delay = 2.0
             finally:
-                try:
-                    pubsub.close()
-                except Exception:  # closing a broken connection
-                    pass
+                for conn in subscriptions.values():
+                    conn.close()
             self._stopping.wait(delay)
 
     def _answers(self) -> bool:
         try:
+            self.nodes.discover()
             return bool(self.redis.ping())
-        except (redis.RedisError, OSError):
+        except (redis.RedisError, *LINK_ERRORS):
             return False
 
-    def _serve(self, pubsub) -> None:
+    def _serve(self, subscriptions: dict[Address, RespConnection]) -> None:
         """Subscribe, catch up, then deliver until Redis or this engine stops."""
-        pubsub.subscribe(self._control)  # raises while Redis is down
+        self.nodes.discover()  # on a cluster: which master owns each slot now
+        for node in self.nodes.masters():  # raises while a node is down
+            subscriptions[node] = RespConnection(node, self.timeout)
         self._back_up()
-        requested: set[str] = set()
-        with self._lock:
-            again = set(self._wanted)  # subscribed before this connection: events may have been missed
-        interval = self.presence_timeout / 3
-        next_beat = 0.0
-        while not self._stopping.is_set():
-            self._reconcile(pubsub, requested)
-            now = time.monotonic()
-            if now >= next_beat:
-                self._heartbeat_and_sweep()
-                next_beat = now + interval
-            message = pubsub.get_message(timeout=max(0.0, min(interval, next_beat - now)))
-            if self._down_since is not None:  # a call on another thread failed
-                raise redis.ConnectionError("reconnecting to check")
-            if message is None or message["channel"] == self._control:
-                continue
-            room = self.store.room_of(message["channel"])
-            if message["type"] == "subscribe":
-                self._subscribed(room, requested, again)
-            elif message["type"] == "message":
-                self._received(room, message["data"])
+        selector = selectors.DefaultSelector()
+        try:
+            selector.register(self._wake_reader, selectors.EVENT_READ)
+            for conn in subscriptions.values():
+                selector.register(conn, selectors.EVENT_READ, conn)
+            requested: dict[str, RespConnection] = {}  # room -> the connection it is subscribed on
+            with self._lock:
+                again = set(self._wanted)  # subscribed before this connection: events may have been missed
+            interval = self.presence_timeout / 3
+            next_beat = 0.0
+            while not self._stopping.is_set():
+                self._reconcile(subscriptions, requested)
+                now = time.monotonic()
+                if now >= next_beat:
+                    self._heartbeat_and_sweep()
+                    next_beat = now + interval
+                events = selector.select(max(0.0, min(interval, next_beat - now)))
+                if self._down_since is not None:  # a call on another thread failed
+                    raise ConnectionError("reconnecting to check")
+                for key, _ in events:
+                    if key.data is None:
+                        self._drain_wake()
+                        continue
+                    for push in key.data.pending():
+                        self._pushed(push, requested, again)
+        finally:
+            selector.close()
 
-    def _reconcile(self, pubsub, requested: set[str]) -> None:
+    def _drain_wake(self) -> None:
+        try:
+            self._wake_reader.recv(4096)
+        except OSError:
+            pass
+
+    def _reconcile(self, subscriptions: dict[Address, RespConnection], requested: dict[str, RespConnection]) -> None:
         """Subscribe to the rooms wanted, and only those."""
         with self._lock:
             wanted = set(self._wanted)
-            dropped = requested - wanted
+            dropped = set(requested) - wanted
             for room in dropped:
                 self._confirmed.discard(room)
                 self._last.pop(room, None)
-        added = wanted - requested
-        if added:
-            pubsub.subscribe(*map(self.store.channel, added))
-        if dropped:
-            pubsub.unsubscribe(*map(self.store.channel, dropped))
-        requested |= added
-        requested -= dropped
+        sharded = self.nodes.cluster
+        for room in wanted - set(requested):
+            channel = self.store.channel(room)
+            conn = requested[room] = subscriptions[self.nodes.node_of(channel)]
+            conn.send(pack("SSUBSCRIBE" if sharded else "SUBSCRIBE", channel))
+        for room in dropped:
+            requested.pop(room).send(pack("SUNSUBSCRIBE" if sharded else "UNSUBSCRIBE", self.store.channel(room)))
 
-    def _subscribed(self, room: str, requested: set[str], again: set[str]) -> None:
+    def _pushed(self, push: Any, requested: dict[str, RespConnection], again: set[str]) -> None:
+        if isinstance(push, ReplyError):
+            raise push  # a slot moved (MOVED): subscribe again where it is now
+        kind, channel, data = push
+        room = self.store.room_of(channel)
+        if kind in ("message", "smessage"):
+            self._received(room, data)
+        elif kind in ("subscribe", "ssubscribe"):
+            self._subscribed(room, requested, again)
+        elif kind == "sunsubscribe" and room in requested and room in self._wanted:
+            raise ConnectionError(f"Redis moved room {quoted(room)} to another node")
+
+    def _subscribed(self, room: str, requested: dict[str, RespConnection], again: set[str]) -> None:
         if room not in requested:
             return
         with self._changed:
@@ -314,7 +520,7 @@ class RedisEngine:
             self._deliver(room, {"type": "users", "room": room, "users": self.users(room)}, None, None)
 
     def _back_up(self) -> None:
-        """The subscriber is connected: calls may go to Redis again."""
+        """The subscriptions are connected: calls may go to Redis again."""
         with self._changed:
             since, self._down_since = self._down_since, None
             pending, self._pending_releases = self._pending_releases, []
@@ -333,29 +539,32 @@ class RedisEngine:
         for (room, holder), (nick, user) in held.items():  # claims Redis lost (restarted empty, or swept)
             outcome, _ = self.store.claim(room, nick, holder, user)
             if outcome == "joined":
-                self.store.publish(room, {"type": "join", "room": room, "nick": nick, "time": now_ms()})
+                self.publish(room, {"type": "join", "room": room, "nick": nick, "time": now_ms()}, _ignore)
             elif outcome == "taken":
                 log.warning("room %s: nickname %s was taken while Redis was unreachable",
                             quoted(room), quoted(nick))
 
     def _received(self, room: str, data: str) -> None:
+        """A batch of ``room``'s events: the epoch, then one event a line."""
         deliver = self._deliver
         if deliver is None:
             return
-        if data[0] == "E":
-            deliver(room, json.loads(data[1:]), None, None)
-            return
-        epoch, _, text = data[1:].partition(" ")
-        record = json.loads(text)
-        seq = record["seq"]
-        last = self._last.get(room)
-        if last is not None and last[0] == epoch:
-            if seq <= last[1]:
-                return  # delivered already (by a gap fill)
-            if seq > last[1] + 1:
-                self._fill(room, epoch, last[1], seq)
-        self._last[room] = (epoch, seq)
-        deliver(room, record, text, epoch)
+        epoch, *lines = data.split("\n")
+        for line in lines:
+            if line[0] == "E":
+                deliver(room, json.loads(line[1:]), None, None)
+                continue
+            text = line[1:]
+            record = json.loads(text)
+            seq = record["seq"]
+            last = self._last.get(room)
+            if last is not None and last[0] == epoch:
+                if seq <= last[1]:
+                    continue  # delivered already (by a gap fill)
+                if seq > last[1] + 1:
+                    self._fill(room, epoch, last[1], seq)
+            self._last[room] = (epoch, seq)
+            deliver(room, record, text, epoch)
 
     def _fill(self, room: str, epoch: str, after: int, before: int | None) -> None:
         """Deliver the messages of ``room`` after ``after`` (and before
@@ -374,7 +583,8 @@ class RedisEngine:
     # -- heartbeat and sweeping -------------------------------------------------------------
 
     def _heartbeat_and_sweep(self) -> None:
-        """Say this process is alive; sweep the members of the processes that are not."""
+        """Say this process is alive; sweep the members of the processes that
+        are not; take the rooms this process left off its list."""
         store = self.store
         for process in store.dead(store.heartbeat()):
             left = store.sweep(process)
@@ -382,4 +592,13 @@ class RedisEngine:
                 log.info("process %s stopped answering: %d members left its rooms", process, left)
         with self._lock:
             rooms, self._left = [room for room in self._left if room not in self._wanted], set()
-        store.tidy(rooms)
+        for room in rooms:
+            if store.holds(room):
+                continue
+            with self._lock:  # a claim under way puts the room in _held first (see claim)
+                if room not in self._wanted and not any(key[0] == room for key in self._held):
+                    store.forget_room(room)
+
+
+def _ignore(error: EngineUnavailable) -> None:
+    """A presence event that could not be published: the next reconciliation tells the members."""

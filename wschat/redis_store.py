@@ -1,34 +1,37 @@
-"""The chat's data in one Redis: its keys, and the Lua scripts that change them.
+"""The chat's data in Redis: its keys, and the Lua scripts that change them.
 
-Keys, under the engine's ``prefix`` (``wschat:`` by default):
+Keys, under the engine's ``prefix`` (``wschat:`` by default).  A room's keys
+and its channel share the hash tag ``{r:ROOM}``, so that on a Redis Cluster
+they live in one slot, on one master, and every script below touches one
+slot only:
 
-* ``seq:ROOM``, ``epoch:ROOM``, ``history:ROOM``: a room's last sequence
-  number, the name of its sequence, and its last ``history`` messages (a
-  capped list), kept ``room_ttl`` seconds after the last message;
-* ``members:ROOM``: who holds which nickname (a hash: nickname key -> JSON
-  ``{"nick", "user", "holders"}``);
+* ``{r:ROOM}:seq``, ``{r:ROOM}:epoch``, ``{r:ROOM}:history``: a room's last
+  sequence number, the name of its sequence, and its last ``history``
+  messages (a capped list), kept ``room_ttl`` seconds after the last message;
+* ``{r:ROOM}:members``: who holds which nickname (a hash: nickname key ->
+  JSON ``{"nick", "user", "holders"}``);
 * ``alive:PROCESS`` (a key that expires after ``presence_timeout``),
   ``processes`` and ``rooms-of:PROCESS``: which processes are alive, and
   where their members are, so that the members of a process that died
-  without a word can be swept out of every room.
+  without a word can be swept out of every room, one room at a time.
 
-Events go out on the channel ``room:ROOM``: ``M`` + epoch + space + the
-message's JSON, or ``E`` + a presence event's JSON.
+Events go out on the room's channel ``{r:ROOM}:events`` (with ``SPUBLISH``,
+sharded pub/sub, on a Redis Cluster; ``PUBLISH`` on one Redis), in batches:
+the epoch of the room's messages, then one line per event, ``M`` and a
+message's JSON or ``E`` and a presence event's JSON (JSON has no raw line
+breaks).  A batch of one room's events is one script (``PUBLISH_BATCH``): its
+messages get their sequence numbers, their place in the history and their
+publication together, so every process sees one order.
 
-Every change to a room is one Lua script, whole inside Redis, so no other
-process's command comes between its steps: a message gets its sequence
-number, its place in the history and its publication together (one order for
-every process); a nickname is claimed, renamed or released without a race; a
-dead process's members leave every room at once.  Scripts touch keys they
-compute (the rooms of a dead process), so this needs one Redis, not a Redis
-Cluster.  The comment above each script says what its KEYS and ARGV are.
-
-``RedisStore`` makes those calls and nothing else: no threads, no retries,
-no state of its own; redis-py's errors reach the caller (``RedisEngine``).
+``RedisStore`` builds the keys and the commands and reads the replies; the
+blocking calls go through a redis-py client (``redis.Redis`` or
+``redis.cluster.RedisCluster``), the batches through whatever sends them
+(``redis_engine``).  No threads, no retries, no state of its own.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 
@@ -36,33 +39,64 @@ from .dialect import encode, now_ms
 from .engine import History, new_epoch, select_history
 from .names import nick_key
 
-# A chat message: KEYS seq, epoch, history; ARGV the record's JSON, the
-# history size, the room's channel, an epoch for a new room, the keys' TTL.
-PUBLISH_MESSAGE = """
-local seq = redis.call('INCR', KEYS[1])
-local epoch = redis.call('GET', KEYS[2])
-if not epoch then
-  epoch = ARGV[4]
-  redis.call('SET', KEYS[2], epoch)
-  redis.call('DEL', KEYS[3])
+# A batch of one room's events: KEYS seq, epoch, history; ARGV the history
+# size, the channel, an epoch for a new room, the keys' TTL, the publishing
+# command, then the events ("M" + a message's JSON without its seq, or "E" +
+# an event's JSON).  Returns the first message's sequence number (0: none).
+PUBLISH_BATCH = """
+local lines, kept, first = {''}, {}, 0
+for i = 6, #ARGV do
+  if string.byte(ARGV[i], 1) == 77 then kept[#kept + 1] = i end
 end
-local text = string.sub(ARGV[1], 1, -2) .. ',"seq":' .. seq .. '}'
-local size = tonumber(ARGV[2])
-if size > 0 then
-  redis.call('RPUSH', KEYS[3], text)
-  redis.call('LTRIM', KEYS[3], -size, -1)
-  redis.call('EXPIRE', KEYS[3], ARGV[5])
+if #kept > 0 then
+  local epoch = redis.call('GET', KEYS[2])
+  if not epoch then
+    epoch = ARGV[3]
+    redis.call('SET', KEYS[2], epoch)
+    redis.call('DEL', KEYS[3])
+  end
+  lines[1] = epoch
+  local seq = redis.call('INCRBY', KEYS[1], #kept) - #kept
+  first = seq + 1
+  local texts = {}
+  for i = 6, #ARGV do
+    local item = ARGV[i]
+    if string.byte(item, 1) == 77 then
+      seq = seq + 1
+      local text = string.sub(item, 2, -2) .. ',"seq":' .. seq .. '}'
+      texts[#texts + 1] = text
+      lines[#lines + 1] = 'M' .. text
+    else
+      lines[#lines + 1] = item
+    end
+  end
+  local size = tonumber(ARGV[1])
+  if size > 0 then
+    redis.call('RPUSH', KEYS[3], unpack(texts))
+    redis.call('LTRIM', KEYS[3], -size, -1)
+    redis.call('EXPIRE', KEYS[3], ARGV[4])
+  end
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+else
+  for i = 6, #ARGV do lines[#lines + 1] = ARGV[i] end
 end
-redis.call('EXPIRE', KEYS[1], ARGV[5])
-redis.call('EXPIRE', KEYS[2], ARGV[5])
-redis.call('PUBLISH', ARGV[3], 'M' .. epoch .. ' ' .. text)
-return seq
+redis.call(ARGV[5], ARGV[2], table.concat(lines, '\\n'))
+return first
 """
 
-# A nickname claimed: KEYS the room's members, this process's rooms; ARGV the
-# nickname's key, the nickname, the holder, the user ("" for anonymous), the room.
+# A room's position, and with ARGV[3] = "1" its history: KEYS seq, epoch,
+# history; ARGV an epoch for a new room, the keys' TTL, whether to read the history.
+POSITION = """
+redis.call('SET', KEYS[2], ARGV[1], 'NX', 'EX', ARGV[2])
+local found = {redis.call('GET', KEYS[1]) or '0', redis.call('GET', KEYS[2])}
+if ARGV[3] == '1' then found[3] = redis.call('LRANGE', KEYS[3], 0, -1) end
+return found
+"""
+
+# A nickname claimed: KEYS the room's members; ARGV the nickname's key, the
+# nickname, the holder, the user ("" for anonymous).
 CLAIM = """
-redis.call('SADD', KEYS[2], ARGV[5])
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 local entry = {nick = ARGV[2], user = ARGV[4], holders = {ARGV[3]}}
 if not raw then
@@ -103,7 +137,8 @@ return 1
 """
 
 # KEYS the room's members; ARGV the nickname's key, the holder, a leave event
-# to publish when no one holds it any more ("" for none), the room's channel.
+# to publish when no one holds it any more ("" for none), the room's channel,
+# the publishing command.
 RELEASE = """
 local raw = redis.call('HGET', KEYS[1], ARGV[1])
 if not raw then return 0 end
@@ -119,83 +154,79 @@ if #rest > 0 then
   return 0
 end
 redis.call('HDEL', KEYS[1], ARGV[1])
-if ARGV[3] ~= '' then redis.call('PUBLISH', ARGV[4], 'E' .. ARGV[3]) end
+if ARGV[3] ~= '' then redis.call(ARGV[5], ARGV[4], '\\nE' .. ARGV[3]) end
 return 1
 """
 
-# The members of a process that is no longer alive leave every room it was in:
-# KEYS its alive key, its rooms, the processes; ARGV the process, the prefix, the time.
-SWEEP = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
-local mine = ARGV[1] .. '/'
+# The holders of one process leave one room: KEYS the room's members; ARGV the
+# process's holder prefix ("PROCESS/"), the room, the time, the room's channel,
+# the publishing command.  Returns how many nicknames left.
+SWEEP_ROOM = """
 local left = 0
-for _, room in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  local hash = ARGV[2] .. 'members:' .. room
-  local flat = redis.call('HGETALL', hash)
-  for i = 1, #flat, 2 do
-    local entry = cjson.decode(flat[i + 1])
-    local rest = {}
-    for _, holder in ipairs(entry.holders) do
-      if string.sub(holder, 1, #mine) ~= mine then table.insert(rest, holder) end
-    end
-    if #rest == 0 then
-      redis.call('HDEL', hash, flat[i])
-      left = left + 1
-      local leave = cjson.encode({type = 'leave', room = room, nick = entry.nick, time = tonumber(ARGV[3])})
-      redis.call('PUBLISH', ARGV[2] .. 'room:' .. room, 'E' .. leave)
-    elseif #rest < #entry.holders then
-      entry.holders = rest
-      redis.call('HSET', hash, flat[i], cjson.encode(entry))
-    end
+local flat = redis.call('HGETALL', KEYS[1])
+for i = 1, #flat, 2 do
+  local entry = cjson.decode(flat[i + 1])
+  local rest = {}
+  for _, holder in ipairs(entry.holders) do
+    if string.sub(holder, 1, #ARGV[1]) ~= ARGV[1] then table.insert(rest, holder) end
+  end
+  if #rest == 0 then
+    redis.call('HDEL', KEYS[1], flat[i])
+    left = left + 1
+    local leave = cjson.encode({type = 'leave', room = ARGV[2], nick = entry.nick, time = tonumber(ARGV[3])})
+    redis.call(ARGV[5], ARGV[4], '\\nE' .. leave)
+  elseif #rest < #entry.holders then
+    entry.holders = rest
+    redis.call('HSET', KEYS[1], flat[i], cjson.encode(entry))
   end
 end
-redis.call('DEL', KEYS[2])
-redis.call('SREM', KEYS[3], ARGV[1])
 return left
 """
 
-# Rooms where this process has no members left come off its list: KEYS its
-# rooms; ARGV the process, the prefix, then the rooms to check.
-TIDY = """
-local mine = ARGV[1] .. '/'
-for i = 3, #ARGV do
-  local keep = false
-  for _, raw in ipairs(redis.call('HVALS', ARGV[2] .. 'members:' .. ARGV[i])) do
-    for _, holder in ipairs(cjson.decode(raw).holders) do
-      if string.sub(holder, 1, #mine) == mine then keep = true end
-    end
+# Whether a process holds a nickname in a room: KEYS the room's members; ARGV "PROCESS/".
+HOLDS = """
+for _, raw in ipairs(redis.call('HVALS', KEYS[1])) do
+  for _, holder in ipairs(cjson.decode(raw).holders) do
+    if string.sub(holder, 1, #ARGV[1]) == ARGV[1] then return 1 end
   end
-  if not keep then redis.call('SREM', KEYS[1], ARGV[i]) end
 end
 return 0
 """
+
+BATCH_SHA = hashlib.sha1(PUBLISH_BATCH.encode()).hexdigest()  # EVALSHA's name for it; SCRIPT LOAD makes it known
+MAX_BATCH = 500  # events in one PUBLISH_BATCH call: bounds the script's stack and the published line
 
 
 class RedisStore:
     """The calls that read and change the chat's data (see the module docstring)."""
 
     def __init__(self, client, prefix: str, process_id: str, *, history: int, room_ttl: int,
-                 presence_timeout: float):
+                 presence_timeout: float, sharded: bool = False):
         self.redis = client
         self.prefix = prefix
         self.process_id = process_id
         self.history_size = history
         self.room_ttl = room_ttl
         self.presence_timeout = presence_timeout
+        self.publish_command = "SPUBLISH" if sharded else "PUBLISH"
         self._scripts = {name: client.register_script(source) for name, source in (
-            ("publish", PUBLISH_MESSAGE), ("claim", CLAIM), ("rename", RENAME), ("release", RELEASE),
-            ("sweep", SWEEP), ("tidy", TIDY))}
+            ("position", POSITION), ("claim", CLAIM), ("rename", RENAME), ("release", RELEASE),
+            ("sweep_room", SWEEP_ROOM), ("holds", HOLDS))}
         self._epoch_base = new_epoch()
         self._epochs = itertools.count()  # with the base: a fresh epoch name, without os.urandom per message
 
-    def key(self, kind: str, name: str) -> str:
-        return f"{self.prefix}{kind}:{name}"
+    def key(self, kind: str, room: str) -> str:
+        """A room's key: every key of a room shares its hash tag (one slot)."""
+        return f"{self.prefix}{{r:{room}}}:{kind}"
 
     def channel(self, room: str) -> str:
-        return self.key("room", room)
+        return self.key("events", room)
 
     def room_of(self, channel: str) -> str:
-        return channel[len(self.prefix) + len("room:"):]
+        return channel[len(self.prefix) + 3 : -len("}:events")]
+
+    def process_key(self, kind: str, process: str) -> str:
+        return f"{self.prefix}{kind}:{process}"
 
     def _new_epoch(self) -> str:
         """The epoch a room gets if it has none (used once per room, offered every time)."""
@@ -203,43 +234,40 @@ class RedisStore:
 
     # -- messages and history ------------------------------------------------------------
 
-    def publish_message(self, room: str, record: dict) -> int:
-        """Number, keep and publish a chat message; its sequence number."""
-        return self._scripts["publish"](
-            keys=[self.key("seq", room), self.key("epoch", room), self.key("history", room)],
-            args=[encode(record), self.history_size, self.channel(room), self._new_epoch(), self.room_ttl])
-
-    def publish(self, room: str, event: dict) -> None:
-        self.redis.publish(self.channel(room), "E" + encode(event))
+    def batch(self, room: str, items: list[str]) -> tuple:
+        """The command that publishes ``items`` ("M" + a message's JSON,
+        "E" + an event's JSON; at most MAX_BATCH) of ``room`` in one script
+        call; its reply is the first message's sequence number."""
+        keys = (self.key("seq", room), self.key("epoch", room), self.key("history", room))
+        return ("EVALSHA", BATCH_SHA, 3, *keys, self.history_size, self.channel(room), self._new_epoch(),
+                self.room_ttl, self.publish_command, *items)
 
     def history(self, room: str, since: int | None = None, epoch: str | None = None) -> History:
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.set(self.key("epoch", room), self._new_epoch(), nx=True, ex=self.room_ttl)  # a new room's epoch
-        pipe.get(self.key("seq", room))
-        pipe.get(self.key("epoch", room))
-        pipe.lrange(self.key("history", room), 0, -1)
-        _, seq, kept_epoch, kept = pipe.execute()
-        seq = int(seq or 0)
+        seq, kept_epoch, kept = self._position(room, True)
         records, missed = select_history([json.loads(text) for text in kept], seq, since, epoch == kept_epoch)
         return History(kept_epoch, seq, records, missed)
 
     def position(self, room: str) -> tuple[str, int]:
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.set(self.key("epoch", room), self._new_epoch(), nx=True, ex=self.room_ttl)
-        pipe.get(self.key("epoch", room))
-        pipe.get(self.key("seq", room))
-        _, epoch, seq = pipe.execute()
-        return epoch, int(seq or 0)
+        seq, epoch = self._position(room, False)
+        return epoch, seq
+
+    def _position(self, room: str, with_history: bool) -> list:
+        found = self._scripts["position"](
+            keys=[self.key("seq", room), self.key("epoch", room), self.key("history", room)],
+            args=[self._new_epoch(), self.room_ttl, "1" if with_history else "0"])
+        found[0] = int(found[0])
+        return found
 
     # -- presence --------------------------------------------------------------------------
 
     def claim(self, room: str, nick: str, holder: str, user: str) -> tuple[str, list[str]]:
         """``holder`` claims ``nick`` for ``user`` ("" for anonymous): the
         outcome ("joined", "added", "held" or "taken") and the anonymous
-        holders an app user's claim displaced."""
-        outcome, *evicted = self._scripts["claim"](
-            keys=[self.key("members", room), self.key("rooms-of", self.process_id)],
-            args=[nick_key(nick), nick, holder, user, room])
+        holders an app user's claim displaced.  The room goes on this
+        process's list first, so a sweep finds the claim if this process dies."""
+        self.redis.sadd(self.process_key("rooms-of", self.process_id), room)
+        outcome, *evicted = self._scripts["claim"](keys=[self.key("members", room)],
+                                                   args=[nick_key(nick), nick, holder, user])
         return outcome, evicted
 
     def rename(self, room: str, old: str, new: str, holder: str) -> bool:
@@ -251,7 +279,7 @@ class RedisStore:
         more (``leave``, if given, is then published)."""
         return bool(self._scripts["release"](
             keys=[self.key("members", room)],
-            args=[nick_key(nick), holder, encode(leave) if leave else "", self.channel(room)]))
+            args=[nick_key(nick), holder, encode(leave) if leave else "", self.channel(room), self.publish_command]))
 
     def users(self, room: str) -> list[str]:
         return sorted(json.loads(entry)["nick"] for entry in self.redis.hvals(self.key("members", room)))
@@ -260,35 +288,41 @@ class RedisStore:
 
     def heartbeat(self) -> list[str]:
         """Say this process is alive for ``presence_timeout``; the other processes Redis knows of."""
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.set(self.key("alive", self.process_id), "1", px=int(self.presence_timeout * 1000))
-        pipe.sadd(f"{self.prefix}processes", self.process_id)
-        pipe.smembers(f"{self.prefix}processes")
-        return [process for process in pipe.execute()[2] if process != self.process_id]
+        self.redis.set(self.process_key("alive", self.process_id), "1", px=int(self.presence_timeout * 1000))
+        self.redis.sadd(f"{self.prefix}processes", self.process_id)
+        return [process for process in self.redis.smembers(f"{self.prefix}processes") if process != self.process_id]
 
     def dead(self, processes: list[str]) -> list[str]:
         """Those of ``processes`` whose heartbeat expired."""
-        if not processes:
-            return []
-        pipe = self.redis.pipeline(transaction=False)
-        for process in processes:
-            pipe.exists(self.key("alive", process))
-        return [process for process, alive in zip(processes, pipe.execute()) if not alive]
+        return [process for process in processes if not self.redis.exists(self.process_key("alive", process))]
 
     def sweep(self, process: str) -> int:
         """The members of ``process``, if it is not alive, leave every room
-        (their leaves are published); how many left."""
-        return self._scripts["sweep"](
-            keys=[self.key("alive", process), self.key("rooms-of", process), f"{self.prefix}processes"],
-            args=[process, self.prefix, now_ms()])
+        (their leaves are published), one room at a time; how many left
+        (-1: it is alive).  Several processes may sweep the same one: each
+        nickname leaves once."""
+        if self.redis.exists(self.process_key("alive", process)):
+            return -1
+        rooms_of = self.process_key("rooms-of", process)
+        left = 0
+        for room in self.redis.smembers(rooms_of):
+            left += self._scripts["sweep_room"](
+                keys=[self.key("members", room)],
+                args=[process + "/", room, now_ms(), self.channel(room), self.publish_command])
+        self.redis.delete(rooms_of)
+        self.redis.srem(f"{self.prefix}processes", process)
+        return left
 
-    def tidy(self, rooms: list[str]) -> None:
-        """Rooms where this process has no members left come off its list."""
-        if rooms:
-            self._scripts["tidy"](keys=[self.key("rooms-of", self.process_id)],
-                                  args=[self.process_id, self.prefix, *rooms])
+    def holds(self, room: str) -> bool:
+        """Whether this process holds a nickname in ``room``."""
+        return bool(self._scripts["holds"](keys=[self.key("members", room)], args=[self.process_id + "/"]))
+
+    def forget_room(self, room: str) -> None:
+        """``room`` comes off this process's list (it holds nothing there)."""
+        self.redis.srem(self.process_key("rooms-of", self.process_id), room)
 
     def leave_everywhere(self) -> None:
         """This process is stopping: its members leave every room now."""
-        self.redis.delete(self.key("alive", self.process_id))
+        self.redis.delete(self.process_key("alive", self.process_id))
         self.sweep(self.process_id)
+

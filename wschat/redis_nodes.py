@@ -1,0 +1,89 @@
+"""Which Redis node serves a room: the one Redis, or on a Redis Cluster the
+master that owns the room's hash slot now.
+
+The engine's own connections (its batches of events and its subscriptions,
+see ``resp.py``) are routed here; a cluster's map of slots is read with
+``CLUSTER SLOTS`` from any node that answers, and read again when a node
+fails or moves a slot (a failover).  redis-py's ``RedisCluster`` routes the
+engine's other calls by its own map.
+"""
+
+from __future__ import annotations
+
+from redis.crc import key_slot
+
+from .resp import ReplyError, RespConnection
+
+Address = tuple[str, int]
+SLOTS = 16384
+
+
+class ClusterNotReady(ConnectionError):
+    """Some slot has no master that answers (a failover is under way)."""
+
+
+class Nodes:
+    """The Redis at ``address``, or the cluster it is a node of (see the module docstring)."""
+
+    def __init__(self, address: Address, timeout: float):
+        self.address = address
+        self.timeout = timeout
+        self.cluster = False
+        self.known: list[Address] = [address]  # every node seen, to ask for the map when some are gone
+        self._owners: list[Address] = []
+
+    def discover(self) -> None:
+        """Learn whether this is a cluster and, if so, which master owns each
+        slot.  Raises ``ConnectionError`` (or ``OSError``) when no node
+        answers, ``ClusterNotReady`` when some slot has no master."""
+        problem: Exception | None = None
+        for address in list(self.known):
+            try:
+                conn = RespConnection(address, self.timeout)
+            except OSError as exc:
+                problem = exc
+                continue
+            try:
+                if "cluster_enabled:1" not in conn.call("INFO", "cluster"):
+                    self.cluster = False
+                    return
+                if "cluster_state:ok" not in conn.call("CLUSTER", "INFO"):
+                    raise ClusterNotReady(f"the Redis Cluster is not ready (asked {address[0]}:{address[1]})")
+                slots = conn.call("CLUSTER", "SLOTS")
+            except (OSError, ReplyError) as exc:
+                problem = exc
+                continue
+            finally:
+                conn.close()
+            self._learn(address, slots)
+            return
+        raise ConnectionError(f"no Redis node answers ({problem})")
+
+    def _learn(self, asked: Address, slots: list) -> None:
+        owners: list[Address | None] = [None] * SLOTS
+        for start, end, master, *replicas in slots:
+            owner = (master[0] or asked[0], int(master[1]))
+            owners[start : end + 1] = [owner] * (end - start + 1)
+            for node in (master, *replicas):
+                address = (node[0] or asked[0], int(node[1]))
+                if address not in self.known:
+                    self.known.append(address)
+        if None in owners:
+            raise ClusterNotReady("some slots of the Redis Cluster have no master")
+        self._owners = owners  # type: ignore[assignment]  # no None left
+        self.cluster = True
+
+    def node_of(self, key: str) -> Address:
+        """The node that serves ``key`` (a room's key or channel)."""
+        if not self.cluster:
+            return self.address
+        return self._owners[key_slot(key.encode())]
+
+    def moved(self, error: str) -> None:
+        """A ``MOVED slot host:port`` reply: that slot is served there now."""
+        _, slot, where = error.split()
+        host, _, port = where.rpartition(":")
+        self._owners[int(slot)] = (host or self.address[0], int(port))
+
+    def masters(self) -> set[Address]:
+        return set(self._owners) if self.cluster else {self.address}

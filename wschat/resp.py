@@ -1,0 +1,84 @@
+"""A Redis connection at the level of the protocol (RESP2): commands packed
+into one write, replies read in order by hiredis's parser.
+
+redis-py sends one command and waits for its reply; the Redis engine's hot
+paths need more: many commands in one write (``pack``), the replies to them
+read back together, and pub/sub pushes from several nodes waited for in one
+``select`` (``RespConnection.fileno``).  This module is that and no more:
+no retries, no threads, no state beyond the socket and its parser.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any, Iterable
+
+import hiredis
+
+ReplyError = hiredis.ReplyError
+
+
+def pack(*args: str | bytes | int) -> bytes:
+    """One command in RESP: an array of bulk strings."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+def pack_all(commands: Iterable[tuple]) -> bytes:
+    return b"".join(pack(*command) for command in commands)
+
+
+class RespConnection:
+    """One TCP connection to one Redis node (blocking, with a timeout)."""
+
+    def __init__(self, address: tuple[str, int], timeout: float):
+        self.address = address
+        self.sock = socket.create_connection(address, timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.reader = hiredis.Reader(encoding="utf-8")
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def replies(self, count: int) -> list[Any]:
+        """The next ``count`` replies (a reply that is an error is a
+        ``ReplyError`` in the list, not raised: the others still count)."""
+        found: list[Any] = []
+        while len(found) < count:
+            reply = self.reader.gets()
+            if reply is False:
+                self._fill()
+                continue
+            found.append(reply)
+        return found
+
+    def call(self, *args: str | bytes | int) -> Any:
+        """One command and its reply; an error reply is raised."""
+        self.send(pack(*args))
+        reply = self.replies(1)[0]
+        if isinstance(reply, ReplyError):
+            raise reply
+        return reply
+
+    def pending(self) -> list[Any]:
+        """What one read brings (the socket is readable): every complete reply or push."""
+        self._fill()
+        found = []
+        while (reply := self.reader.gets()) is not False:
+            found.append(reply)
+        return found
+
+    def _fill(self) -> None:
+        data = self.sock.recv(1 << 16)
+        if not data:
+            raise ConnectionError(f"Redis at {self.address[0]}:{self.address[1]} closed the connection")
+        self.reader.feed(data)
+
+    def close(self) -> None:
+        self.sock.close()
