@@ -301,11 +301,12 @@ def close_clients(clients: list[Client]) -> None:
 
 
 def run_fanout(port: int, clients: int = 50, messages: int = 200, size: int = 64, window: int = 10,
-               stall: float = 10.0, pid: int | None = None, deflate: bool = False) -> dict:
+               stall: float = 10.0, pid: int | None = None, deflate: bool = False, broker: int | None = None) -> dict:
     """Every client sends ``messages`` messages, at most ``window`` not yet
     echoed back to it; every message goes to every client.  With ``deflate``
     the clients offer permessage-deflate, compress what they send, and inflate
-    every frame they read to check it."""
+    every frame they read to check it.  The CPU time of ``pid`` (and its
+    children) and of the ``broker`` process (redis-server) gives the CPU per delivery."""
     peers, _ = open_clients(port, clients, deflate=deflate)
     header = server_header(size)
     frame_len = len(header) + size
@@ -422,7 +423,7 @@ def run_fanout(port: int, clients: int = 50, messages: int = 200, size: int = 64
         for peer in peers:
             selector.register(peer.sock, selectors.EVENT_READ, peer)
         start = last = time.perf_counter()
-        cpu_start, server_start = time.process_time(), cpu_seconds(pid)
+        cpu_start, server_start, broker_start = time.process_time(), cpu_seconds(pid), cpu_seconds(broker)
         for peer in peers:
             pump(peer, start)
         remaining = len(peers)
@@ -453,6 +454,7 @@ def run_fanout(port: int, clients: int = 50, messages: int = 200, size: int = 64
         elapsed = last - start
         loadgen_cpu = time.process_time() - cpu_start
         server_cpu = cpu_seconds(pid) - server_start
+        broker_cpu = cpu_seconds(broker) - broker_start
         for peer in peers:
             tags_seen = peer.tags if read is not read_bulk else tags_of(b"".join(peer.chunks), size, peer.index)
             verify_tags(peer.index, tags_seen, size, clients, messages)
@@ -461,14 +463,18 @@ def run_fanout(port: int, clients: int = 50, messages: int = 200, size: int = 64
         close_clients(peers)
     latencies.sort()
     deliveries = clients * clients * messages
-    return {
+    figures = {
         "deliveries/s": deliveries / elapsed,
         "MB/s": deliveries * size / elapsed / 1e6,
         "p50 ms": 1000 * latencies[len(latencies) // 2],
         "p99 ms": 1000 * latencies[int(len(latencies) * 0.99)],
         "server CPU %": 100 * server_cpu / elapsed,
-        "loadgen CPU %": 100 * loadgen_cpu / elapsed,
     }
+    if broker is not None:
+        figures["redis CPU %"] = 100 * broker_cpu / elapsed
+    figures["CPU us/deliv"] = 1e6 * (server_cpu + broker_cpu) / deliveries  # the server's and its broker's
+    figures["loadgen CPU %"] = 100 * loadgen_cpu / elapsed
+    return figures
 
 
 def cpu_seconds(pid: int | None) -> float:
@@ -661,11 +667,13 @@ REDIS: BenchRedis | None = None
 class RunningServer:
     def __init__(self, name: str, deflate: bool = False):
         command, env, *cwd = SERVERS[name]
+        self.broker: int | None = None  # the redis-server it uses, whose CPU counts as its own
         if "{redis}" in command:
             global REDIS
             REDIS = REDIS or BenchRedis()
             REDIS.flush()
             command = [part.replace("{redis}", REDIS.url) for part in command]
+            self.broker = REDIS.process.pid
         if deflate and name.startswith("ws-"):
             command = [*command, "deflate"]  # python-websockets compresses only when told to
         self.name = name
@@ -703,9 +711,12 @@ class RunningServer:
 def scenarios(quick: bool) -> dict:
     scale = 0.1 if quick else 1
     return {
-        "fanout": lambda s: run_fanout(s.port, 50, max(10, int(200 * scale)), 64, window=10, pid=s.process.pid),
-        "large-64k": lambda s: run_fanout(s.port, 4, int(1000 * scale), 65536, window=2, pid=s.process.pid),
-        "large-1m": lambda s: run_fanout(s.port, 4, int(100 * scale), 1 << 20, window=1, pid=s.process.pid),
+        "fanout": lambda s: run_fanout(s.port, 50, max(10, int(200 * scale)), 64, window=10, pid=s.process.pid,
+                                       broker=s.broker),
+        "large-64k": lambda s: run_fanout(s.port, 4, int(1000 * scale), 65536, window=2, pid=s.process.pid,
+                                          broker=s.broker),
+        "large-1m": lambda s: run_fanout(s.port, 4, int(100 * scale), 1 << 20, window=1, pid=s.process.pid,
+                                         broker=s.broker),
         "idle": lambda s: run_idle(s.port, 200 if quick else 2000, s.process.pid),
         "idle-10k": lambda s: run_idle(s.port, 1000 if quick else 10000, s.process.pid),
         "churn": lambda s: run_churn(s.port, total=100 if quick else 1000),

@@ -390,20 +390,17 @@ class Chat:
 
     # -- what the engine delivers --------------------------------------------------------
 
-    def _deliver(self, room: str, event: dict, text: str | None, epoch: str | None) -> None:
-        """An event of ``room``, from whichever process published it, in the
-        room's order (on the engine's thread, or the publisher's)."""
-        if event["type"] == "evict":
-            self._evicted(room, event)
-            return
+    def _deliver(self, room: str, events: list[tuple[dict, str | None, str | None]]) -> None:
+        """A batch of events of ``room``, ``(event, text, epoch)``, from
+        whichever process published them, in the room's order (on the
+        engine's thread, or the publisher's)."""
         with self._lock:
             local = self.rooms.get(room)
-            if local is None:
-                return  # no one here
-            if event["type"] == "message":
-                local.deliver_message(event, text, epoch)
-            else:
-                local.deliver_event(event)
+            if local is not None:  # else no one here
+                local.deliver(events)
+        for event, _, _ in events:
+            if event["type"] == "evict":
+                self._evicted(room, event)
 
     def _evicted(self, room: str, event: dict) -> None:
         """An app user took its name back: its anonymous holders here become guests."""

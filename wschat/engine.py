@@ -12,7 +12,8 @@ same for every process serving the chat goes through an engine:
 ``MemoryEngine`` (the default) keeps it all in this process;
 ``redis_engine.RedisEngine`` keeps it in Redis, so that several processes, on
 one machine or several, are one chat.  Both deliver events through the
-callback given to ``start``: ``deliver(room, event, text, epoch)``.  For a
+callback given to ``start``, a room's events at a time, in its order:
+``deliver(room, [(event, text, epoch), ...])``.  For a
 chat message (``event["type"] == "message"``) ``epoch`` names the room's
 sequence it belongs to, and ``text`` is its JSON as clients receive it when
 the engine has it at hand (Redis carries it), or None: the room encodes it
@@ -37,7 +38,8 @@ JOINED = "joined"  # the nickname is new to the room: a join to announce
 ADDED = "added"  # one more connection of the user who holds it
 TAKEN = "taken"  # someone else holds it
 
-Deliver = Callable[[str, dict, "str | None", "str | None"], None]
+Delivery = tuple[dict, "str | None", "str | None"]  # (event, its JSON text or None, the epoch of a message)
+Deliver = Callable[[str, list[Delivery]], None]
 
 
 class EngineUnavailable(Exception):
@@ -158,12 +160,12 @@ class MemoryEngine:
             target.history.append(record)
             self._forget_if_idle(room)
             if self._deliver is not None:
-                self._deliver(room, record, None, target.epoch)
+                self._deliver(room, [(record, None, target.epoch)])
 
     def publish(self, room: str, event: dict, failed: Failed | None = None) -> None:
         with self._lock:
             if self._deliver is not None:
-                self._deliver(room, event, None, None)
+                self._deliver(room, [(event, None, None)])
 
     def history(self, room: str, since: int | None = None, epoch: str | None = None) -> History:
         with self._lock:

@@ -119,7 +119,7 @@ class Loop:
         see ``queue_for_many``), then wake the loop once."""
         queued = queue_for_many(message, connections, self.max_queue)
         if queued:
-            self.handoff.mark_dirty(queued, len(queued))
+            self.handoff.mark_dirty(queued, len(queued) * message.count)
         return len(queued)
 
     def call_soon(self, callback, *args) -> bool:

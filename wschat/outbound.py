@@ -34,6 +34,7 @@ class PreparedMessage:
     """
 
     __slots__ = ("parts", "size", "opcode", "payload", "_variants")
+    count = 1  # messages in it (see PreparedBatch)
 
     def __init__(self, message: str | bytes | bytearray | memoryview, opcode: int | None = None):
         if isinstance(message, str):
@@ -61,6 +62,51 @@ class PreparedMessage:
 
     def __repr__(self) -> str:
         return f"<PreparedMessage {Opcode(self.opcode).name} {self.size} bytes>"
+
+
+class PreparedBatch(PreparedMessage):
+    """Several prepared messages queued as one, in order: their small frames
+    joined in one buffer, so that a batch costs each recipient one append
+    (the Redis engine delivers a room's messages a batch at a time)."""
+
+    __slots__ = ("messages", "count")
+
+    def __init__(self, messages: list[PreparedMessage]):
+        self.messages = messages
+        self.count = len(messages)
+        self.opcode = messages[0].opcode
+        self.parts, self.size = _joined([message.parts for message in messages])
+        self._variants = None
+
+    def frame_for(self, agreement) -> tuple[tuple, int]:
+        if agreement is None:
+            return self.parts, self.size
+        if self._variants is None:
+            self._variants = {}
+        variant = self._variants.get(agreement)
+        if variant is None:
+            variant = self._variants[agreement] = _joined([message.frame_for(agreement)[0] for message in self.messages])
+        return variant
+
+    def __repr__(self) -> str:
+        return f"<PreparedBatch of {self.count}, {self.size} bytes>"
+
+
+def _joined(frames: list[tuple]) -> tuple[tuple, int]:
+    """Frames' buffers, each run of whole small frames joined in one ``bytes``."""
+    parts: list = []
+    run: list = []
+    for frame in frames:
+        if len(frame) == 1:
+            run.append(frame[0])
+            continue
+        if run:
+            parts.append(b"".join(run))
+            run = []
+        parts += frame
+    if run:
+        parts.append(b"".join(run))
+    return tuple(parts), sum(map(len, parts))
 
 
 def _frame(opcode: int, payload: bytes, rsv: int) -> tuple[tuple, int]:

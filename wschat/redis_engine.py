@@ -48,7 +48,7 @@ from redis.retry import Retry
 
 from . import checks
 from .dialect import encode, now_ms
-from .engine import ADDED, JOINED, TAKEN, Claim, Deliver, EngineUnavailable, Failed, History
+from .engine import ADDED, JOINED, TAKEN, Claim, Deliver, Delivery, EngineUnavailable, Failed, History
 from .logsafe import quoted
 from .redis_nodes import Address, Nodes
 from .redis_store import MAX_BATCH, PUBLISH_BATCH, RedisStore
@@ -515,9 +515,9 @@ class RedisEngine:
         # and leaves are not kept anywhere to be replayed).
         again.discard(room)
         if room in self._last:
-            self._fill(room, *self._last[room], None)
+            self._fill(room, *self._last[room])
         if self._deliver is not None:
-            self._deliver(room, {"type": "users", "room": room, "users": self.users(room)}, None, None)
+            self._deliver(room, [({"type": "users", "room": room, "users": self.users(room)}, None, None)])
 
     def _back_up(self) -> None:
         """The subscriptions are connected: calls may go to Redis again."""
@@ -545,14 +545,15 @@ class RedisEngine:
                             quoted(room), quoted(nick))
 
     def _received(self, room: str, data: str) -> None:
-        """A batch of ``room``'s events: the epoch, then one event a line."""
+        """A batch of ``room``'s events (the epoch, then one event a line), delivered as one."""
         deliver = self._deliver
         if deliver is None:
             return
         epoch, *lines = data.split("\n")
+        batch: list[Delivery] = []
         for line in lines:
             if line[0] == "E":
-                deliver(room, json.loads(line[1:]), None, None)
+                batch.append((json.loads(line[1:]), None, None))
                 continue
             text = line[1:]
             record = json.loads(text)
@@ -562,23 +563,28 @@ class RedisEngine:
                 if seq <= last[1]:
                     continue  # delivered already (by a gap fill)
                 if seq > last[1] + 1:
-                    self._fill(room, epoch, last[1], seq)
+                    batch += self._missed(room, epoch, last[1], seq)
             self._last[room] = (epoch, seq)
-            deliver(room, record, text, epoch)
+            batch.append((record, text, epoch))
+        deliver(room, batch)
 
-    def _fill(self, room: str, epoch: str, after: int, before: int | None) -> None:
-        """Deliver the messages of ``room`` after ``after`` (and before
-        ``before``) from the history: the ones this process missed."""
+    def _fill(self, room: str, epoch: str, after: int) -> None:
+        """Deliver the messages of ``room`` after ``after``: the ones this process missed."""
+        missed = self._missed(room, epoch, after, None)
+        if missed and self._deliver is not None:
+            self._deliver(room, missed)
+
+    def _missed(self, room: str, epoch: str, after: int, before: int | None) -> list[Delivery]:
+        """The messages of ``room`` after ``after`` (and before ``before``)
+        from the history, counted as delivered."""
         history = self.history(room, after, epoch)
         records = [record for record in history.records if before is None or record["seq"] < before]
         if history.missed:
             log.warning("room %s: messages after %d are no longer in the history; some were not delivered here",
                         quoted(room), after)
-        deliver = self._deliver
-        for record in records:
-            if deliver is not None:
-                deliver(room, record, None, history.epoch)
-            self._last[room] = (history.epoch, record["seq"])
+        if records:
+            self._last[room] = (history.epoch, records[-1]["seq"])
+        return [(record, None, history.epoch) for record in records]
 
     # -- heartbeat and sweeping -------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from . import checks
 from .dialect import encode
 from .engine import History
+from .outbound import PreparedBatch, PreparedMessage
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -186,25 +187,49 @@ class LocalRoom:
                 self.server.broadcast(notice, connections=self.structured)
         self.epoch = epoch
 
-    def deliver_message(self, record: dict, text: str | None, epoch: str) -> None:
-        """A chat message, to every member here once, in the room's order:
-        its JSON ``text`` (made here when None) to wschat.v1 clients, the
-        bare text to plain ones."""
-        self.follow_epoch(epoch)
-        if self.seq is not None and record["seq"] <= self.seq:
-            return  # a newcomer's history had it
-        self.seq = record["seq"]
-        self.recent.append(record)
+    def deliver(self, events: list[tuple[dict, str | None, str | None]]) -> None:
+        """A batch of the room's events, ``(event, text, epoch)``, in the
+        room's order: each chat message to every member here once (its JSON
+        ``text``, made here when None, to wschat.v1 clients; the bare text
+        to plain ones), each run of messages queued as one batch."""
+        run: list[tuple[dict, str | None]] = []  # messages not yet queued
+        for event, text, epoch in events:
+            if event["type"] != "message":
+                self._queue_messages(run)
+                self.deliver_event(event)
+                continue
+            if self.epoch != epoch:
+                self._queue_messages(run)
+                self.follow_epoch(epoch)  # type: ignore[arg-type]  # a message has its epoch
+            if self.seq is not None and event["seq"] <= self.seq:
+                continue  # a newcomer's history had it
+            self.seq = event["seq"]
+            self.recent.append(event)
+            run.append((event, text))
+        self._queue_messages(run)
+
+    def _queue_messages(self, run: list[tuple[dict, str | None]]) -> None:
+        if not run:
+            return
         if self.plain:
-            self.server.broadcast(record["text"], connections=self.plain)
+            self.server.broadcast(prepared([record["text"] for record, _ in run]), connections=self.plain)
         if self.structured:
-            self.server.broadcast(encode(record) if text is None else text, connections=self.structured)
+            self.server.broadcast(prepared([encode(record) if text is None else text for record, text in run]),
+                                  connections=self.structured)
+        run.clear()
 
     def deliver_event(self, event: dict) -> None:
         """A presence event to the wschat.v1 members here, but not to the
         joiner it announces (``_from``): its welcome said it already."""
-        if not self.structured:
+        if not self.structured or event["type"] == "evict":  # an eviction is the chat's (see Chat._evicted)
             return
         joiner = self.members.get(event.get("_from"))
         public = encode({key: value for key, value in event.items() if not key.startswith("_")})
         self.server.broadcast(public, connections=self.structured, exclude=joiner.conn if joiner else None)
+
+
+def prepared(texts: list[str]) -> PreparedMessage:
+    """Text messages framed once for many recipients: one, or a batch."""
+    if len(texts) == 1:
+        return PreparedMessage(texts[0])
+    return PreparedBatch([PreparedMessage(text) for text in texts])
