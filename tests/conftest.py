@@ -38,3 +38,25 @@ def redis_server(tmp_path):
     server = RedisServer(tmp_path).start()
     yield server
     server.kill()
+
+
+@pytest.fixture
+def redis_cluster(tmp_path):
+    """A real Redis Cluster of our own, 3 masters and 3 replicas (see
+    ``helpers.RedisCluster``); skipped like ``redis_server``."""
+    import importlib.util
+    import os
+
+    from .helpers import RedisCluster, RedisServer
+
+    if not os.environ.get("WSCHAT_REQUIRE_SERVICES"):
+        for binary in (RedisServer.BINARY, RedisCluster.CLI):
+            if not os.path.exists(binary):
+                pytest.skip(f"{binary} is not installed (apt-get install redis-server)")
+        if importlib.util.find_spec("redis") is None:
+            pytest.skip("redis-py is not installed (pip install -e '.[test]')")
+    cluster = RedisCluster(tmp_path)
+    try:
+        yield cluster.start()
+    finally:
+        cluster.stop()

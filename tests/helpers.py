@@ -262,3 +262,88 @@ class RedisServer:
         """As a crash would: no chance to save or to say goodbye."""
         self.process.kill()
         self.process.wait()
+
+
+def free_cluster_port() -> int:
+    """A free 127.0.0.1 port whose cluster bus port (+10000) is free too."""
+    for _ in range(200):
+        port = 20000 + int.from_bytes(os.urandom(2), "big") % 25000
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+class RedisCluster:
+    """A Redis Cluster of Debian's redis-server on 127.0.0.1: ``masters``
+    masters with a replica each, made one cluster by ``redis-cli --cluster
+    create``; a node that stops answering is failed over within a second or two."""
+
+    CLI = "/usr/bin/redis-cli"
+
+    def __init__(self, directory, masters: int = 3):
+        self.directory = directory
+        self.ports = [free_cluster_port() for _ in range(masters * 2)]
+        self.processes: dict[int, subprocess.Popen] = {}
+
+    def url(self, port: int) -> str:
+        return f"redis://127.0.0.1:{port}/0"
+
+    def start(self) -> RedisCluster:
+        for port in self.ports:
+            directory = os.path.join(self.directory, str(port))
+            os.makedirs(directory, exist_ok=True)
+            self.processes[port] = subprocess.Popen(
+                [RedisServer.BINARY, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                 "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "1000", "--save", "",
+                 "--appendonly", "no", "--dir", directory, "--protected-mode", "no"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for port in self.ports:
+            wait_until(lambda: self.cli(port, "PING") == "PONG", what=f"redis-server on {port} to answer")
+        subprocess.run([self.CLI, "--cluster", "create", *(f"127.0.0.1:{port}" for port in self.ports),
+                        "--cluster-replicas", "1", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        wait_until(self.ready, timeout=30, what="the cluster to be ready")
+        return self
+
+    def cli(self, port: int, *command: str) -> str:
+        result = subprocess.run([self.CLI, "-p", str(port), *command], capture_output=True, text=True, timeout=10)
+        return result.stdout.strip()
+
+    def ready(self) -> bool:
+        """Every live node sees every slot served, and agrees on the masters."""
+        views = {port: self.cli(port, "CLUSTER", "INFO") for port in self.alive()}
+        return all("cluster_state:ok" in view for view in views.values()) and len(
+            {tuple(self.masters(port)) for port in views}) == 1
+
+    def alive(self) -> list[int]:
+        return [port for port, process in self.processes.items() if process.poll() is None]
+
+    def masters(self, asked: int | None = None) -> list[int]:
+        """The masters' ports, as node ``asked`` (any live one) sees them."""
+        asked = asked or self.alive()[0]
+        lines = self.cli(asked, "CLUSTER", "NODES").splitlines()
+        return sorted(int(line.split()[1].split(":")[1].split("@")[0]) for line in lines
+                      if "master" in line.split()[2] and "fail" not in line.split()[2])
+
+    def in_sync(self) -> bool:
+        """Every replica has everything its master wrote."""
+        for port in self.masters():
+            info = dict(line.split(":", 1) for line in self.cli(port, "INFO", "replication").splitlines() if ":" in line)
+            offset = info.get("master_repl_offset")
+            if not any(value.endswith(f"offset={offset},lag=0") or f"offset={offset}," in value
+                       for key, value in info.items() if key.startswith("slave")):
+                return False
+        return True
+
+    def kill(self, port: int) -> None:
+        self.processes[port].kill()
+        self.processes[port].wait()
+
+    def stop(self) -> None:
+        for process in self.processes.values():
+            process.kill()
+            process.wait()

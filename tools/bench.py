@@ -787,7 +787,7 @@ def main(argv=None) -> int:
                 for figure, value in figures.items():
                     results.setdefault((scenario, figure), {}).setdefault(name, []).append(value)
                 print(f"round {round_number + 1}: {scenario:10} {name:13} " +
-                      "  ".join(f"{k} {v:,.1f}" for k, v in figures.items()), file=sys.stderr, flush=True)
+                      "  ".join(f"{k} {v:,.{2 if v < 10 else 1}f}" for k, v in figures.items()), file=sys.stderr, flush=True)
     if REDIS is not None:
         REDIS.stop()
     print_table(results, servers, failed, args.reference)
@@ -805,13 +805,14 @@ def print_table(results: dict, servers: list[str], failed: set, reference: str =
     for (scenario, figure), by_server in results.items():
         medians = {s: statistics.median(v) for s, v in by_server.items() if (scenario, s) not in failed}
         line = f"{scenario:10} {figure:13}" + "".join(
-            f"{medians[s]:{width[s]},.1f}" if s in medians else f"{'failed':>{width[s]}}" for s in servers)
+            f"{medians[s]:{width[s]},.{2 if medians[s] < 10 else 1}f}" if s in medians
+            else f"{'failed' if (scenario, s) in failed else '-':>{width[s]}}" for s in servers)
         if medians.get(reference):
             line += "".join(f"{medians[s] / medians[reference]:{width[s] + 3}.2f}x" if s in medians
                             else " " * (width[s] + 4) for s in others)
         print(line)
     if reference:
-        print(f"(medians; ref = {reference}; for ms and KiB/conn, lower is better)")
+        print(f"(medians; ref = {reference}; for ms, KiB/conn and CPU, lower is better)")
 
 
 if __name__ == "__main__":

@@ -8,15 +8,15 @@ room is ``redis_nodes``'.  This module makes them an engine (see
   start): a room's keys and channel hash to one slot, so rooms spread over
   the masters, and a cluster's rooms use sharded pub/sub (SPUBLISH,
   SSUBSCRIBE);
-* publishing never waits for another sender's round trip: events queue, and
-  whichever caller finds no one flushing sends everything queued, one
-  script call per room and one write per node, and reads the replies in
-  order (the others return at once; a failure reaches the sender through
-  its ``failed`` callback).  Each room's order is the queue's, and its
+* publishing never waits (``redis_publisher``): events queue, and the
+  engine's thread sends them in batches, one script call per room, and
+  settles them as the replies come; a failure reaches the sender through
+  its ``failed`` callback.  Each room's order is the queue's, and its
   sequence numbers are Redis's;
 * a process subscribes to the rooms it has members in, and only those;
-* one thread (``wschat-redis``) owns the subscriptions (one connection per
-  node): it delivers each read's events in each room's order, fills any gap
+* one thread (``wschat-redis``) does that publishing and owns the
+  subscriptions (one connection per node for each): it delivers each read's
+  events, a room's batch at a time, in each room's order, fills any gap
   in a room's sequence from the history, keeps this process's heartbeat,
   and sweeps the members of processes that died without a word (they leave
   within ``presence_timeout`` and a third);
@@ -38,8 +38,7 @@ import selectors
 import socket
 import threading
 import time
-from collections import defaultdict
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import redis
@@ -51,22 +50,12 @@ from .dialect import encode, now_ms
 from .engine import ADDED, JOINED, TAKEN, Claim, Deliver, Delivery, EngineUnavailable, Failed, History
 from .logsafe import quoted
 from .redis_nodes import Address, Nodes
-from .redis_store import MAX_BATCH, PUBLISH_BATCH, RedisStore
-from .resp import ReplyError, RespConnection, pack, pack_all
+from .redis_publisher import Publisher, Waiter
+from .redis_store import RedisStore
+from .resp import ReplyError, RespConnection, pack
 
 log = logging.getLogger("wschat")
 
-LINK_ERRORS = (OSError, ConnectionError, TimeoutError)  # a node's connection is gone (socket.timeout is OSError)
-
-
-class Waiter(threading.Event):
-    """A blocking publish's outcome: set when done, with ``error`` when it failed."""
-
-    error: EngineUnavailable | None = None
-
-    def failed(self, error: EngineUnavailable) -> None:
-        self.error = error
-        self.set()
 
 
 class RedisEngine:
@@ -117,12 +106,9 @@ class RedisEngine:
         self._thread: threading.Thread | None = None
         self._wake_reader, self._wake_writer = socket.socketpair()  # wakes the subscriber thread
         self._wake_writer.setblocking(False)
-        # Publishing (see the module docstring): the queue, whether a caller is flushing it, its links.
-        self._queue: list[tuple[str, str, Failed | None, Waiter | None]] = []  # (room, "M..."/"E...", ...)
-        self._flushing = False
-        self._links: dict[Address, RespConnection] = {}  # node -> the flusher's connection
-        self._outages = 0  # how many times Redis went down: links older than the last outage are dropped
-        self._links_made_after = 0
+        self._selector = selectors.DefaultSelector()  # the engine thread's: wake-ups, subscriptions, publishing
+        self._selector.register(self._wake_reader, selectors.EVENT_READ, self._drain_wake)
+        self.publisher = Publisher(self.nodes, self.store, self._wake, timeout, self._selector)
 
     def __repr__(self) -> str:
         return f"RedisEngine({self.url!r}, process {self.process_id})"
@@ -147,9 +133,9 @@ class RedisEngine:
                 host, port = self.nodes.address
                 self.redis = RedisCluster(host=host, port=port, socket_timeout=self.timeout,
                                           socket_connect_timeout=self.timeout, decode_responses=True)
-                self.store = self._new_store()
+                self.store = self.publisher.store = self._new_store()
             self.store.heartbeat()
-        except (redis.RedisError, *LINK_ERRORS) as exc:
+        except (redis.RedisError, OSError) as exc:
             raise EngineUnavailable(f"cannot reach Redis at {self.url}: {exc}") from None
         self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="wschat-redis", daemon=True)
@@ -165,14 +151,11 @@ class RedisEngine:
         self._deliver = None
         try:
             self.store.leave_everywhere()
-        except (redis.RedisError, *LINK_ERRORS) as exc:
+        except (redis.RedisError, OSError) as exc:
             log.warning("Redis: could not remove this process's members at once (%s); "
                         "they leave after %g s", exc, self.presence_timeout)
-        with self._lock:
-            links, self._links = self._links, {}
-        for link in links.values():
-            link.close()
         self.redis.close()
+        self._selector.close()
         self._wake_reader.close()
         self._wake_writer.close()
 
@@ -183,7 +166,7 @@ class RedisEngine:
             raise EngineUnavailable("Redis is unreachable")
         try:
             return function(*args, **kwargs)
-        except (redis.ConnectionError, redis.TimeoutError, *LINK_ERRORS) as exc:
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             self._went_down(exc)
             raise EngineUnavailable(f"Redis is unreachable ({exc})") from None
         except redis.RedisError as exc:  # refused by Redis (out of memory, read-only replica...)
@@ -194,7 +177,6 @@ class RedisEngine:
             if self._down_since is not None:
                 return
             self._down_since = time.monotonic()
-            self._outages += 1
             self._confirmed.clear()
             self._changed.notify_all()
         self._wake()
@@ -250,112 +232,12 @@ class RedisEngine:
         if self._down_since is not None:
             raise EngineUnavailable("Redis is unreachable")
         waiter = Waiter() if failed is None else None
-        with self._lock:
-            self._queue.append((room, item, failed, waiter))
-            lead = not self._flushing
-            self._flushing = True
-        if lead:
-            self._flush()
+        self.publisher.put((room, item, failed, waiter))
         if waiter is not None:
             if not waiter.wait(self.timeout * 2 + 1):
                 raise EngineUnavailable("Redis did not answer in time")
             if waiter.error is not None:
                 raise waiter.error
-
-    def _flush(self) -> None:
-        """Send what is queued, and what is queued meanwhile, until the queue is empty."""
-        while True:
-            with self._lock:
-                queued, self._queue = self._queue, []
-                if not queued:
-                    self._flushing = False
-                    return
-            try:
-                self._send(queued)
-            except BaseException as exc:  # a bug: no sender may wait for ever
-                log.exception("Redis: publishing failed")
-                self._fail(queued, EngineUnavailable(f"publishing failed: {exc!r}"))
-
-    def _send(self, queued: list) -> None:
-        """One script call per room (in chunks), one write per node, replies read in order."""
-        if self._links_made_after != self._outages:  # their peers may be gone, or restarted
-            self._links_made_after = self._outages
-            for node in list(self._links):
-                self._drop_link(node)
-        by_room: dict[str, list] = defaultdict(list)
-        for entry in queued:
-            by_room[entry[0]].append(entry)
-        calls = []  # (room, entries)
-        for room, entries in by_room.items():
-            for start in range(0, len(entries), MAX_BATCH):
-                calls.append((room, entries[start : start + MAX_BATCH]))
-        for _ in range(3):  # a MOVED or NOSCRIPT answer sends those calls again
-            calls = self._send_calls(calls)
-            if not calls:
-                return
-        self._fail([entry for _, entries in calls for entry in entries],
-                   EngineUnavailable("Redis kept redirecting the messages"))
-
-    def _send_calls(self, calls: list) -> list:
-        """Send ``calls``; the ones to send again (their node did not run them)."""
-        by_node: dict[Address, list] = defaultdict(list)
-        for call in calls:
-            by_node[self.nodes.node_of(self.store.channel(call[0]))].append(call)
-        again = []
-        for node, node_calls in by_node.items():
-            commands = [self.store.batch(room, [entry[1] for entry in entries]) for room, entries in node_calls]
-            try:
-                link = self._links.get(node) or self._link(node)
-                link.send(pack_all(commands))
-                replies = link.replies(len(commands))
-            except LINK_ERRORS as exc:
-                self._drop_link(node)
-                error = EngineUnavailable(f"Redis is unreachable ({exc})")
-                self._went_down(exc)
-                self._fail([entry for _, entries in node_calls for entry in entries], error)
-                continue
-            for call, reply in zip(node_calls, replies):
-                if not isinstance(reply, ReplyError):
-                    for _, _, _, waiter in call[1]:
-                        if waiter is not None:
-                            waiter.set()
-                    continue
-                text = str(reply)
-                if text.startswith("NOSCRIPT"):
-                    self._load_script(node)
-                    again.append(call)
-                elif text.startswith(("MOVED", "ASK")):
-                    self.nodes.moved(text.replace("ASK", "MOVED", 1))
-                    again.append(call)
-                else:  # out of memory, a cluster without a master for the slot...
-                    self._fail(call[1], EngineUnavailable(f"Redis refused: {text}"))
-        return again
-
-    def _link(self, node: Address) -> RespConnection:
-        link = self._links[node] = RespConnection(node, self.timeout)
-        return link
-
-    def _drop_link(self, node: Address) -> None:
-        link = self._links.pop(node, None)
-        if link is not None:
-            link.close()
-
-    def _load_script(self, node: Address) -> None:
-        try:
-            self._links[node].call("SCRIPT", "LOAD", PUBLISH_BATCH)
-        except (ReplyError, *LINK_ERRORS):
-            self._drop_link(node)  # sent again, and failed then if it still cannot be
-
-    @staticmethod
-    def _fail(entries: list, error: EngineUnavailable) -> None:
-        for _, _, failed, waiter in entries:
-            if waiter is not None:
-                waiter.failed(error)
-            elif failed is not None:
-                try:
-                    failed(error)
-                except Exception:
-                    log.exception("Redis: a publishing failure's callback failed")
 
     def history(self, room: str, since: int | None = None, epoch: str | None = None) -> History:
         return self._call(self.store.history, room, since, epoch)
@@ -411,7 +293,7 @@ class RedisEngine:
             subscriptions: dict[Address, RespConnection] = {}
             try:
                 self._serve(subscriptions)
-            except (redis.RedisError, ReplyError, EngineUnavailable, *LINK_ERRORS) as exc:
+            except (redis.RedisError, ReplyError, EngineUnavailable, OSError) as exc:
                 if self._down_since is None and self._answers():  # only a subscription dropped
                     log.info("Redis subscription dropped (%s): subscribing again", exc)
                     delay = 0.0
@@ -424,49 +306,52 @@ class RedisEngine:
                 delay = 2.0
             finally:
                 for conn in subscriptions.values():
+                    self._selector.unregister(conn)
                     conn.close()
+                if self._down_since is not None or self._stopping.is_set():  # (a mere drop keeps publishing)
+                    self.publisher.close(EngineUnavailable("Redis is unreachable, or this engine stopped"))
             self._stopping.wait(delay)
 
     def _answers(self) -> bool:
         try:
             self.nodes.discover()
             return bool(self.redis.ping())
-        except (redis.RedisError, *LINK_ERRORS):
+        except (redis.RedisError, OSError):
             return False
 
     def _serve(self, subscriptions: dict[Address, RespConnection]) -> None:
-        """Subscribe, catch up, then deliver until Redis or this engine stops."""
+        """Subscribe, catch up, then deliver and publish until Redis or this engine stops."""
+        requested: dict[str, RespConnection] = {}  # room -> the connection it is subscribed on
+        with self._lock:
+            again = set(self._wanted)  # subscribed before this connection: events may have been missed
+
+        def reader(conn: RespConnection) -> Callable[[], None]:
+            def read() -> None:
+                for push in conn.pending():
+                    self._pushed(push, requested, again)
+            return read
+
         self.nodes.discover()  # on a cluster: which master owns each slot now
         for node in self.nodes.masters():  # raises while a node is down
-            subscriptions[node] = RespConnection(node, self.timeout)
+            conn = subscriptions[node] = RespConnection(node, self.timeout)
+            self._selector.register(conn, selectors.EVENT_READ, reader(conn))
         self._back_up()
-        selector = selectors.DefaultSelector()
-        try:
-            selector.register(self._wake_reader, selectors.EVENT_READ)
-            for conn in subscriptions.values():
-                selector.register(conn, selectors.EVENT_READ, conn)
-            requested: dict[str, RespConnection] = {}  # room -> the connection it is subscribed on
-            with self._lock:
-                again = set(self._wanted)  # subscribed before this connection: events may have been missed
-            interval = self.presence_timeout / 3
-            next_beat = 0.0
-            while not self._stopping.is_set():
-                self._reconcile(subscriptions, requested)
-                now = time.monotonic()
-                if now >= next_beat:
-                    self._heartbeat_and_sweep()
-                    next_beat = now + interval
-                events = selector.select(max(0.0, min(interval, next_beat - now)))
-                if self._down_since is not None:  # a call on another thread failed
-                    raise ConnectionError("reconnecting to check")
-                for key, _ in events:
-                    if key.data is None:
-                        self._drain_wake()
-                        continue
-                    for push in key.data.pending():
-                        self._pushed(push, requested, again)
-        finally:
-            selector.close()
+        interval = self.presence_timeout / 3
+        next_beat = 0.0
+        while not self._stopping.is_set():
+            self._reconcile(subscriptions, requested)
+            now = time.monotonic()
+            if now >= next_beat:
+                self._heartbeat_and_sweep()
+                next_beat = now + interval
+            events = self._selector.select(max(0.0, min(interval, next_beat - now, self.timeout)))
+            if self._down_since is not None:  # a call on another thread failed
+                raise ConnectionError("reconnecting to check")
+            for key, _ in events:
+                key.data()
+            self.publisher.send()
+            if self.publisher.overdue(time.monotonic()):
+                raise TimeoutError(f"Redis did not answer in {self.timeout:g} s")
 
     def _drain_wake(self) -> None:
         try:
@@ -550,13 +435,12 @@ class RedisEngine:
         if deliver is None:
             return
         epoch, *lines = data.split("\n")
+        texts = [line[1:] for line in lines]
         batch: list[Delivery] = []
-        for line in lines:
-            if line[0] == "E":
-                batch.append((json.loads(line[1:]), None, None))
+        for kind, text, record in zip(lines, texts, json.loads(f"[{','.join(texts)}]")):  # one parse: 2x faster
+            if kind[0] == "E":
+                batch.append((record, None, None))
                 continue
-            text = line[1:]
-            record = json.loads(text)
             seq = record["seq"]
             last = self._last.get(room)
             if last is not None and last[0] == epoch:

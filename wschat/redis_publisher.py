@@ -1,0 +1,161 @@
+"""Publishing to Redis without waiting: events queued by any thread, sent
+and answered on the Redis engine's own thread.
+
+A chat message must not wait for another sender's round trip, nor hold a
+handler thread while Redis answers.  So ``put`` only queues (and wakes the
+engine's thread, once however many are queued before it wakes), and that
+thread, between reading its subscriptions, sends everything queued: one
+``PUBLISH_BATCH`` script call per room (in chunks of ``MAX_BATCH``), the calls
+for one node in one write, on one connection per node, without waiting for
+the replies of earlier writes (pipelining).  Replies come back in order on
+each connection and settle their calls: a sender that waits is woken, a
+sender that gave a ``failed`` callback hears of a failure.  Each room's
+order is the queue's, since a room is served by one node and a connection's
+commands run in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import threading
+import time
+from collections import defaultdict, deque
+from typing import Callable
+
+from .engine import EngineUnavailable, Failed
+from .redis_nodes import Address, Nodes
+from .redis_store import MAX_BATCH, PUBLISH_BATCH, RedisStore
+from .resp import ReplyError, RespConnection, pack, pack_all
+
+log = logging.getLogger("wschat")
+
+
+class Waiter(threading.Event):
+    """A blocking publish's outcome: set when done, with ``error`` when it failed."""
+
+    error: EngineUnavailable | None = None
+
+    def failed(self, error: EngineUnavailable) -> None:
+        self.error = error
+        self.set()
+
+
+Entry = tuple[str, str, Failed | None, Waiter | None]  # (room, "M..." or "E...", failed, waiter)
+
+
+class Publisher:
+    """The queue, and the connections that send it (see the module docstring)."""
+
+    def __init__(self, nodes: Nodes, store: RedisStore, wake: Callable[[], None], timeout: float,
+                 selector: selectors.BaseSelector):
+        self.nodes = nodes
+        self.selector = selector  # the engine thread's, which calls ``answered`` when a connection is readable
+        self.store = store
+        self.timeout = timeout
+        self._wake = wake
+        self._lock = threading.Lock()
+        self._queue: list[Entry] = []
+        self._woken = False  # a wake-up is on its way
+        self._links: dict[Address, RespConnection] = {}
+        self._sent: dict[RespConnection, deque[tuple[float, list[Entry]]]] = {}  # awaiting replies, in order
+
+    def put(self, entry: Entry) -> None:
+        """Queue one event (any thread); the engine's thread sends it."""
+        with self._lock:
+            self._queue.append(entry)
+            if self._woken:
+                return
+            self._woken = True
+        self._wake()
+
+    # -- on the engine's thread ---------------------------------------------------------
+
+    def send(self) -> None:
+        """Send what is queued.  A node that cannot be reached raises, after
+        failing what was meant for it."""
+        with self._lock:
+            queued, self._queue = self._queue, []
+            self._woken = False
+        if not queued:
+            return
+        by_room: dict[str, list[Entry]] = defaultdict(list)
+        for entry in queued:
+            by_room[entry[0]].append(entry)
+        by_node: dict[Address, list[tuple[str, list[Entry]]]] = defaultdict(list)
+        for room, entries in by_room.items():
+            calls = by_node[self.nodes.node_of(self.store.channel(room))]
+            for start in range(0, len(entries), MAX_BATCH):
+                calls.append((room, entries[start : start + MAX_BATCH]))
+        now = time.monotonic()
+        nodes = list(by_node.items())
+        for index, (node, calls) in enumerate(nodes):
+            try:
+                link = self._links.get(node) or self._connect(node)
+                link.send(pack_all(self.store.batch(room, [entry[1] for entry in entries]) for room, entries in calls))
+            except OSError as exc:
+                error = EngineUnavailable(f"Redis is unreachable ({exc})")
+                fail([entry for _, calls_left in nodes[index:] for _, entries in calls_left for entry in entries], error)
+                raise
+            self._sent[link].extend((now, entries) for _, entries in calls)
+
+    def _connect(self, node: Address) -> RespConnection:
+        link = self._links[node] = RespConnection(node, self.timeout)
+        self._sent[link] = deque([(time.monotonic(), [])])  # the script load's reply settles nothing
+        link.send(pack("SCRIPT", "LOAD", PUBLISH_BATCH))  # first: EVALSHA then never meets NOSCRIPT
+        self.selector.register(link, selectors.EVENT_READ, lambda: self.answered(link))
+        return link
+
+    def answered(self, link: RespConnection) -> None:
+        """``link`` is readable: settle the calls its replies answer."""
+        sent = self._sent[link]
+        try:
+            replies = link.pending()
+        except OSError as exc:  # this connection is gone (if Redis is too, the subscriptions say so)
+            log.info("Redis: a publishing connection dropped (%s)", exc)
+            self._drop(link, EngineUnavailable(f"the connection to Redis dropped ({exc})"))
+            return
+        for reply in replies:
+            _, entries = sent.popleft()
+            if not isinstance(reply, ReplyError):
+                for entry in entries:
+                    if entry[3] is not None:
+                        entry[3].set()
+                continue
+            text = str(reply)
+            if text.startswith(("MOVED", "ASK")):  # a slot moved: later calls go to its new node
+                self.nodes.moved(text.replace("ASK", "MOVED", 1))
+            fail(entries, EngineUnavailable(f"Redis refused: {text}"))
+
+    def overdue(self, now: float) -> bool:
+        """Whether some call has waited for its reply longer than ``timeout``."""
+        return any(sent and now - sent[0][0] > self.timeout for sent in self._sent.values())
+
+    def close(self, error: EngineUnavailable) -> None:
+        """The connections are gone (an outage, or the engine stopping):
+        every call not answered, and every event queued, fails with ``error``."""
+        for link in list(self._sent):
+            self._drop(link, error)
+        with self._lock:
+            queued, self._queue = self._queue, []
+            self._woken = False
+        fail(queued, error)
+
+    def _drop(self, link: RespConnection, error: EngineUnavailable) -> None:
+        """Close ``link``; the calls it has not answered fail with ``error``."""
+        self.selector.unregister(link)
+        link.close()
+        del self._links[link.address]
+        fail([entry for _, entries in self._sent.pop(link) for entry in entries], error)
+
+
+def fail(entries: list[Entry], error: EngineUnavailable) -> None:
+    """Tell each sender its event was not published."""
+    for _, _, failed, waiter in entries:
+        if waiter is not None:
+            waiter.failed(error)
+        elif failed is not None:
+            try:
+                failed(error)
+            except Exception:
+                log.exception("Redis: a publishing failure's callback failed")
