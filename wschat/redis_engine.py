@@ -110,6 +110,11 @@ class RedisEngine:
         self._selector.register(self._wake_reader, selectors.EVENT_READ, self._drain_wake)
         self.publisher = Publisher(self.nodes, self.store, self._wake, timeout, self._selector)
 
+    @property
+    def reachable(self) -> bool:
+        """Whether Redis answers (False from an outage's first failure until it is over)."""
+        return self._down_since is None
+
     def __repr__(self) -> str:
         return f"RedisEngine({self.url!r}, process {self.process_id})"
 
@@ -314,8 +319,7 @@ class RedisEngine:
 
     def _answers(self) -> bool:
         try:
-            self.nodes.discover()
-            return bool(self.redis.ping())
+            return self.nodes.answer() and bool(self.redis.ping())
         except (redis.RedisError, OSError):
             return False
 

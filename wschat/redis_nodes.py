@@ -73,6 +73,20 @@ class Nodes:
         self._owners = owners  # type: ignore[assignment]  # no None left
         self.cluster = True
 
+    def answer(self) -> bool:
+        """Whether every master answers now (the map read again first)."""
+        try:
+            self.discover()
+            for node in self.masters():
+                conn = RespConnection(node, self.timeout)
+                try:
+                    conn.call("PING")
+                finally:
+                    conn.close()
+        except (OSError, ReplyError):
+            return False
+        return True
+
     def node_of(self, key: str) -> Address:
         """The node that serves ``key`` (a room's key or channel)."""
         if not self.cluster:
