@@ -14,6 +14,8 @@ from wschat.__main__ import STATIC_DIR
 from wschat.chat import Chat, ChatLimits
 from wschat.server import Server
 
+from .helpers import wait_until
+
 CHROMIUM = "/usr/bin/chromium"
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
@@ -205,6 +207,35 @@ def test_reconnect_without_a_restart_shows_what_was_missed_once(server, page_for
     last_message(alice, "two")
     assert texts(alice) == ["one", "while away", "two"]
     assert alice.locator("#messages li.notice", has_text="restarted").count() == 0
+
+
+def test_a_message_the_server_never_took_is_sent_again_after_a_reconnect(server, page_for):
+    """What a closing server did not read (see Server.stop) is in no history:
+    the page sends it again once welcomed back, and shows it once."""
+    alice = page_for(server, "alice")
+    chat = server.chat
+    taken = chat._say
+    dropped = []
+
+    def drop_first(member, text, message_id=None):  # as a server closing under the page would
+        if not dropped:
+            dropped.append(message_id)
+            return
+        taken(member, text, message_id)
+
+    chat._say = drop_first
+    send(alice, "lost in the closing")
+    wait_until(lambda: dropped, what="the message to reach the server")
+    assert dropped[0]  # the page named it
+    [conn] = server.connections()
+    conn.close(1001, "server shutting down")
+    alice.wait_for_selector("#status.offline")
+    alice.wait_for_selector("#status.online", timeout=20000)
+    last_message(alice, "lost in the closing")
+    send(alice, "after")
+    last_message(alice, "after")
+    assert texts(alice) == ["lost in the closing", "after"]
+    assert [record["text"] for record in chat.engine.history("main").records] == ["lost in the closing", "after"]
 
 
 def test_coming_back_too_late_says_messages_were_missed(page_for):

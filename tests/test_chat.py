@@ -358,6 +358,10 @@ def test_a_lone_surrogate_is_refused_and_never_poisons_the_room(make_chat):
     ('{"type": "nick"}', '"nick" string'),
     ('{"type": "shout"}', "unknown request type 'shout'"),
     ("{", "not JSON"),
+    ('{"type": "message", "text": "hi", "id": 7}', '"id" is a string of 1 to 64'),
+    ('{"type": "message", "text": "hi", "id": ""}', '"id" is a string of 1 to 64'),
+    ('{"type": "message", "text": "hi", "id": "%s"}' % ("x" * 65), '"id" is a string of 1 to 64'),
+    ('{"type": "message", "text": "hi", "id": "\\udc00"}', '"id" is a string of 1 to 64'),
 ])
 def test_bad_requests_say_what_was_wrong_and_never_log_a_traceback(make_chat, caplog, request_text, expected):
     chat = make_chat(limits=ChatLimits(max_length=10_000, rate=0))
@@ -369,6 +373,23 @@ def test_bad_requests_say_what_was_wrong_and_never_log_a_traceback(make_chat, ca
         ws.send(json.dumps({"type": "users"}))  # and the connection goes on
         assert recv_json(ws, "users")["users"] == ["quinn"]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+def test_a_message_id_comes_back_with_the_message_and_in_the_history(make_chat):
+    """A client names its message (``id``): it knows it by that in the echo
+    and, after a reconnect, in the history (issue 19: nothing lost, nothing twice)."""
+    chat = make_chat()
+    with structured(chat, nick="ann") as ann, structured(chat, nick="ben") as ben:
+        recv_json(ann, "welcome")
+        recv_json(ben, "welcome")
+        ann.send(json.dumps({"type": "message", "text": "hello", "id": "ann-1"}))
+        for ws in (ann, ben):
+            message = recv_json(ws, "message")
+            assert (message["text"], message["id"], message["seq"]) == ("hello", "ann-1", 1)
+        ann.send(json.dumps({"type": "message", "text": "no name"}))
+        assert "id" not in recv_json(ben, "message")
+    with structured(chat, nick="cat") as cat:
+        assert [m.get("id") for m in recv_json(cat, "welcome")["history"]] == ["ann-1", None]
 
 
 @pytest.mark.parametrize("impostor", ["admin", "ADMIN", "ａｄｍｉｎ", "Ａdmin"])

@@ -180,9 +180,10 @@ def test_redis_killed_and_restarted_mid_chat(chats, redis_server, caplog):
         assert plain.recv(timeout=5) == "before"
 
         redis_server.kill()
-        for i in range(5):  # each sender is told, in its dialect; nothing is silently lost
-            say(alice, f"lost {i}")
-            assert recv_json(alice, "error")["code"] == "not_sent"
+        for i in range(5):  # each sender is told, in its dialect, which one; nothing is silently lost
+            alice.send(json.dumps({"type": "message", "text": f"lost {i}", "id": f"lost-{i}"}))
+            error = recv_json(alice, "error")
+            assert (error["code"], error["id"]) == ("not_sent", f"lost-{i}")
         plain.send("plain lost")
         assert "message not sent" in plain.recv(timeout=5)
         alice.send(json.dumps({"type": "users"}))
@@ -268,6 +269,25 @@ def children_of(pid):
         return [int(child) for child in listing.read().split()]
 
 
+def clients_of(pid, port):
+    """How many TCP connections process ``pid`` has accepted on ``port``."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    with open(f"/proc/{pid}/net/tcp") as table:
+        for line in table.readlines()[1:]:
+            fields = line.split()
+            local_port, state, inode = int(fields[1].split(":")[1], 16), fields[3], fields[9]
+            count += local_port == port and state == "01" and inode in inodes  # 01: established
+    return count
+
+
 def test_processes_serve_one_port_as_one_chat(redis_server):
     parent = subprocess.Popen(
         [sys.executable, "-m", "wschat", "--port", "0", "--redis", redis_server.url, "--processes", "2",
@@ -281,10 +301,12 @@ def test_processes_serve_one_port_as_one_chat(redis_server):
         first = children_of(parent.pid)
         assert len(first) == 2
         stack = contextlib.ExitStack()
-        clients = [stack.enter_context(connect(f"{url}?nick=user{i}", subprotocols=["wschat.v1"], max_queue=None))
-                   for i in range(8)]
-        for ws in clients:
-            recv_json(ws, "welcome")
+        clients = []
+        while len(clients) < 8 or not all(clients_of(child, port) for child in first):  # on both children
+            assert len(clients) < 64, "the kernel put every client on one process"
+            clients.append(stack.enter_context(
+                connect(f"{url}?nick=user{len(clients)}", subprotocols=["wschat.v1"], max_queue=None)))
+            recv_json(clients[-1], "welcome")
         say(clients[0], "to everyone")
         for ws in clients:  # wherever the kernel put them
             assert recv_json(ws, "message")["text"] == "to everyone"

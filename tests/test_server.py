@@ -519,6 +519,43 @@ def test_stop_sends_1001_and_leaks_nothing():
     assert open_fds() - fds_before == set()
 
 
+def test_stop_handles_what_it_read_then_drains_then_closes_and_reads_no_more(tmp_path):
+    """Server.stop: no client is read any more; the handlers of what was read
+    finish; ``on_drain`` runs; only then the 1001 (and what a client sends
+    after it is not handled).  With ``release_port`` the port is free at once."""
+    order, release, handling = [], threading.Event(), threading.Event()
+
+    def on_message(conn, message):
+        handling.set()
+        release.wait(10)
+        order.append(("handled", message))
+
+    server = start_server(workers=2)
+    server.resource("/chat", on_message=on_message, on_drain=lambda timeout: order.append(("drain", timeout > 0)))
+    port = server.port
+    raw = RawClient(port)
+    raw.send_frame(Opcode.TEXT, b"before the stop")
+    assert handling.wait(5)
+    stopping = threading.Thread(target=server.stop, kwargs={"timeout": 5, "release_port": True})
+    stopping.start()
+    wait_until(lambda: socket_refused(port), what="the port to be let go of")
+    raw.send_frame(Opcode.TEXT, b"during the drain")  # not read: held until the close, then not handled
+    assert order == []  # nothing drains while a handler runs
+    release.set()
+    assert raw.recv_close() == 1001
+    raw.send_frame(Opcode.CLOSE, (1001).to_bytes(2, "big"))
+    stopping.join(10)
+    assert order == [("handled", "before the stop"), ("drain", True)]
+
+
+def socket_refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return False
+    except ConnectionRefusedError:
+        return True
+
+
 def test_serve_forever_in_calling_thread_and_port_in_use():
     server = Server("127.0.0.1", 0, ping_interval=0)
     server.resource("/chat", on_message=lambda c, m: c.send(m))

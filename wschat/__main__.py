@@ -248,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     server.start()
     print(ready_line(server.url, args.path), flush=True)
     signal.sigwait(STOP_SIGNALS)
-    server.stop()
+    server.stop(release_port=args.supervised_by is not None)  # the port's other processes take new clients at once
     chat.close()
     return 0
 

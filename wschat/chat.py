@@ -117,6 +117,7 @@ class Chat:
             subprotocols=[SUBPROTOCOL],
             authorize=self._admit,
             dialects={SUBPROTOCOL: announcement},
+            on_drain=self.engine.flush,  # the server stops: what was said is published before clients are closed
         )
         if page_config:
             server.http_route(page_config, self._page_config)
@@ -305,7 +306,7 @@ class Chat:
         if problem is not None:
             self._notify(member, "bad_request", problem)
         elif request["type"] == "message":
-            self._say(member, request["text"])
+            self._say(member, request["text"], request.get("id"))
         elif request["type"] == "nick":
             self._rename(member, normalize(request["nick"].strip()))
         else:
@@ -316,7 +317,7 @@ class Chat:
                 return
             conn.send(encode({"type": "users", "room": member.room.name, "users": users}))
 
-    def _say(self, member: Member, text: str) -> None:
+    def _say(self, member: Member, text: str, message_id: str | None = None) -> None:
         limit = self.limits.max_length
         if limit and len(text) > limit:
             self._notify(member, "too_long", f"message longer than {limit} characters; not sent")
@@ -324,10 +325,11 @@ class Chat:
         room = member.room.name
 
         def not_sent(_: EngineUnavailable) -> None:
-            self._notify(member, "not_sent", "the chat cannot reach its engine; message not sent")
+            extra = {"id": message_id} if message_id is not None else {}  # which one: the client may try again
+            self._notify(member, "not_sent", "the chat cannot reach its engine; message not sent", **extra)
 
         try:  # returns at once: a sender never waits for another's round trip to the engine
-            self.engine.publish_message(room, message_record(room, member.nick, text), not_sent)
+            self.engine.publish_message(room, message_record(room, member.nick, text, message_id), not_sent)
         except EngineUnavailable as exc:
             not_sent(exc)
 
@@ -446,9 +448,9 @@ class Chat:
                                                  "message dropped")
         return bool(allowed)
 
-    def _notify(self, member: Member, code: str, text: str) -> None:
+    def _notify(self, member: Member, code: str, text: str, **extra: str) -> None:
         """Tell one client what went wrong, in its dialect."""
         if member.structured:
-            member.conn.send(encode({"type": "error", "code": code, "text": text}))
+            member.conn.send(encode({"type": "error", "code": code, "text": text, **extra}))
         else:
             member.conn.send(f"* {text}")

@@ -30,9 +30,16 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def message_record(room: str, nick: str, text: str) -> dict:
-    """A chat message as it is published (its engine adds ``seq``)."""
-    return {"type": "message", "room": room, "nick": nick, "text": text, "time": now_ms()}
+MAX_ID = 64  # characters in a message's "id", the sender's own name for it
+
+
+def message_record(room: str, nick: str, text: str, message_id: str | None = None) -> dict:
+    """A chat message as it is published (its engine adds ``seq``), with
+    the sender's ``id`` for it when it gave one."""
+    record = {"type": "message", "room": room, "nick": nick, "text": text, "time": now_ms()}
+    if message_id is not None:
+        record["id"] = message_id
+    return record
 
 
 def announcement(text: str) -> str:
@@ -62,6 +69,10 @@ def parse_request(message: str, max_length: int = 0) -> tuple[dict | None, str |
     if field is not None and not isinstance(request.get(field), str):
         return None, f'a "{kind}" request needs a "{field}" string'
     problem = text_problem(request["text"]) if field == "text" else None
+    if problem is None and kind == "message" and "id" in request:
+        message_id = request["id"]
+        if not isinstance(message_id, str) or not 0 < len(message_id) <= MAX_ID or text_problem(message_id):
+            problem = f'an "id" is a string of 1 to {MAX_ID} characters'
     return (None, f"{problem}; not sent") if problem else (request, None)
 
 

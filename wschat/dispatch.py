@@ -24,7 +24,7 @@ from .frames import CloseCode
 from .handshake import Answer, Request
 from .logsafe import quoted
 from .protocol import (
-    OPEN,
+    CLOSING,
     BinaryMessage,
     CloseReceived,
     ConnectionFailed,
@@ -106,6 +106,8 @@ class InlineDispatcher:
             kind = type(event)
             if kind is TextMessage or kind is BinaryMessage:
                 metrics.messages_received += 1
+                if protocol.state is CLOSING:
+                    continue  # sent before the peer saw our close: not handled (RFC 6455 1.4), and it can tell
                 if conn.resource.on_message is not None:
                     submit(conn, conn.resource.on_message, conn, event.data)
             elif kind is CloseReceived:
@@ -203,6 +205,10 @@ class InlineDispatcher:
     def is_worker_thread(self) -> bool:
         return False
 
+    def idle(self) -> bool:
+        """Whether no handler call waits or runs."""
+        return True
+
     def shutdown(self) -> None:
         pass
 
@@ -222,6 +228,9 @@ class PoolDispatcher(InlineDispatcher):
 
     def is_worker_thread(self) -> bool:
         return getattr(_worker, "dispatcher", None) is self
+
+    def idle(self) -> bool:
+        return not any(conn._running for conn in list(self._loop.connections.values()))
 
     def _authorize(self, conn: Connection, request: Request, answer: Answer) -> None:
         """Run the hook on a hook thread; the connection is not read meanwhile."""

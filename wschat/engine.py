@@ -82,6 +82,7 @@ class Engine(Protocol):
     # may return at once, and ``failed`` is called (on any thread) on failure.
     def publish_message(self, room: str, record: dict, failed: Failed | None = None) -> None: ...
     def publish(self, room: str, event: dict, failed: Failed | None = None) -> None: ...
+    def flush(self, timeout: float) -> None: ...  # wait (up to timeout) until what was published is kept
     def history(self, room: str, since: int | None = None, epoch: str | None = None) -> History: ...
     def position(self, room: str) -> tuple[str, int]: ...  # (epoch, last sequence number)
     def claim(self, room: str, nick: str, holder: str, user_id: str | None = None) -> Claim: ...
@@ -166,6 +167,9 @@ class MemoryEngine:
         with self._lock:
             if self._deliver is not None:
                 self._deliver(room, [(event, None, None)])
+
+    def flush(self, timeout: float) -> None:
+        pass  # published as it is called
 
     def history(self, room: str, since: int | None = None, epoch: str | None = None) -> History:
         with self._lock:

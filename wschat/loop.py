@@ -67,6 +67,8 @@ class Loop:
         self._thread_id: int | None = None
         self._stopping = False
         self._stop_deadline = 0.0
+        self._release_port = False
+        self._held_open: list[Connection] = []  # the open connections when the shutdown began
         self.dispatcher = (PoolDispatcher(self, server.workers, server.max_pending_calls) if server.workers
                            else InlineDispatcher(self))
         self.pinger = Pinger(self, server.ping_interval, server.ping_timeout)
@@ -131,9 +133,11 @@ class Loop:
         """A paused connection's handler backlog drained (from a worker)."""
         self.call_soon(self._resume, conn)
 
-    def request_stop(self, timeout: float) -> None:
+    def request_stop(self, timeout: float, release_port: bool = False) -> None:
         """Begin the shutdown.  From any thread, a signal handler included:
-        it takes no lock, since a handler may run while its thread holds one."""
+        it takes no lock, since a handler may run while its thread holds one.
+        ``release_port``: stop listening at once (see ``Server.stop``)."""
+        self._release_port = release_port
         self._stop_deadline = time.monotonic() + timeout
         self._stopping = True
         self.pinger.cancel()
@@ -153,7 +157,7 @@ class Loop:
         select = self._selector.select
         handoff = self.handoff
         next_check = 0.0
-        shutting_down = False
+        shutting_down = draining = False
         while True:
             # Never sleep on dirty connections: a flush can make more (on_close handlers, close_notify).
             for key, events in select(0 if handoff.has_dirty else 0.25 if self._timed else 1.0):
@@ -180,10 +184,14 @@ class Loop:
                     self._acceptor.resume_if_due(now)
             if self._stopping:
                 if not shutting_down:
-                    shutting_down = True
+                    shutting_down = draining = True
+                    self._hold_reading()
+                if draining and (self.dispatcher.idle() or now >= self._stop_deadline):
+                    draining = False
+                    self._drain()
                     self._begin_shutdown()
                     self._flush_dirty()
-                if now >= self._stop_deadline or self._all_gone():
+                if not draining and (now >= self._stop_deadline or self._all_gone()):
                     return
 
     def _flush_dirty(self) -> None:
@@ -200,7 +208,7 @@ class Loop:
                 self._flush(conn)
 
     def _resume(self, conn: Connection) -> None:
-        if conn._sock is not None and conn._paused:
+        if conn._sock is not None and conn._paused and not self._held_open:
             with conn._lock:
                 conn._paused = False
             self.watch(conn)
@@ -454,12 +462,39 @@ class Loop:
             if conn.resource.on_close is not None:
                 self.dispatcher.submit(conn, conn.resource.on_close, conn, conn.close_code, conn.close_reason)
 
-    def _begin_shutdown(self) -> None:
-        """Close every WebSocket with 1001.  The listener stays open until the
-        end: meanwhile the health check answers 503 and upgrades get 503."""
+    def _hold_reading(self) -> None:
+        """The shutdown's first step: read no client any more, so that what
+        they sent is either handled before they are closed or not at all
+        (then they can tell: no echo, nothing in the history).  The listener
+        stays open until the end (meanwhile the health check answers 503 and
+        upgrades get 503), unless the port is to be released at once."""
         log.info("shutting down")
-        for conn in self.snapshot():
+        if self._release_port and self._acceptor is not None:
+            self._acceptor.close()
+            self._acceptor = None
+        self._held_open = self.snapshot()
+        for conn in self._held_open:
+            with conn._lock:
+                conn._paused = True
+            self.watch(conn)
+
+    def _drain(self) -> None:
+        """Every message read is handled: let each resource make sure what
+        its handlers accepted is kept (``Resource.on_drain``)."""
+        for resource in {conn.resource for conn in self._held_open if conn.resource is not None}:
+            if resource.on_drain is not None:
+                try:
+                    resource.on_drain(max(0.0, self._stop_deadline - time.monotonic()))
+                except Exception:
+                    log.exception("drain handler %r failed", resource.on_drain)
+
+    def _begin_shutdown(self) -> None:
+        """Close every WebSocket with 1001, and read them again for their
+        answers (a message that comes after our close is not handled)."""
+        held, self._held_open = self._held_open, []
+        for conn in held:
             conn.close(1001, "server shutting down")
+            self._resume(conn)
 
     def _all_gone(self) -> bool:
         """Whether every WebSocket has said its last word (shutdown may end)."""

@@ -146,9 +146,17 @@ class RedisEngine:
         self._thread = threading.Thread(target=self._run, name="wschat-redis", daemon=True)
         self._thread.start()
 
+    def flush(self, timeout: float) -> None:
+        """Wait up to ``timeout`` until everything published so far is in
+        Redis, or has failed (and its sender was told)."""
+        if not self.publisher.drained(timeout):
+            log.warning("Redis: some published events were not confirmed within %g s", timeout)
+
     def stop(self) -> None:
-        """Stop delivering; this process's members that are still held leave
-        every room now (not after ``presence_timeout``)."""
+        """Publish what is queued, and stop delivering; this process's
+        members that are still held leave every room now (not after ``presence_timeout``)."""
+        if self._thread is not None and self._down_since is None:
+            self.flush(self.timeout)
         self._stopping.set()
         self._wake()
         if self._thread is not None and self._thread is not threading.current_thread():

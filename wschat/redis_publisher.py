@@ -57,6 +57,8 @@ class Publisher:
         self._lock = threading.Lock()
         self._queue: list[Entry] = []
         self._woken = False  # a wake-up is on its way
+        self._unsettled = 0  # events put and not yet answered nor failed
+        self._settled = threading.Condition(self._lock)
         self._links: dict[Address, RespConnection] = {}
         self._sent: dict[RespConnection, deque[tuple[float, list[Entry]]]] = {}  # awaiting replies, in order
 
@@ -64,10 +66,23 @@ class Publisher:
         """Queue one event (any thread); the engine's thread sends it."""
         with self._lock:
             self._queue.append(entry)
+            self._unsettled += 1
             if self._woken:
                 return
             self._woken = True
         self._wake()
+
+    def drained(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` until every event put so far is settled."""
+        with self._settled:
+            return self._settled.wait_for(lambda: not self._unsettled, timeout)
+
+    def _settle(self, count: int) -> None:
+        if count:
+            with self._settled:
+                self._unsettled -= count
+                if not self._unsettled:
+                    self._settled.notify_all()
 
     # -- on the engine's thread ---------------------------------------------------------
 
@@ -94,8 +109,9 @@ class Publisher:
                 link = self._links.get(node) or self._connect(node)
                 link.send(pack_all(self.store.batch(room, [entry[1] for entry in entries]) for room, entries in calls))
             except OSError as exc:
-                error = EngineUnavailable(f"Redis is unreachable ({exc})")
-                fail([entry for _, calls_left in nodes[index:] for _, entries in calls_left for entry in entries], error)
+                unsent = [entry for _, calls_left in nodes[index:] for _, entries in calls_left for entry in entries]
+                fail(unsent, EngineUnavailable(f"Redis is unreachable ({exc})"))
+                self._settle(len(unsent))
                 raise
             self._sent[link].extend((now, entries) for _, entries in calls)
 
@@ -115,8 +131,10 @@ class Publisher:
             log.info("Redis: a publishing connection dropped (%s)", exc)
             self._drop(link, EngineUnavailable(f"the connection to Redis dropped ({exc})"))
             return
+        settled = 0
         for reply in replies:
             _, entries = sent.popleft()
+            settled += len(entries)
             if not isinstance(reply, ReplyError):
                 for entry in entries:
                     if entry[3] is not None:
@@ -126,6 +144,7 @@ class Publisher:
             if text.startswith(("MOVED", "ASK")):  # a slot moved: later calls go to its new node
                 self.nodes.moved(text.replace("ASK", "MOVED", 1))
             fail(entries, EngineUnavailable(f"Redis refused: {text}"))
+        self._settle(settled)
 
     def overdue(self, now: float) -> bool:
         """Whether some call has waited for its reply longer than ``timeout``."""
@@ -140,13 +159,16 @@ class Publisher:
             queued, self._queue = self._queue, []
             self._woken = False
         fail(queued, error)
+        self._settle(len(queued))
 
     def _drop(self, link: RespConnection, error: EngineUnavailable) -> None:
         """Close ``link``; the calls it has not answered fail with ``error``."""
         self.selector.unregister(link)
         link.close()
         del self._links[link.address]
-        fail([entry for _, entries in self._sent.pop(link) for entry in entries], error)
+        unanswered = [entry for _, entries in self._sent.pop(link) for entry in entries]
+        fail(unanswered, error)
+        self._settle(len(unanswered))
 
 
 def fail(entries: list[Entry], error: EngineUnavailable) -> None:

@@ -27,6 +27,13 @@ class Resource:
     ``dialects`` maps a subprotocol to how its clients are told a text
     message that ``Server.broadcast`` sends to everyone (the chat's
     ``wschat.v1`` clients expect a JSON event, not bare text).
+
+    ``on_drain(timeout)`` (optional) is called when the server stops, once
+    every message it read has been handled and before any client is closed
+    (clients are not read meanwhile): the moment to make sure what the
+    handlers accepted is not lost (the chat waits for its engine to confirm
+    what it published).  It runs on the loop thread and must return within
+    ``timeout`` seconds.
     """
 
     def __init__(
@@ -40,6 +47,7 @@ class Resource:
         subprotocols: Sequence[str] = (),
         authorize: Callable[[Request], object] | None = None,
         dialects: Mapping[str, Callable[[str], str]] | None = None,
+        on_drain: Callable[[float], None] | None = None,
     ):
         self.path = checks.url_path("path", path).rstrip("/") or "/"
         self.authorize = authorize
@@ -49,6 +57,7 @@ class Resource:
         self.on_error = on_error
         self.subprotocols = tuple(subprotocols)
         self.dialects = dict(dialects or {})
+        self.on_drain = on_drain
 
     def matches(self, path: str) -> bool:
         return path == self.path or path.startswith(self.path if self.path.endswith("/") else self.path + "/")

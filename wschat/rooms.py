@@ -59,7 +59,8 @@ def newest_within(records: list[dict], max_bytes: int) -> tuple[list[dict], bool
         return records, False
     total = 0
     for index in range(len(records) - 1, -1, -1):
-        total += RECORD_OVERHEAD + len(records[index]["text"].encode("utf-8"))
+        record = records[index]
+        total += RECORD_OVERHEAD + len(record["text"].encode("utf-8")) + len(record.get("id", "").encode("utf-8"))
         if total > max_bytes:
             return records[index + 1 :], True
     return records, False

@@ -348,9 +348,12 @@ class Server:
                     self._loop = self._listener = None
             loop.stopped.set()
 
-    def stop(self, timeout: float | None = None) -> None:
+    def stop(self, timeout: float | None = None, *, release_port: bool = False) -> None:
         """Close every client with 1001, wait up to ``timeout`` (``close_timeout``)
         for the closing handshakes, then release every socket and thread.
+        The port is listened on until the end (upgrades meanwhile get 503),
+        or with ``release_port`` let go of at once: for a process that shares
+        it (SO_REUSEPORT) with one that takes over, as in a rolling restart.
 
         Safe from any thread, a signal handler included: it takes no lock.
         From the loop's own threads (a handler, a worker, the ping timer) it
@@ -364,7 +367,7 @@ class Server:
             if listener is not None:
                 listener.close()
             return
-        loop.request_stop(timeout)
+        loop.request_stop(timeout, release_port)
         if loop.is_own_thread():
             return
         loop.stopped.wait(timeout + 5)

@@ -5,6 +5,12 @@ gets no connections), starts N children of ``python -m wschat`` that listen on
 it with SO_REUSEPORT (the kernel spreads new connections over them), and
 restarts a child that dies.  Their chat is one through Redis (``--redis``).
 SIGTERM or SIGINT stops every child, each closing its clients with 1001.
+
+SIGHUP restarts them one at a time (to run new code, or new settings given
+to the same command): a new child starts and listens, and only then is the
+old one stopped; it lets go of the port at once, publishes what it was told,
+and closes its clients with 1001, which come back to the others (wschat.v1
+clients with ``since``, so they miss nothing).
 """
 
 from __future__ import annotations
@@ -77,6 +83,7 @@ def supervise(args: argparse.Namespace, argv: list[str]) -> int:
     port = reserved.getsockname()[1]
     child_argv = [*argv, "--processes", "1", "--port", str(port), "--supervised-by", str(os.getpid())]
     signals = {signal.SIGINT, signal.SIGTERM}  # blocked by main(): taken here, with sigtimedwait
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})  # a rolling restart, taken here too
 
     children = [Child(number, child_argv) for number in range(1, count + 1)]
     for child in children:
@@ -90,7 +97,13 @@ def supervise(args: argparse.Namespace, argv: list[str]) -> int:
 
     delays = {child.number: 0.0 for child in children}
     stopping = False
-    while not stopping and signal.sigtimedwait(signals, 0.5) is None:
+    while not stopping:
+        received = signal.sigtimedwait(signals | {signal.SIGHUP}, 0.5)
+        if received is not None and received.si_signo != signal.SIGHUP:
+            break
+        if received is not None:
+            stopping = not _roll(children, child_argv, signals)
+            continue
         for index, child in enumerate(children):
             code = child.process.poll()
             if code is None:
@@ -109,6 +122,35 @@ def supervise(args: argparse.Namespace, argv: list[str]) -> int:
     _stop_all(children)
     reserved.close()
     return 0
+
+
+def _roll(children: list[Child], argv: list[str], signals: set) -> bool:
+    """Replace every child, one at a time, each new one listening before the
+    old one stops; False when a stop signal came meanwhile (every child,
+    old or new, is then stopped by the caller)."""
+    log.info("SIGHUP: replacing the %d processes one at a time", len(children))
+    for index, old in enumerate(list(children)):
+        new = Child(old.number, argv)
+        if not new.wait_ready():
+            log.error("process %d: its replacement could not start (exit code %s); keeping the old processes",
+                      old.number, new.process.wait())
+            new.process.stdout.close()
+            return True
+        children[index] = new
+        old.process.send_signal(signal.SIGTERM)  # it lets go of the port, then closes its clients with 1001
+        deadline = time.monotonic() + STOP_GRACE
+        while old.process.poll() is None:
+            if signal.sigtimedwait(signals, 0.1) is not None:
+                _stop_all([old])
+                return False
+            if time.monotonic() > deadline:
+                log.warning("process %d (pid %d) did not stop in time: killing it", old.number, old.process.pid)
+                old.process.kill()
+                old.process.wait()
+        old.process.stdout.close()
+        log.info("process %d replaced (pid %d -> %d)", old.number, old.process.pid, new.process.pid)
+    log.info("SIGHUP: every process replaced")
+    return True
 
 
 def _stop_all(children: list[Child]) -> None:

@@ -72,6 +72,9 @@ class Acceptor:
             self._selector.register(self.listener, selectors.EVENT_READ, None)
 
     def close(self) -> None:
+        """Stop listening: the port is free for others (the supervisor's other processes)."""
+        if not self._resume_at:  # registered (not paused)
+            self._selector.unregister(self.listener)
         self.listener.close()
 
 

@@ -13,6 +13,7 @@
     ws: null, chosen: "", nick: "", room: "", wanted: false,
     retry: 0, timer: null, countdown: null, refusedOpens: 0,
     epoch: null, lastSeq: 0, users: [], renameTries: 0, renameTimer: null,
+    unconfirmed: [],  // {id, text} sent and not yet seen back: sent again after a reconnect if the server never took them
   };
 
   // -- what the server says about itself -------------------------------------------------
@@ -112,6 +113,7 @@
         state.lastSeq = 0;
       }
       const fresh = msg.history.filter((m) => m.seq > state.lastSeq);
+      msg.history.forEach(confirm);
       if (!first && !restarted && msg.missed) notice("Some messages were missed while offline.");
       state.epoch = msg.epoch;
       for (const old of fresh) showMessage(old, true);
@@ -125,8 +127,14 @@
       showUsers();
       setStatus("online", "online");
       $("message").focus();
+      // What we sent that is in no history was never taken (a server that
+      // stops publishes all it took before it closes): send it again.
+      for (const mine of state.unconfirmed) sendJson({ type: "message", text: mine.text, id: mine.id });
     },
-    message(msg) { if (!(msg.seq <= state.lastSeq)) showMessage(msg, false); },
+    message(msg) {
+      confirm(msg);
+      if (!(msg.seq <= state.lastSeq)) showMessage(msg, false);
+    },
     join(msg) {
       if (!state.users.includes(msg.nick)) state.users.push(msg.nick);
       showUsers();
@@ -150,6 +158,7 @@
     },
     users(msg) { state.users = msg.users; showUsers(); },
     error(msg) {
+      if (msg.id) confirm(msg);  // not sent, and we say so: not to be sent again
       if (msg.code === "nick_refused" && /taken/.test(msg.text) && state.nick !== state.chosen) {
         if (state.renameTries === 0) notice(`${msg.text}; asking again in a few seconds`, "notice error");
         reclaimNick();  // maybe held by our own previous connection: the server drops it soon
@@ -158,6 +167,10 @@
       notice(msg.text, "notice error");
     },
   };
+
+  function confirm(msg) {
+    if (msg.id) state.unconfirmed = state.unconfirmed.filter((mine) => mine.id !== msg.id);
+  }
 
   // The nickname the user chose is taken, maybe by our own previous
   // connection, which the server drops within its ping timeout: ask again,
@@ -243,7 +256,9 @@
       localStorage.setItem("wschat.nick", state.chosen);
       sendJson({ type: "nick", nick: state.chosen });
     } else {
-      sendJson({ type: "message", text });
+      const id = Date.now().toString(36) + Math.random().toString(36).slice(2, 10);
+      state.unconfirmed.push({ id, text });
+      sendJson({ type: "message", text, id });
     }
   }
 
@@ -259,7 +274,7 @@
     $("join-error").textContent = problem;
     if (problem) { (NICK.test(nick) ? $("room") : $("nick")).focus(); return; }
     Object.assign(state, { chosen: nick, nick, room, wanted: true, retry: 0, refusedOpens: 0,
-                           epoch: null, lastSeq: 0, renameTries: 0 });
+                           epoch: null, lastSeq: 0, renameTries: 0, unconfirmed: [] });
     localStorage.setItem("wschat.nick", nick);
     $("join").hidden = true;
     $("chat").hidden = false;
