@@ -3,6 +3,7 @@
 import contextlib
 import json
 import logging
+import os
 import threading
 
 import pytest
@@ -12,7 +13,7 @@ from websockets.sync.client import connect
 from wschat import HandshakeError
 from wschat.chat import DEFAULT_WELCOME, Chat, ChatLimits
 from wschat.engine import MemoryEngine
-from wschat.frames import Opcode
+from wschat.frames import Opcode, encode_frame
 
 from .helpers import RawClient, start_server, wait_until
 
@@ -274,6 +275,19 @@ def test_rate_limit_notice_then_close(make_chat):
             while True:
                 ws.recv(timeout=5)
         assert info.value.rcvd.code == 1008
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_flood_past_the_rate_limit_is_closed_with_one_warning(make_chat, caplog, workers):
+    """Frames already read when the 1008 goes out are not each a warning
+    (6ddb637 logged one per frame: thousands for one flooder)."""
+    chat = make_chat(welcome="", limits=ChatLimits(rate=0.001, burst=1), workers=workers)
+    raw = RawClient(int(chat.url.split(":")[2].split("/")[0]))
+    raw.sock.sendall(b"".join(encode_frame(Opcode.TEXT, b"flood", mask=os.urandom(4)) for _ in range(2000)))
+    assert raw.recv_close() == 1008
+    assert chat.closed.acquire(timeout=10)
+    warnings = [r for r in caplog.records if "rate limit exceeded again" in r.getMessage()]
+    assert len(warnings) == 1
 
 
 def test_a_rate_of_one_is_one_message(make_chat):

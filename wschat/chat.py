@@ -438,6 +438,8 @@ class Chat:
     def _within_rate(self, member: Member) -> bool:
         """Whether the member's message is within the rate limit; a client
         that keeps sending when out of it is closed with 1008."""
+        if not member.conn.is_open:
+            return False  # closed already (its handler calls left run still): one warning was enough
         allowed = member.take_token(self.limits)
         if allowed is None:
             log.warning("%s: rate limit exceeded again and again, closing", member.conn.key)
