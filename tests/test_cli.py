@@ -61,6 +61,24 @@ def test_serves_chat_and_page_then_shuts_down_gracefully(signum):
         process.communicate()
 
 
+def test_one_process_given_sighup_says_why_and_keeps_serving():
+    process, port = run_server()
+    try:
+        with connect(f"ws://127.0.0.1:{port}/chat") as ws:
+            assert ws.recv(timeout=5) == DEFAULT_WELCOME
+            process.send_signal(signal.SIGHUP)  # systemctl reload on a unit without --processes
+            line = process.stderr.readline()
+            while "SIGHUP" not in line:
+                line = process.stderr.readline()
+            assert "run with --processes" in line
+            ws.send("still here")
+            assert ws.recv(timeout=5) == "still here"
+    finally:
+        process.terminate()
+        process.communicate(timeout=10)
+    assert process.returncode == 0
+
+
 def test_plain_echo_for_conformance_suites():
     process, port = run_server("--welcome", "", "--max-chat-length", "0", "--rate-limit", "0")
     try:

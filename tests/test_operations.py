@@ -67,6 +67,7 @@ def test_metrics_parse_and_move():
             assert b.recv(timeout=5) == "hello" and a.recv(timeout=5) == "hello"
             during = metrics(server.port)
             assert during[("wschat_connections", ())] == 2
+            assert during[("wschat_engine_backlog", ())] == 0  # the memory engine keeps what it is given at once
         with RawClient(server.port) as bad:
             bad.send_frame(0x3)  # a reserved opcode: 1002
             assert bad.recv_close() == 1002

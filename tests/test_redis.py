@@ -261,6 +261,21 @@ def test_a_subscriber_that_missed_messages_fills_the_gap(chats):
         assert collect(alice, 5) == [1, 2, 3, 4, 5]
 
 
+def test_the_backlog_counts_what_redis_has_not_confirmed_and_flush_waits_for_it(chats, redis_server):
+    a, b = chats(), chats()
+    with join(a, "alice") as alice, join(b, "bob") as bob:
+        recv_json(alice, "welcome")
+        recv_json(bob, "welcome")
+        wait_until(lambda: a.engine.backlog() == 0, what="the joins to be published")
+        a.engine.redis.execute_command("CLIENT", "PAUSE", "1000", "WRITE")  # Redis holds every write a second
+        for i in range(5):
+            say(alice, str(i))
+        wait_until(lambda: a.engine.backlog() == 5, what="the messages to wait for Redis")
+        a.engine.flush(10)  # what Server.stop does before its 1001 (Resource.on_drain)
+        assert a.engine.backlog() == 0
+        assert collect(bob, 5) == [1, 2, 3, 4, 5]
+
+
 # -- the command line ------------------------------------------------------------------
 
 

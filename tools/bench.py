@@ -708,11 +708,11 @@ class RunningServer:
         self.log.close()
 
 
-def scenarios(quick: bool) -> dict:
+def scenarios(quick: bool, fanout_messages: int = 200) -> dict:
     scale = 0.1 if quick else 1
     return {
-        "fanout": lambda s: run_fanout(s.port, 50, max(10, int(200 * scale)), 64, window=10, pid=s.process.pid,
-                                       broker=s.broker),
+        "fanout": lambda s: run_fanout(s.port, 50, max(10, int(fanout_messages * scale)), 64, window=10,
+                                       pid=s.process.pid, broker=s.broker),
         "large-64k": lambda s: run_fanout(s.port, 4, int(1000 * scale), 65536, window=2, pid=s.process.pid,
                                           broker=s.broker),
         "large-1m": lambda s: run_fanout(s.port, 4, int(100 * scale), 1 << 20, window=1, pid=s.process.pid,
@@ -721,6 +721,9 @@ def scenarios(quick: bool) -> dict:
         "idle-10k": lambda s: run_idle(s.port, 1000 if quick else 10000, s.process.pid),
         "churn": lambda s: run_churn(s.port, total=100 if quick else 1000),
         # permessage-deflate offered by the clients, as browsers do (and on in every server):
+        # The same messages to a fifth of the members: with fanout, CPU per message and per delivery apart.
+        "fanout-10": lambda s: run_fanout(s.port, 10, max(10, int(5 * fanout_messages * scale)), 64, window=10,
+                                          pid=s.process.pid, broker=s.broker),
         "fanout-deflate": lambda s: run_fanout(s.port, 50, max(10, int(200 * scale)), 64, window=10,
                                                pid=s.process.pid, deflate=True),
         "large-64k-deflate": lambda s: run_fanout(s.port, 4, int(1000 * scale), 65536, window=2, pid=s.process.pid,
@@ -745,12 +748,14 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--servers", default="wschat,ws-threading,ws-asyncio", help=f"from {', '.join(SERVERS)}")
     parser.add_argument("--scenarios", default="fanout,large-64k,large-1m,idle,churn",
-                        help="from fanout, large-64k, large-1m, idle, idle-10k, churn, and with permessage-deflate "
+                        help="from fanout, fanout-10, large-64k, large-1m, idle, idle-10k, churn, and with permessage-deflate "
                              "fanout-deflate, large-64k-deflate, idle-deflate, idle-10k-deflate")
     parser.add_argument("--quick", action="store_true", help="small counts: a smoke run")
+    parser.add_argument("--fanout-messages", type=int, default=200, metavar="N",
+                        help="messages each of fanout's 50 clients sends (default 200; more: a longer, steadier run)")
     parser.add_argument("--baseline", metavar="DIR",
-                        help="also run the wschat of another checkout (e.g. a git worktree of an older commit) "
-                             "as the server 'wschat-base': before and after in the same run")
+                        help="also offer the wschat of another checkout (e.g. a git worktree of an older commit) "
+                             "as the servers 'wschat-base' (and -redis, -redis-2p): before and after in the same run")
     parser.add_argument("--reference", default=REFERENCE, help=f"the server ratios are given against (default {REFERENCE})")
     return parser
 
@@ -758,10 +763,12 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
     if args.baseline:
-        SERVERS["wschat-base"] = (WSCHAT + ["--port", "{port}"], {}, os.path.abspath(args.baseline))
+        for name in ("wschat", "wschat-redis", "wschat-redis-2p"):
+            command, env = SERVERS[name]
+            SERVERS[name.replace("wschat", "wschat-base", 1)] = (command, env, os.path.abspath(args.baseline))
     servers = args.servers.split(",")
     chosen = args.scenarios.split(",")
-    table = scenarios(args.quick)
+    table = scenarios(args.quick, args.fanout_messages)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if hasattr(os, "sched_setaffinity") and os.cpu_count() > 1:
@@ -791,6 +798,7 @@ def main(argv=None) -> int:
     if REDIS is not None:
         REDIS.stop()
     print_table(results, servers, failed, args.reference)
+    print_costs(results, servers)
     return 1 if any(name.startswith("wschat") for _, name in failed) else 0
 
 
@@ -813,6 +821,31 @@ def print_table(results: dict, servers: list[str], failed: set, reference: str =
         print(line)
     if reference:
         print(f"(medians; ref = {reference}; for ms, KiB/conn and CPU, lower is better)")
+
+
+def print_costs(results: dict, servers: list[str]) -> None:
+    """From fanout (50 members) and fanout-10 (10 members, as many messages):
+    a message's CPU cost apart from its deliveries', the inputs of the
+    scaling model in README.rst.  Both runs cost M messages each; fanout
+    makes 50 M deliveries, fanout-10 10 M: the difference is 40 M deliveries."""
+    rows = []
+    for name in servers:
+        try:
+            wide = statistics.median(results["fanout", "CPU us/deliv"][name]) * 50  # CPU per message, all in
+            narrow = statistics.median(results["fanout-10", "CPU us/deliv"][name]) * 10
+        except KeyError:
+            continue
+        delivery = (wide - narrow) / 40
+        rows.append(f"{name:20} {narrow - 10 * delivery:12.1f} {delivery:14.2f}")
+        if "redis CPU %" in {figure for _, figure in results}:
+            for scenario, members in (("fanout", 50), ("fanout-10", 10)):
+                share = statistics.median(results[scenario, "redis CPU %"].get(name, [0]))
+                rate = statistics.median(results[scenario, "deliveries/s"][name]) / members
+                if share:
+                    rows[-1] += f"   redis-server {1e4 * share / rate:.1f} us/message ({scenario})"
+    if rows:
+        print(f"\n{'server':20} {'us/message':>12} {'us/delivery':>14}   (CPU, wschat and redis-server)")
+        print("\n".join(rows))
 
 
 if __name__ == "__main__":

@@ -223,10 +223,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2  # as argparse does for a bad option
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     raise_descriptor_limit()
-    # SIGINT and SIGTERM are blocked in every thread (those started later
-    # inherit it) and taken by sigwait on this one: no handler runs in the
-    # middle of a lock held here, so none can deadlock on it.
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    # SIGINT, SIGTERM and SIGHUP are blocked in every thread (those started
+    # later inherit it) and taken by sigwait on this one (or the supervisor's
+    # sigtimedwait): no handler runs in the middle of a lock held here, so
+    # none can deadlock on it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS | {signal.SIGHUP})
     if args.processes != 1:
         from .supervisor import supervise
 
@@ -247,7 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         watch_parent(args.supervised_by)
     server.start()
     print(ready_line(server.url, args.path), flush=True)
-    signal.sigwait(STOP_SIGNALS)
+    while signal.sigwait(STOP_SIGNALS | {signal.SIGHUP}) == signal.SIGHUP:  # (systemctl reload)
+        logging.getLogger("wschat").warning("SIGHUP: one process cannot restart without closing its clients; "
+                                            "run with --processes to restart them one at a time")
     server.stop(release_port=args.supervised_by is not None)  # the port's other processes take new clients at once
     chat.close()
     return 0

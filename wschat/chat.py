@@ -121,6 +121,8 @@ class Chat:
         )
         if page_config:
             server.http_route(page_config, self._page_config)
+        server.add_gauge("wschat_engine_backlog", "Chat events published and not yet kept by the engine (Redis); "
+                         "one that keeps growing means the engine is the limit.", self.engine.backlog)
         self.engine.start(self._deliver)
 
     @property

@@ -83,6 +83,7 @@ class Engine(Protocol):
     def publish_message(self, room: str, record: dict, failed: Failed | None = None) -> None: ...
     def publish(self, room: str, event: dict, failed: Failed | None = None) -> None: ...
     def flush(self, timeout: float) -> None: ...  # wait (up to timeout) until what was published is kept
+    def backlog(self) -> int: ...  # events published and not yet kept (a backlog that grows: the broker is the limit)
     def history(self, room: str, since: int | None = None, epoch: str | None = None) -> History: ...
     def position(self, room: str) -> tuple[str, int]: ...  # (epoch, last sequence number)
     def claim(self, room: str, nick: str, holder: str, user_id: str | None = None) -> Claim: ...
@@ -170,6 +171,9 @@ class MemoryEngine:
 
     def flush(self, timeout: float) -> None:
         pass  # published as it is called
+
+    def backlog(self) -> int:
+        return 0
 
     def history(self, room: str, since: int | None = None, epoch: str | None = None) -> History:
         with self._lock:

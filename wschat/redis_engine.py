@@ -152,6 +152,10 @@ class RedisEngine:
         if not self.publisher.drained(timeout):
             log.warning("Redis: some published events were not confirmed within %g s", timeout)
 
+    def backlog(self) -> int:
+        """Events published and not yet confirmed by Redis."""
+        return self.publisher.unsettled
+
     def stop(self) -> None:
         """Publish what is queued, and stop delivering; this process's
         members that are still held leave every room now (not after ``presence_timeout``)."""
@@ -339,8 +343,16 @@ class RedisEngine:
 
         def reader(conn: RespConnection) -> Callable[[], None]:
             def read() -> None:
+                """Every push of one read; a room's messages among them delivered as one batch."""
+                received: dict[str, list[Delivery]] = {}
                 for push in conn.pending():
+                    if type(push) is list and push[0] in ("message", "smessage"):
+                        room = self.store.room_of(push[1])
+                        self._received(room, push[2], received.setdefault(room, []))
+                        continue
+                    self._deliver_all(received)  # first: in the order Redis sent them
                     self._pushed(push, requested, again)
+                self._deliver_all(received)
             return read
 
         self.nodes.discover()  # on a cluster: which master owns each slot now
@@ -390,11 +402,9 @@ class RedisEngine:
     def _pushed(self, push: Any, requested: dict[str, RespConnection], again: set[str]) -> None:
         if isinstance(push, ReplyError):
             raise push  # a slot moved (MOVED): subscribe again where it is now
-        kind, channel, data = push
+        kind, channel, _ = push
         room = self.store.room_of(channel)
-        if kind in ("message", "smessage"):
-            self._received(room, data)
-        elif kind in ("subscribe", "ssubscribe"):
+        if kind in ("subscribe", "ssubscribe"):
             self._subscribed(room, requested, again)
         elif kind == "sunsubscribe" and room in requested and room in self._wanted:
             raise ConnectionError(f"Redis moved room {quoted(room)} to another node")
@@ -441,14 +451,18 @@ class RedisEngine:
                 log.warning("room %s: nickname %s was taken while Redis was unreachable",
                             quoted(room), quoted(nick))
 
-    def _received(self, room: str, data: str) -> None:
-        """A batch of ``room``'s events (the epoch, then one event a line), delivered as one."""
+    def _deliver_all(self, received: dict[str, list[Delivery]]) -> None:
         deliver = self._deliver
-        if deliver is None:
-            return
+        for room, batch in received.items():
+            if batch and deliver is not None:
+                deliver(room, batch)
+        received.clear()
+
+    def _received(self, room: str, data: str, batch: list[Delivery]) -> None:
+        """A published batch of ``room``'s events (the epoch, then one event a
+        line), added to ``batch`` in order (with any messages missed before them)."""
         epoch, *lines = data.split("\n")
         texts = [line[1:] for line in lines]
-        batch: list[Delivery] = []
         for kind, text, record in zip(lines, texts, json.loads(f"[{','.join(texts)}]")):  # one parse: 2x faster
             if kind[0] == "E":
                 batch.append((record, None, None))
@@ -462,7 +476,6 @@ class RedisEngine:
                     batch += self._missed(room, epoch, last[1], seq)
             self._last[room] = (epoch, seq)
             batch.append((record, text, epoch))
-        deliver(room, batch)
 
     def _fill(self, room: str, epoch: str, after: int) -> None:
         """Deliver the messages of ``room`` after ``after``: the ones this process missed."""

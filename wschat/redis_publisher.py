@@ -72,6 +72,11 @@ class Publisher:
             self._woken = True
         self._wake()
 
+    @property
+    def unsettled(self) -> int:
+        """Events put and not yet answered nor failed."""
+        return self._unsettled
+
     def drained(self, timeout: float) -> bool:
         """Wait up to ``timeout`` until every event put so far is settled."""
         with self._settled:

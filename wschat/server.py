@@ -165,6 +165,7 @@ class Server:
         self.forwarded_allow_ips = frozenset(forwarded_allow_ips)
         self.page_policy = page_policy
         self.metrics = Metrics()
+        self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}  # the application's (see add_gauge)
         self._resources: tuple[Resource, ...] = ()  # replaced whole, never changed in place
         self._http_routes: dict[str, Callable[[Request], bytes]] = {}  # likewise
         self._resources_lock = threading.Lock()
@@ -208,9 +209,15 @@ class Server:
             return text_response(503, b"shutting down\n", head_only=request.method == "HEAD")
         return text_response(200, b"ok\n", head_only=request.method == "HEAD")
 
+    def add_gauge(self, name: str, help_text: str, read: Callable[[], float]) -> None:
+        """Show ``read()`` at ``/metrics`` as the gauge ``name`` (it is called
+        on the loop thread, so it must be quick)."""
+        self._gauges = {**self._gauges, name: (help_text, read)}
+
     def _metrics(self, request: Request) -> bytes:
         loop = self._loop
         gauges = loop.gauges() if loop is not None else {}
+        gauges.update((name, (help_text, read())) for name, (help_text, read) in self._gauges.items())
         body = self.metrics.render(gauges)
         return text_response(200, body, "text/plain; version=0.0.4; charset=utf-8", head_only=request.method == "HEAD")
 

@@ -82,8 +82,7 @@ def supervise(args: argparse.Namespace, argv: list[str]) -> int:
         return 1
     port = reserved.getsockname()[1]
     child_argv = [*argv, "--processes", "1", "--port", str(port), "--supervised-by", str(os.getpid())]
-    signals = {signal.SIGINT, signal.SIGTERM}  # blocked by main(): taken here, with sigtimedwait
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})  # a rolling restart, taken here too
+    signals = {signal.SIGINT, signal.SIGTERM}  # blocked by main() (SIGHUP too): taken here, with sigtimedwait
 
     children = [Child(number, child_argv) for number in range(1, count + 1)]
     for child in children:
