@@ -9,7 +9,7 @@ import pytest
 from wschat.deflate import PerMessageDeflate
 from wschat.errors import InvalidPayload, MessageTooBig, ProtocolError
 from wschat.frames import FrameParser, Opcode, encode_frame
-from wschat.outbound import PreparedMessage
+from wschat.outbound import PreparedBatch, PreparedMessage
 from wschat.protocol import BinaryMessage, ConnectionFailed, Ping, ServerProtocol, TextMessage
 
 from .helpers import REQUEST, pull
@@ -202,6 +202,27 @@ def test_a_prepared_message_is_compressed_once_per_agreement():
     assert frame.rsv == 0b100 and size < message.size
     assert zlib.decompressobj(-15).decompress(frame.payload + b"\x00\x00\xff\xff") == message.payload
     assert message.frame_for(None) == (message.parts, message.size)
+
+
+@pytest.mark.parametrize("texts", [["a", "bb", "é" * 40], ["small", "x" * 200, "large " * 5000, "small again"]],
+                         ids=["small", "small-medium-large"])
+def test_a_prepared_batch_is_its_messages_framed_in_order_plain_and_compressed(texts):
+    """PreparedBatch frames in one pass what PreparedMessage frames one by
+    one: the same frames, in order, and per agreement the same compressed ones."""
+    batch = PreparedBatch(texts)
+    assert batch.count == len(texts)
+    assert b"".join(batch.parts) == b"".join(b"".join(PreparedMessage(text).parts) for text in texts)
+    assert batch.size == sum(PreparedMessage(text).size for text in texts)
+    assert all(type(part) is bytes for part in batch.parts[:1])  # a buffer that starts a frame (Outbox's rule)
+    default = PerMessageDeflate().accept([])
+    parts, size = batch.frame_for(default)
+    assert batch.frame_for(default)[0] is parts  # compressed once
+    parser = FrameParser(require_mask=False, max_payload=1 << 30, allowed_rsv=0b100)
+    parser.feed(b"".join(parts))
+    frames = [parser.next_frame() for _ in texts]
+    inflated = [zlib.decompressobj(-15).decompress(frame.payload + b"\x00\x00\xff\xff") if frame.rsv else frame.payload
+                for frame in frames]
+    assert inflated == [text.encode() for text in texts] and size == len(b"".join(parts))
 
 
 @pytest.mark.parametrize("payload", [b"tiny", os.urandom(5000)], ids=["below-min-size", "incompressible"])

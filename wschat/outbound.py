@@ -65,17 +65,24 @@ class PreparedMessage:
 
 
 class PreparedBatch(PreparedMessage):
-    """Several prepared messages queued as one, in order: their small frames
+    """Several text messages queued as one, in order: their small frames
     joined in one buffer, so that a batch costs each recipient one append
-    (the Redis engine delivers a room's messages a batch at a time)."""
+    (the Redis engine delivers a room's messages a batch at a time).  Framed
+    here in one pass; each message is prepared on its own only for a
+    permessage-deflate agreement, once."""
 
-    __slots__ = ("messages", "count")
+    __slots__ = ("texts", "count")
 
-    def __init__(self, messages: list[PreparedMessage]):
-        self.messages = messages
-        self.count = len(messages)
-        self.opcode = messages[0].opcode
-        self.parts, self.size = _joined([message.parts for message in messages])
+    def __init__(self, texts: list[str]):
+        self.texts = texts
+        self.count = len(texts)
+        self.opcode = Opcode.TEXT
+        payloads = [text.encode("utf-8") for text in texts]
+        if max(map(len, payloads)) < 126:  # the common case: every header is two bytes
+            joined = b"".join([bytes((0x81, len(payload))) + payload for payload in payloads])
+            self.parts, self.size = (joined,), len(joined)
+        else:
+            self.parts, self.size = _joined([_frame(Opcode.TEXT, payload, 0)[0] for payload in payloads])
         self._variants = None
 
     def frame_for(self, agreement) -> tuple[tuple, int]:
@@ -85,7 +92,8 @@ class PreparedBatch(PreparedMessage):
             self._variants = {}
         variant = self._variants.get(agreement)
         if variant is None:
-            variant = self._variants[agreement] = _joined([message.frame_for(agreement)[0] for message in self.messages])
+            variant = self._variants[agreement] = _joined(
+                [PreparedMessage(text).frame_for(agreement)[0] for text in self.texts])
         return variant
 
     def __repr__(self) -> str:

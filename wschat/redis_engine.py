@@ -30,6 +30,7 @@ room is ``redis_nodes``'.  This module makes them an engine (see
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -463,7 +464,11 @@ class RedisEngine:
         line), added to ``batch`` in order (with any messages missed before them)."""
         epoch, *lines = data.split("\n")
         texts = [line[1:] for line in lines]
-        for kind, text, record in zip(lines, texts, json.loads(f"[{','.join(texts)}]")):  # one parse: 2x faster
+        records = json.loads(f"[{','.join(texts)}]")  # one parse: 2x faster than one per line
+        if "\nE" not in data:  # messages only, the common case: numbered one after another
+            self._received_messages(room, epoch, records, texts, batch)
+            return
+        for kind, text, record in zip(lines, texts, records):
             if kind[0] == "E":
                 batch.append((record, None, None))
                 continue
@@ -476,6 +481,22 @@ class RedisEngine:
                     batch += self._missed(room, epoch, last[1], seq)
             self._last[room] = (epoch, seq)
             batch.append((record, text, epoch))
+
+    def _received_messages(self, room: str, epoch: str, records: list[dict], texts: list[str],
+                           batch: list[Delivery]) -> None:
+        """``_received`` for a batch of messages alone: their sequence numbers
+        follow one another, so only the first needs checking."""
+        first, last = records[0]["seq"], records[-1]["seq"]
+        seen = self._last.get(room)
+        if seen is not None and seen[0] == epoch:
+            if last <= seen[1]:
+                return  # delivered already (by a gap fill)
+            if first <= seen[1]:
+                records, texts = records[seen[1] + 1 - first :], texts[seen[1] + 1 - first :]
+            elif first > seen[1] + 1:
+                batch += self._missed(room, epoch, seen[1], first)
+        self._last[room] = (epoch, last)
+        batch += zip(records, texts, itertools.repeat(epoch))
 
     def _fill(self, room: str, epoch: str, after: int) -> None:
         """Deliver the messages of ``room`` after ``after``: the ones this process missed."""

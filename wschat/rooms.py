@@ -233,4 +233,4 @@ def prepared(texts: list[str]) -> PreparedMessage:
     """Text messages framed once for many recipients: one, or a batch."""
     if len(texts) == 1:
         return PreparedMessage(texts[0])
-    return PreparedBatch([PreparedMessage(text) for text in texts])
+    return PreparedBatch(texts)
