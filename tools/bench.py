@@ -824,27 +824,24 @@ def print_table(results: dict, servers: list[str], failed: set, reference: str =
 
 
 def print_costs(results: dict, servers: list[str]) -> None:
-    """From fanout (50 members) and fanout-10 (10 members, as many messages):
-    a message's CPU cost apart from its deliveries', the inputs of the
-    scaling model in README.rst.  Both runs cost M messages each; fanout
-    makes 50 M deliveries, fanout-10 10 M: the difference is 40 M deliveries."""
+    """CPU per message, wschat's and redis-server's apart, from fanout (50
+    members) and fanout-10 (10 members, as many messages): the inputs of the
+    scaling model in README.rst."""
     rows = []
     for name in servers:
-        try:
-            wide = statistics.median(results["fanout", "CPU us/deliv"][name]) * 50  # CPU per message, all in
-            narrow = statistics.median(results["fanout-10", "CPU us/deliv"][name]) * 10
-        except KeyError:
-            continue
-        delivery = (wide - narrow) / 40
-        rows.append(f"{name:20} {narrow - 10 * delivery:12.1f} {delivery:14.2f}")
-        if "redis CPU %" in {figure for _, figure in results}:
-            for scenario, members in (("fanout", 50), ("fanout-10", 10)):
-                share = statistics.median(results[scenario, "redis CPU %"].get(name, [0]))
+        row = ""
+        for scenario, members in (("fanout", 50), ("fanout-10", 10)):
+            try:
+                total = statistics.median(results[scenario, "CPU us/deliv"][name]) * members
                 rate = statistics.median(results[scenario, "deliveries/s"][name]) / members
-                if share:
-                    rows[-1] += f"   redis-server {1e4 * share / rate:.1f} us/message ({scenario})"
+            except KeyError:
+                continue
+            broker = statistics.median(results.get((scenario, "redis CPU %"), {}).get(name, [0])) * 1e4 / rate
+            row += f"   {scenario}: wschat {total - broker:5.1f}, redis-server {broker:4.1f}"
+        if row:
+            rows.append(f"{name:20}{row}")
     if rows:
-        print(f"\n{'server':20} {'us/message':>12} {'us/delivery':>14}   (CPU, wschat and redis-server)")
+        print("\nCPU per message, in us (all its deliveries included):")
         print("\n".join(rows))
 
 
