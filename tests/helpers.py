@@ -224,15 +224,16 @@ class RedisServer:
 
     BINARY = "/usr/bin/redis-server"
 
-    def __init__(self, directory, persistent: bool = True):
+    def __init__(self, directory, persistent: bool = True, password: str | None = None):
         self.port = free_port()
         self.directory = directory
         self.persistent = persistent
+        self.password = password  # requirepass
         self.process = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://{f':{self.password}@' if self.password else ''}127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
         import subprocess
@@ -242,9 +243,10 @@ class RedisServer:
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
         self.process = subprocess.Popen(
             [self.BINARY, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
-             "--dir", str(self.directory), "--protected-mode", "no"],
+             "--dir", str(self.directory), "--protected-mode", "no",
+             *(["--requirepass", self.password] if self.password else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=1)
+        client = redis.Redis(port=self.port, socket_connect_timeout=1, password=self.password)
         try:
             wait_until(lambda: self._answers(client), what="redis-server to answer")
         finally:

@@ -1,6 +1,8 @@
 """Peer text made safe for log lines."""
 
-from wschat.logsafe import address_text, quoted
+import pytest
+
+from wschat.logsafe import address_text, quoted, without_password
 
 
 def test_quoted_escapes_line_breaks_controls_and_bidi():
@@ -18,3 +20,13 @@ def test_address_text():
     assert address_text(("127.0.0.1", 80)) == "127.0.0.1:80"
     assert address_text(("::1", 80, 0, 0)) == "::1:80"
     assert address_text("/tmp/socket") == "/tmp/socket"
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("redis://:s3cret@10.0.0.20:6379/0", "redis://:***@10.0.0.20:6379/0"),
+    ("rediss://app:p%40ss@redis.example:6380/2", "rediss://app:***@redis.example:6380/2"),
+    ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+    ("redis://app@127.0.0.1/0", "redis://app@127.0.0.1/0"),
+])
+def test_a_password_in_a_url_never_reaches_a_log_line(url, shown):
+    assert without_password(url) == shown

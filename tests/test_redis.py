@@ -276,6 +276,44 @@ def test_the_backlog_counts_what_redis_has_not_confirmed_and_flush_waits_for_it(
         assert collect(bob, 5) == [1, 2, 3, 4, 5]
 
 
+def test_a_redis_with_a_password_and_another_database(tmp_path):
+    """What the URL says (docs/deploying.rst: ``redis://:PASSWORD@HOST:6379/0``)
+    holds for every connection of the engine, its own pipelined ones included."""
+    import redis
+
+    from wschat.engine import EngineUnavailable
+    from wschat.redis_engine import RedisEngine
+
+    from .helpers import RedisServer
+
+    if not os.path.exists(RedisServer.BINARY) and not os.environ.get("WSCHAT_REQUIRE_SERVICES"):
+        pytest.skip(f"redis-server is not installed at {RedisServer.BINARY}")
+    server = RedisServer(tmp_path, persistent=False, password="s3cr/t").start()
+    chats = []
+    try:
+        url = f"redis://:s3cr%2Ft@127.0.0.1:{server.port}/3"
+        for _ in range(2):
+            chat = Chat(start_server(workers=2), engine=RedisEngine(url), limits=ChatLimits.off(), welcome="")
+            chat.url = f"ws://127.0.0.1:{chat.server.port}/chat"
+            chats.append(chat)
+        with join(chats[0], "alice") as alice, join(chats[1], "bob") as bob:
+            recv_json(alice, "welcome")
+            recv_json(bob, "welcome")
+            say(alice, "over a password")
+            assert recv_json(bob, "message")["text"] == "over a password"
+        client = redis.Redis(port=server.port, password="s3cr/t", db=3, decode_responses=True)
+        assert json.loads(client.lrange("wschat:{r:main}:history", 0, -1)[0])["text"] == "over a password"
+        assert not redis.Redis(port=server.port, password="s3cr/t", db=0).keys("wschat:{r:*")
+        with pytest.raises(EngineUnavailable, match="refused: WRONGPASS") as refused:  # one error at start
+            RedisEngine(f"redis://:wrong@127.0.0.1:{server.port}/3").start(lambda room, events: None)
+        assert "wrong" not in str(refused.value) and ":***@" in str(refused.value)  # no password in a message
+    finally:
+        for chat in chats:
+            chat.server.stop()
+            chat.close()
+        server.kill()
+
+
 # -- the command line ------------------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ from .chat import DEFAULT_MAX_HISTORY_BYTES, DEFAULT_WELCOME, Chat, ChatLimits
 from .engine import EngineUnavailable
 from .files import DEFAULT_PAGE_POLICY
 from .frames import IMPLEMENTATION
+from .logsafe import without_password
 from .server import Server
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
@@ -143,7 +144,7 @@ def redis_engine(args: argparse.Namespace):
     try:
         return RedisEngine(args.redis, history=args.history, presence_timeout=args.presence_timeout)
     except ValueError as exc:  # not a redis:// URL
-        raise SetupError(f"--redis {args.redis}: {exc}") from None
+        raise SetupError(f"--redis {without_password(args.redis)}: {exc}") from None
 
 
 # Settings whose option is not named after them (the rest: --max-queue for max_queue, ...).

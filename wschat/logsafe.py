@@ -7,6 +7,8 @@ floods the log, so every such value goes through ``quoted`` first.
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit, urlunsplit
+
 DEFAULT_LIMIT = 120
 
 
@@ -26,3 +28,13 @@ def address_text(address) -> str:
     if isinstance(address, tuple) and len(address) >= 2:
         return f"{address[0]}:{address[1]}"
     return str(address)
+
+
+def without_password(url: str) -> str:
+    """A URL fit for a log line: its password, if any, replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

@@ -40,7 +40,6 @@ import socket
 import threading
 import time
 from typing import Any, Callable
-from urllib.parse import urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -49,14 +48,13 @@ from redis.retry import Retry
 from . import checks
 from .dialect import encode, now_ms
 from .engine import ADDED, JOINED, TAKEN, Claim, Deliver, Delivery, EngineUnavailable, Failed, History
-from .logsafe import quoted
+from .logsafe import quoted, without_password
 from .redis_nodes import Address, Nodes
 from .redis_publisher import Publisher, Waiter
 from .redis_store import RedisStore
 from .resp import ReplyError, RespConnection, pack
 
 log = logging.getLogger("wschat")
-
 
 
 class RedisEngine:
@@ -78,7 +76,7 @@ class RedisEngine:
         checks.whole("room_ttl", room_ttl, 1)
         if "{" in prefix or "}" in prefix:
             raise checks.SettingError("prefix must not hold '{' or '}' (a room's hash tag follows it)")
-        self.url = url
+        self.url = without_password(url)  # for messages and logs
         self.history_size = history
         self.presence_timeout = presence_timeout
         self.room_ttl = room_ttl
@@ -90,8 +88,7 @@ class RedisEngine:
             url, socket_timeout=timeout, socket_connect_timeout=timeout, retry=Retry(NoBackoff(), 0),
             decode_responses=True,
         )
-        parts = urlsplit(url)
-        self.nodes = Nodes((parts.hostname or "127.0.0.1", parts.port or 6379), timeout)
+        self.nodes = Nodes(url, timeout)
         self.store = self._new_store()
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -105,7 +102,7 @@ class RedisEngine:
         self._deliver: Deliver | None = None
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._wake_reader, self._wake_writer = socket.socketpair()  # wakes the subscriber thread
+        self._wake_reader, self._wake_writer = socket.socketpair()  # wakes the engine's thread
         self._wake_writer.setblocking(False)
         self._selector = selectors.DefaultSelector()  # the engine thread's: wake-ups, subscriptions, publishing
         self._selector.register(self._wake_reader, selectors.EVENT_READ, self._drain_wake)
@@ -141,8 +138,10 @@ class RedisEngine:
                                           socket_connect_timeout=self.timeout, decode_responses=True)
                 self.store = self.publisher.store = self._new_store()
             self.store.heartbeat()
-        except (redis.RedisError, OSError) as exc:
+        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
             raise EngineUnavailable(f"cannot reach Redis at {self.url}: {exc}") from None
+        except (redis.RedisError, ReplyError) as exc:  # a wrong password, a database that does not exist...
+            raise EngineUnavailable(f"Redis at {self.url} refused: {exc}") from None
         self._stopping.clear()
         self._thread = threading.Thread(target=self._run, name="wschat-redis", daemon=True)
         self._thread.start()
@@ -358,7 +357,7 @@ class RedisEngine:
 
         self.nodes.discover()  # on a cluster: which master owns each slot now
         for node in self.nodes.masters():  # raises while a node is down
-            conn = subscriptions[node] = RespConnection(node, self.timeout)
+            conn = subscriptions[node] = self.nodes.connect(node)
             self._selector.register(conn, selectors.EVENT_READ, reader(conn))
         self._back_up()
         interval = self.presence_timeout / 3

@@ -10,6 +10,8 @@ engine's other calls by its own map.
 
 from __future__ import annotations
 
+from urllib.parse import unquote, urlsplit
+
 from redis.crc import key_slot
 
 from .resp import ReplyError, RespConnection
@@ -23,14 +25,33 @@ class ClusterNotReady(ConnectionError):
 
 
 class Nodes:
-    """The Redis at ``address``, or the cluster it is a node of (see the module docstring)."""
+    """The Redis at ``url``, or the cluster it is a node of (see the module
+    docstring); connections to them, with the URL's password and database."""
 
-    def __init__(self, address: Address, timeout: float):
-        self.address = address
+    def __init__(self, url: str, timeout: float):
+        parts = urlsplit(url)  # redis-py checked it already
+        self.address: Address = (parts.hostname or "127.0.0.1", parts.port or 6379)
         self.timeout = timeout
+        self._tls = parts.scheme == "rediss"
+        self._auth = [unquote(part) for part in (parts.username, parts.password) if part]  # AUTH [user] password
+        db = parts.path.strip("/")
+        self._db = int(db) if db.isdigit() else 0
         self.cluster = False
-        self.known: list[Address] = [address]  # every node seen, to ask for the map when some are gone
+        self.known: list[Address] = [self.address]  # every node seen, to ask for the map when some are gone
         self._owners: list[Address] = []
+
+    def connect(self, node: Address) -> RespConnection:
+        """A connection to ``node``, authenticated and on the URL's database."""
+        conn = RespConnection(node, self.timeout, tls=self._tls)
+        try:
+            if self._auth:
+                conn.call("AUTH", *self._auth)
+            if self._db:
+                conn.call("SELECT", self._db)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     def discover(self) -> None:
         """Learn whether this is a cluster and, if so, which master owns each
@@ -39,7 +60,7 @@ class Nodes:
         problem: Exception | None = None
         for address in list(self.known):
             try:
-                conn = RespConnection(address, self.timeout)
+                conn = self.connect(address)
             except OSError as exc:
                 problem = exc
                 continue
@@ -78,7 +99,7 @@ class Nodes:
         try:
             self.discover()
             for node in self.masters():
-                conn = RespConnection(node, self.timeout)
+                conn = self.connect(node)
                 try:
                     conn.call("PING")
                 finally:

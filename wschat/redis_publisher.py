@@ -121,7 +121,7 @@ class Publisher:
             self._sent[link].extend((now, entries) for _, entries in calls)
 
     def _connect(self, node: Address) -> RespConnection:
-        link = self._links[node] = RespConnection(node, self.timeout)
+        link = self._links[node] = self.nodes.connect(node)
         self._sent[link] = deque([(time.monotonic(), [])])  # the script load's reply settles nothing
         link.send(pack("SCRIPT", "LOAD", PUBLISH_BATCH))  # first: EVALSHA then never meets NOSCRIPT
         self.selector.register(link, selectors.EVENT_READ, lambda: self.answered(link))

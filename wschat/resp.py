@@ -11,6 +11,7 @@ no retries, no threads, no state beyond the socket and its parser.
 from __future__ import annotations
 
 import socket
+import ssl
 from typing import Any, Iterable
 
 import hiredis
@@ -34,10 +35,17 @@ def pack_all(commands: Iterable[tuple]) -> bytes:
 class RespConnection:
     """One TCP connection to one Redis node (blocking, with a timeout)."""
 
-    def __init__(self, address: tuple[str, int], timeout: float):
+    def __init__(self, address: tuple[str, int], timeout: float, *, tls: bool = False):
         self.address = address
-        self.sock = socket.create_connection(address, timeout=timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = socket.create_connection(address, timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tls:  # rediss://: the server's certificate is checked as redis-py does by default
+            try:
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=address[0])
+            except BaseException:
+                sock.close()
+                raise
+        self.sock = sock
         self.reader = hiredis.Reader(encoding="utf-8")
 
     def fileno(self) -> int:

@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 
+from .logsafe import without_password
+
 log = logging.getLogger("wschat")
 
 RESTART_DELAY_MAX = 10.0  # seconds between restarts of a child that keeps dying at once
@@ -73,7 +75,7 @@ def supervise(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"wschat: {exc}", file=sys.stderr)
         return 1
     except Exception as exc:  # redis-py's errors, without importing it here
-        print(f"wschat: cannot reach Redis at {args.redis}: {exc}", file=sys.stderr)
+        print(f"wschat: cannot reach Redis at {without_password(args.redis)}: {exc}", file=sys.stderr)
         return 1
     try:
         reserved = reserve_port(args.host, args.port)
