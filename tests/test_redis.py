@@ -314,6 +314,21 @@ def test_a_redis_with_a_password_and_another_database(tmp_path):
         server.kill()
 
 
+def test_what_waits_for_a_stalled_redis_is_bounded_and_the_senders_are_told(chats, redis_server):
+    a = chats()
+    a.engine.publisher.max_unsettled = 5
+    with join(a, "alice") as alice:
+        recv_json(alice, "welcome")
+        wait_until(lambda: a.engine.backlog() == 0, what="the join to be published")
+        a.engine.redis.execute_command("CLIENT", "PAUSE", "1500", "WRITE")
+        for i in range(8):
+            alice.send(json.dumps({"type": "message", "text": str(i), "id": str(i)}))
+        refused = [recv_json(alice, "error") for _ in range(3)]  # the three past the bound, at once
+        assert [(e["code"], e["id"]) for e in refused] == [("not_sent", "5"), ("not_sent", "6"), ("not_sent", "7")]
+        assert a.engine.backlog() <= 5
+        assert [recv_json(alice, "message")["text"] for _ in range(5)] == ["0", "1", "2", "3", "4"]
+
+
 # -- the command line ------------------------------------------------------------------
 
 

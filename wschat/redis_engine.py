@@ -59,7 +59,9 @@ log = logging.getLogger("wschat")
 
 class RedisEngine:
     """Rooms, history and presence in the Redis at ``url``
-    (``redis://HOST:PORT/DB``, or any node of a Redis Cluster); see the module docstring."""
+    (``redis://HOST:PORT/DB``, or any node of a Redis Cluster); see the module
+    docstring.  ``max_backlog`` bounds the events waiting for Redis: past it
+    a sender is told its message was not sent."""
 
     def __init__(
         self,
@@ -70,8 +72,10 @@ class RedisEngine:
         room_ttl: int = 30 * 86400,
         prefix: str = "wschat",
         timeout: float = 2.0,
+        max_backlog: int = 10_000,
     ):
         checks.whole("history", history, 0, " (0: none kept)")
+        checks.whole("max_backlog", max_backlog, 1)
         checks.seconds("presence_timeout", presence_timeout, positive=True)
         checks.whole("room_ttl", room_ttl, 1)
         if "{" in prefix or "}" in prefix:
@@ -106,7 +110,7 @@ class RedisEngine:
         self._wake_writer.setblocking(False)
         self._selector = selectors.DefaultSelector()  # the engine thread's: wake-ups, subscriptions, publishing
         self._selector.register(self._wake_reader, selectors.EVENT_READ, self._drain_wake)
-        self.publisher = Publisher(self.nodes, self.store, self._wake, timeout, self._selector)
+        self.publisher = Publisher(self.nodes, self.store, self._wake, timeout, self._selector, max_backlog)
 
     @property
     def reachable(self) -> bool:

@@ -48,8 +48,9 @@ class Publisher:
     """The queue, and the connections that send it (see the module docstring)."""
 
     def __init__(self, nodes: Nodes, store: RedisStore, wake: Callable[[], None], timeout: float,
-                 selector: selectors.BaseSelector):
+                 selector: selectors.BaseSelector, max_unsettled: int):
         self.nodes = nodes
+        self.max_unsettled = max_unsettled  # past it, put refuses: what waits for Redis is bounded
         self.selector = selector  # the engine thread's, which calls ``answered`` when a connection is readable
         self.store = store
         self.timeout = timeout
@@ -63,8 +64,11 @@ class Publisher:
         self._sent: dict[RespConnection, deque[tuple[float, list[Entry]]]] = {}  # awaiting replies, in order
 
     def put(self, entry: Entry) -> None:
-        """Queue one event (any thread); the engine's thread sends it."""
+        """Queue one event (any thread); the engine's thread sends it.
+        Raises ``EngineUnavailable`` when ``max_unsettled`` events wait already."""
         with self._lock:
+            if self._unsettled >= self.max_unsettled:
+                raise EngineUnavailable(f"Redis is not keeping up ({self._unsettled} events wait for it)")
             self._queue.append(entry)
             self._unsettled += 1
             if self._woken:
