@@ -245,6 +245,29 @@ def test_redis_restarted_empty_starts_a_new_epoch(chats, redis_server):
             assert (message["text"], message["seq"]) == ("three", 1)
 
 
+def test_numbering_never_goes_back_after_redis_lost_the_last_messages(chats, redis_server, caplog):
+    """A failover (or a restart with appendfsync everysec) may lose the last
+    messages; the next ones must not take their numbers, or members who saw
+    them would drop the new ones as repeats."""
+    a, b = chats(), chats()
+    with join(a, "alice") as alice, join(b, "bob") as bob:
+        recv_json(alice, "welcome")
+        recv_json(bob, "welcome")
+        for i in range(1, 4):
+            say(alice, str(i))
+        assert collect(bob, 3) == [1, 2, 3] and collect(alice, 3) == [1, 2, 3]
+        wait_until(lambda: b.engine.backlog() == 0 and a.engine.backlog() == 0, what="all kept")
+        a.engine.redis.set("wschat:{r:main}:seq", 1, keepttl=True)  # as if 2 and 3 were lost with a master
+        redis_server.kill()
+        redis_server.start()  # its append-only file has what the seq was set to
+        wait_until(lambda: a.engine.reachable and b.engine.reachable, what="both back")
+        say(bob, "after")
+        for ws in (alice, bob):
+            message = recv_json(ws, "message")
+            assert (message["text"], message["seq"]) == ("after", 4)
+    assert [r for r in caplog.records if "numbering goes on" in r.getMessage()]
+
+
 def test_a_subscriber_that_missed_messages_fills_the_gap(chats):
     """Messages published while a process was not subscribed (its subscription
     connection dropped) are delivered from the history, in order, once."""

@@ -431,7 +431,10 @@ class RedisEngine:
             self._deliver(room, [({"type": "users", "room": room, "users": self.users(room)}, None, None)])
 
     def _back_up(self) -> None:
-        """The subscriptions are connected: calls may go to Redis again."""
+        """The subscriptions are connected: calls may go to Redis again, once
+        no room's numbering has gone back (see ``_numbering_goes_on``)."""
+        if self._down_since is not None:
+            self._numbering_goes_on()
         with self._changed:
             since, self._down_since = self._down_since, None
             pending, self._pending_releases = self._pending_releases, []
@@ -454,6 +457,20 @@ class RedisEngine:
             elif outcome == "taken":
                 log.warning("room %s: nickname %s was taken while Redis was unreachable",
                             quoted(room), quoted(nick))
+
+    def _numbering_goes_on(self) -> None:
+        """Before anything is published after an outage: a Redis that lost
+        the last messages this process delivered (a master that failed over
+        before its replica had them, a restart with ``appendfsync everysec``)
+        would number the next ones as those were, and members who saw them
+        would take the new ones for repeats.  So each room's number goes on
+        from the last one delivered here (the lost ones stay a gap)."""
+        with self._lock:
+            last = dict(self._last)
+        for room, (epoch, seq) in last.items():
+            if self.store.advance(room, epoch, seq):
+                log.warning("room %s: Redis had lost messages up to %d; numbering goes on after them",
+                            quoted(room), seq)
 
     def _deliver_all(self, received: dict[str, list[Delivery]]) -> None:
         deliver = self._deliver

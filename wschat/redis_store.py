@@ -94,6 +94,15 @@ if ARGV[3] == '1' then found[3] = redis.call('LRANGE', KEYS[3], 0, -1) end
 return found
 """
 
+# A room's numbering goes on after ``seq`` if it went back: KEYS seq, epoch;
+# ARGV the epoch the number belongs to, the number.  Returns 1 if it had gone back.
+ADVANCE = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+if tonumber(redis.call('GET', KEYS[1]) or '0') >= tonumber(ARGV[2]) then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+return 1
+"""
+
 # A nickname claimed: KEYS the room's members; ARGV the nickname's key, the
 # nickname, the holder, the user ("" for anonymous).
 CLAIM = """
@@ -210,7 +219,7 @@ class RedisStore:
         self.presence_timeout = presence_timeout
         self.publish_command = "SPUBLISH" if sharded else "PUBLISH"
         self._scripts = {name: client.register_script(source) for name, source in (
-            ("position", POSITION), ("claim", CLAIM), ("rename", RENAME), ("release", RELEASE),
+            ("position", POSITION), ("advance", ADVANCE), ("claim", CLAIM), ("rename", RENAME), ("release", RELEASE),
             ("sweep_room", SWEEP_ROOM), ("holds", HOLDS))}
         self._epoch_base = new_epoch()
         self._epochs = itertools.count()  # with the base: a fresh epoch name, without os.urandom per message
@@ -257,6 +266,11 @@ class RedisStore:
             args=[self._new_epoch(), self.room_ttl, "1" if with_history else "0"])
         found[0] = int(found[0])
         return found
+
+    def advance(self, room: str, epoch: str, seq: int) -> bool:
+        """Make ``room``'s numbering go on after ``seq`` (of ``epoch``) if it
+        went back; whether it had."""
+        return bool(self._scripts["advance"](keys=[self.key("seq", room), self.key("epoch", room)], args=[epoch, seq]))
 
     # -- presence --------------------------------------------------------------------------
 
