@@ -86,7 +86,8 @@ def test_redis_engine_checks_its_settings_before_connecting():
     pytest.importorskip("redis", reason="pip install 'wschat[redis]'")
     from wschat.redis_engine import RedisEngine
 
-    for settings in ({"presence_timeout": -1}, {"presence_timeout": 0}, {"history": -5}, {"room_ttl": 0}):
+    for settings in ({"presence_timeout": -1}, {"presence_timeout": 0}, {"history": -5}, {"room_ttl": 0},
+                     {"prefix": "chat{1}"}, {"max_backlog": 0}):
         with pytest.raises(ValueError, match=rf"^{next(iter(settings))} must be "):
             RedisEngine("redis://127.0.0.1:1/0", **settings)
 

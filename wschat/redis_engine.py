@@ -79,7 +79,7 @@ class RedisEngine:
         checks.seconds("presence_timeout", presence_timeout, positive=True)
         checks.whole("room_ttl", room_ttl, 1)
         if "{" in prefix or "}" in prefix:
-            raise checks.SettingError("prefix must not hold '{' or '}' (a room's hash tag follows it)")
+            raise checks.SettingError("prefix", "a name without '{' or '}' (a room's hash tag follows it)", prefix)
         self.url = without_password(url)  # for messages and logs
         self.history_size = history
         self.presence_timeout = presence_timeout

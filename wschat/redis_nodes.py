@@ -10,6 +10,7 @@ engine's other calls by its own map.
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from redis.crc import key_slot
@@ -80,7 +81,7 @@ class Nodes:
             return
         raise ConnectionError(f"no Redis node answers ({problem})")
 
-    def _learn(self, asked: Address, slots: list) -> None:
+    def _learn(self, asked: Address, slots: list[Any]) -> None:
         owners: list[Address | None] = [None] * SLOTS
         for start, end, master, *replicas in slots:
             owner = (master[0] or asked[0], int(master[1]))

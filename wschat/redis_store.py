@@ -243,7 +243,7 @@ class RedisStore:
 
     # -- messages and history ------------------------------------------------------------
 
-    def batch(self, room: str, items: list[str]) -> tuple:
+    def batch(self, room: str, items: list[str]) -> tuple[str | int, ...]:
         """The command that publishes ``items`` ("M" + a message's JSON,
         "E" + an event's JSON; at most MAX_BATCH) of ``room`` in one script
         call; its reply is the first message's sequence number."""

@@ -28,7 +28,7 @@ def pack(*args: str | bytes | int) -> bytes:
     return b"".join(parts)
 
 
-def pack_all(commands: Iterable[tuple]) -> bytes:
+def pack_all(commands: Iterable[tuple[str | bytes | int, ...]]) -> bytes:
     return b"".join(pack(*command) for command in commands)
 
 
