@@ -117,18 +117,22 @@ class Publisher:
             try:
                 link = self._links.get(node) or self._connect(node)
                 link.send(pack_all(self.store.batch(room, [entry[1] for entry in entries]) for room, entries in calls))
-            except OSError as exc:
+            except (OSError, ReplyError) as exc:  # unreachable, or refused (a password that changed)
+                error = EngineUnavailable(f"Redis is unreachable ({exc})")
+                if node in self._links:
+                    self._drop(self._links[node], error)
                 unsent = [entry for _, calls_left in nodes[index:] for _, entries in calls_left for entry in entries]
-                fail(unsent, EngineUnavailable(f"Redis is unreachable ({exc})"))
+                fail(unsent, error)
                 self._settle(len(unsent))
                 raise
             self._sent[link].extend((now, entries) for _, entries in calls)
 
     def _connect(self, node: Address) -> RespConnection:
-        link = self._links[node] = self.nodes.connect(node)
+        link = self.nodes.connect(node)
+        self.selector.register(link, selectors.EVENT_READ, lambda: self.answered(link))
+        self._links[node] = link
         self._sent[link] = deque([(time.monotonic(), [])])  # the script load's reply settles nothing
         link.send(pack("SCRIPT", "LOAD", PUBLISH_BATCH))  # first: EVALSHA then never meets NOSCRIPT
-        self.selector.register(link, selectors.EVENT_READ, lambda: self.answered(link))
         return link
 
     def answered(self, link: RespConnection) -> None:
