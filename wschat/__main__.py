@@ -75,7 +75,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--certfile", help="PEM certificate: serve wss:// and https://")
     add("--keyfile", help="PEM private key for --certfile")
     add("--workers", type=int, default=None,
-        help="run handlers on this many threads (default 0: on the loop; 4 with --redis, whose calls wait for Redis)")
+        help="run handlers on this many threads (default 0: on the loop; 4 with --redis: joining waits for Redis)")
     add("--history", type=int, default=50,
         help="messages kept per room and replayed to wschat.v1 clients as they join (default 50; "
              "plain clients, like the seed's page, get live messages only)")

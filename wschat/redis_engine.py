@@ -306,7 +306,7 @@ class RedisEngine:
     def users(self, room: str) -> list[str]:
         return self._call(self.store.users, room)
 
-    # -- the subscriber thread -----------------------------------------------------------
+    # -- the engine's thread: subscriptions and publishing ------------------------------------
 
     def _run(self) -> None:
         delay = 0.0  # before connecting again: none after a mere drop, backing off while Redis is down
