@@ -293,7 +293,7 @@ def test_the_backlog_counts_what_redis_has_not_confirmed_and_flush_waits_for_it(
         a.engine.redis.execute_command("CLIENT", "PAUSE", "1000", "WRITE")  # Redis holds every write a second
         for i in range(5):
             say(alice, str(i))
-        wait_until(lambda: a.engine.backlog() == 5, what="the messages to wait for Redis")
+        wait_until(lambda: a.engine.backlog() >= 5, what="the messages to wait for Redis")  # (and maybe a join)
         a.engine.flush(10)  # what Server.stop does before its 1001 (Resource.on_drain)
         assert a.engine.backlog() == 0
         assert collect(bob, 5) == [1, 2, 3, 4, 5]
@@ -346,10 +346,18 @@ def test_what_waits_for_a_stalled_redis_is_bounded_and_the_senders_are_told(chat
         a.engine.redis.execute_command("CLIENT", "PAUSE", "1500", "WRITE")
         for i in range(8):
             alice.send(json.dumps({"type": "message", "text": str(i), "id": str(i)}))
-        refused = [recv_json(alice, "error") for _ in range(3)]  # the three past the bound, at once
-        assert [(e["code"], e["id"]) for e in refused] == [("not_sent", "5"), ("not_sent", "6"), ("not_sent", "7")]
         assert a.engine.backlog() <= 5
-        assert [recv_json(alice, "message")["text"] for _ in range(5)] == ["0", "1", "2", "3", "4"]
+        delivered, refused = [], []
+        while len(delivered) + len(refused) < 8:  # each message's outcome: refused at once, or delivered later
+            event = json.loads(alice.recv(timeout=10))
+            if event["type"] == "message":
+                delivered.append(event["text"])
+            elif event["type"] == "error":
+                assert event["code"] == "not_sent"
+                refused.append(event["id"])
+        # The first ones wait for Redis (five, or four beside alice's join event, which
+        # may still be waiting too); the rest are refused at once, and told which.
+        assert len(delivered) in (4, 5) and delivered + refused == [str(i) for i in range(8)]
 
 
 # -- the command line ------------------------------------------------------------------
