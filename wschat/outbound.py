@@ -55,10 +55,13 @@ class PreparedMessage:
             variants = self._variants = {}
         variant = variants.get(agreement)
         if variant is None:
-            compressed = agreement.compress(self.payload)
-            variant = variants[agreement] = ((self.parts, self.size) if compressed is None
-                                             else _frame(self.opcode, compressed, agreement.rsv))
+            variant = variants[agreement] = self._compressed(agreement)
         return variant
+
+    def _compressed(self, agreement) -> tuple[tuple, int]:
+        """The frame under ``agreement``, made once (``frame_for`` keeps it)."""
+        compressed = agreement.compress(self.payload)
+        return (self.parts, self.size) if compressed is None else _frame(self.opcode, compressed, agreement.rsv)
 
     def __repr__(self) -> str:
         return f"<PreparedMessage {Opcode(self.opcode).name} {self.size} bytes>"
@@ -85,16 +88,8 @@ class PreparedBatch(PreparedMessage):
             self.parts, self.size = _joined([_frame(Opcode.TEXT, payload, 0)[0] for payload in payloads])
         self._variants = None
 
-    def frame_for(self, agreement) -> tuple[tuple, int]:
-        if agreement is None:
-            return self.parts, self.size
-        if self._variants is None:
-            self._variants = {}
-        variant = self._variants.get(agreement)
-        if variant is None:
-            variant = self._variants[agreement] = _joined(
-                [PreparedMessage(text).frame_for(agreement)[0] for text in self.texts])
-        return variant
+    def _compressed(self, agreement) -> tuple[tuple, int]:
+        return _joined([PreparedMessage(text).frame_for(agreement)[0] for text in self.texts])
 
     def __repr__(self) -> str:
         return f"<PreparedBatch of {self.count}, {self.size} bytes>"

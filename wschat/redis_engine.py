@@ -97,6 +97,7 @@ class RedisEngine:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._wanted: dict[str, int] = {}  # room -> members here: the rooms to subscribe to
+        self._rooms_changed = False  # a room came into _wanted or left it since the last _reconcile
         self._confirmed: set[str] = set()  # rooms whose subscription Redis confirmed
         self._left: set[str] = set()  # rooms no member here is in any more (see _heartbeat_and_sweep)
         self._last: dict[str, tuple[str, int]] = {}  # room -> (epoch, seq) last delivered
@@ -212,6 +213,7 @@ class RedisEngine:
             if self._down_since is not None:
                 raise EngineUnavailable("Redis is unreachable")
             self._wanted[room] = self._wanted.get(room, 0) + 1
+            self._rooms_changed = True
             self._left.discard(room)
             if room in self._confirmed:
                 return
@@ -230,6 +232,7 @@ class RedisEngine:
                 self._wanted[room] = count
                 return
             self._wanted.pop(room, None)
+            self._rooms_changed = True
             self._left.add(room)
         self._wake()
 
@@ -344,6 +347,7 @@ class RedisEngine:
         requested: dict[str, RespConnection] = {}  # room -> the connection it is subscribed on
         with self._lock:
             again = set(self._wanted)  # subscribed before this connection: events may have been missed
+            self._rooms_changed = True  # (new connections: every room wanted is to be subscribed)
 
         def reader(conn: RespConnection) -> Callable[[], None]:
             def read() -> None:
@@ -388,8 +392,12 @@ class RedisEngine:
             pass
 
     def _reconcile(self, subscriptions: dict[Address, RespConnection], requested: dict[str, RespConnection]) -> None:
-        """Subscribe to the rooms wanted, and only those."""
+        """Subscribe to the rooms wanted, and only those (once they changed:
+        this runs on every pass of the engine's thread)."""
         with self._lock:
+            if not self._rooms_changed:
+                return
+            self._rooms_changed = False
             wanted = set(self._wanted)
             dropped = set(requested) - wanted
             for room in dropped:
@@ -491,21 +499,13 @@ class RedisEngine:
         for kind, text, record in zip(lines, texts, records):
             if kind[0] == "E":
                 batch.append((record, None, None))
-                continue
-            seq = record["seq"]
-            last = self._last.get(room)
-            if last is not None and last[0] == epoch:
-                if seq <= last[1]:
-                    continue  # delivered already (by a gap fill)
-                if seq > last[1] + 1:
-                    batch += self._missed(room, epoch, last[1], seq)
-            self._last[room] = (epoch, seq)
-            batch.append((record, text, epoch))
+            else:
+                self._received_messages(room, epoch, [record], [text], batch)
 
     def _received_messages(self, room: str, epoch: str, records: list[dict], texts: list[str],
                            batch: list[Delivery]) -> None:
-        """``_received`` for a batch of messages alone: their sequence numbers
-        follow one another, so only the first needs checking."""
+        """Messages of ``room`` numbered one after another, added to ``batch``:
+        those not delivered yet, after any missed before them."""
         first, last = records[0]["seq"], records[-1]["seq"]
         seen = self._last.get(room)
         if seen is not None and seen[0] == epoch:

@@ -54,22 +54,11 @@ class RespConnection:
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
 
-    def replies(self, count: int) -> list[Any]:
-        """The next ``count`` replies (a reply that is an error is a
-        ``ReplyError`` in the list, not raised: the others still count)."""
-        found: list[Any] = []
-        while len(found) < count:
-            reply = self.reader.gets()
-            if reply is False:
-                self._fill()
-                continue
-            found.append(reply)
-        return found
-
     def call(self, *args: str | bytes | int) -> Any:
         """One command and its reply; an error reply is raised."""
         self.send(pack(*args))
-        reply = self.replies(1)[0]
+        while (reply := self.reader.gets()) is False:
+            self._fill()
         if isinstance(reply, ReplyError):
             raise reply
         return reply
