@@ -538,10 +538,12 @@ def test_stop_handles_what_it_read_then_drains_then_closes_and_reads_no_more(tmp
     assert handling.wait(5)
     stopping = threading.Thread(target=server.stop, kwargs={"timeout": 5, "release_port": True})
     stopping.start()
-    wait_until(lambda: socket_refused(port), what="the port to be let go of")
-    raw.send_frame(Opcode.TEXT, b"during the drain")  # not read: held until the close, then not handled
-    assert order == []  # nothing drains while a handler runs
-    release.set()
+    try:
+        wait_until(lambda: socket_refused(port), what="the port to be let go of")
+        raw.send_frame(Opcode.TEXT, b"during the drain")  # not read: held until the close, then not handled
+        assert order == []  # nothing drains while a handler runs
+    finally:
+        release.set()  # a failure here must not leave the server for the next test
     assert raw.recv_close() == 1001
     raw.send_frame(Opcode.CLOSE, (1001).to_bytes(2, "big"))
     stopping.join(10)
@@ -549,11 +551,15 @@ def test_stop_handles_what_it_read_then_drains_then_closes_and_reads_no_more(tmp
 
 
 def socket_refused(port: int) -> bool:
+    """True once nothing listens on ``port``.  A connect that races the close
+    of the listening socket is reset rather than refused: ask again."""
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
         return False
     except ConnectionRefusedError:
         return True
+    except ConnectionResetError:
+        return False
 
 
 def test_serve_forever_in_calling_thread_and_port_in_use():
