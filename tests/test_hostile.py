@@ -250,7 +250,7 @@ def test_workers_pause_reading_while_handler_calls_pile_up():
             _, conn = recorder.wait("open")
             sender = threading.Thread(target=lambda: [raw.sock.sendall(f) for f in frames])
             sender.start()
-            wait_until(lambda: not sender.is_alive() or getattr(conn, "_paused", False),
+            wait_until(lambda: not sender.is_alive() or conn.link.paused,
                        what="the server to pause reading, or the client to finish")
             release.set()
             sender.join(30)

@@ -8,9 +8,12 @@ import pytest
 from websockets.sync.client import connect
 
 from wschat import files, transport
+from wschat.budget import Budget
 from wschat.connection import Connection
 from wschat.dispatch import PoolDispatcher
-from wschat.loop import Loop
+from wschat.handoff import Handoff
+from wschat.link import Link
+from wschat.metrics import Metrics
 from wschat.outbound import Outbox
 from wschat.protocol import ServerProtocol
 from wschat.server import Server
@@ -100,19 +103,29 @@ def test_wait_closed_and_latency():
 
 
 def test_a_pool_that_was_shut_down_runs_calls_in_place():
-    server = Server("127.0.0.1", 0)
-    server.bind()
-    loop = Loop(server, server._listener)
+    """Handed only what it uses, a dispatcher runs without a loop."""
+    metrics, budget = Metrics(), Budget(0)
+    handoff = Handoff(metrics, lambda: False)
+    pool = PoolDispatcher(Reading(), handoff, metrics, budget, workers=1, max_pending=4)
+    pool.shutdown()
+    settings = Server("127.0.0.1", 0).settings()
+    conn = Connection(Link("p1", socket.socket(), ServerProtocol(), None), ("127.0.0.1", 1), handoff, settings, metrics)
+    ran = []
     try:
-        pool = PoolDispatcher(loop, 1, 4)
-        pool.shutdown()
-        conn = Connection(loop, None, ("127.0.0.1", 1), "p1", ServerProtocol())
-        ran = []
         pool.submit(conn, ran.append, threading.current_thread())
         assert ran == [threading.current_thread()]
+        assert pool.idle() and budget.total == 0
     finally:
-        loop._release_all()
-        server.stop()
+        conn.link.sock.close()
+        handoff.close()
+
+
+class Reading:
+    def watch(self, conn):
+        raise AssertionError("not paused: nothing to watch")
+
+    def resume_reading(self, conn):
+        raise AssertionError("not paused: nothing to resume")
 
 
 def test_a_static_file_over_the_size_limit_is_a_500(tmp_path, monkeypatch):

@@ -216,7 +216,7 @@ def test_slow_clients_hold_what_max_queue_says():
                     conn.send("tiny message", timeout=0)
                 barrier(server, "/echo")
         before = sum(conn.queued for conn in conns)
-        lists_before = sum(sys.getsizeof(conn._protocol.outbox.buffers) for conn in conns)
+        lists_before = sum(sys.getsizeof(conn.link.protocol.outbox.buffers) for conn in conns)
         tracemalloc.start(4)  # deep enough to see Connection.send under the allocation
         try:
             for conn in conns:
@@ -228,7 +228,7 @@ def test_slow_clients_hold_what_max_queue_says():
             tracemalloc.stop()
         # A queue's list, grown meanwhile, is a new block holding the slots of the
         # buffers queued before too: count what the list grew by, not the block.
-        lists_grew = sum(sys.getsizeof(conn._protocol.outbox.buffers) for conn in conns) - lists_before
+        lists_grew = sum(sys.getsizeof(conn.link.protocol.outbox.buffers) for conn in conns) - lists_before
         held = allocated_within(snapshot, Connection.send) - allocated_within(snapshot, Outbox.extend) + lists_grew
         # Every frame still held is in a queue: what the queues count now bounds it
         # (the loop may have written older frames meanwhile, so not the growth alone).

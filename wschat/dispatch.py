@@ -14,15 +14,17 @@ from __future__ import annotations
 import logging
 import sys
 import threading
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable, Protocol
 
-from .deflate import NAME as DEFLATE
-from .errors import ConnectionClosed, HandshakeError, WebSocketError
+from .budget import Budget
+from .connection import Connection
+from .errors import ConnectionClosed, WebSocketError
 from .frames import CloseCode
-from .handshake import Answer, Request
-from .logsafe import quoted
+from .handoff import Handoff
+from .metrics import Metrics
 from .protocol import (
     CLOSING,
     BinaryMessage,
@@ -34,16 +36,22 @@ from .protocol import (
     TextMessage,
 )
 
-if TYPE_CHECKING:
-    from .connection import Connection
-    from .loop import Loop
-
 log = logging.getLogger("wschat")
-_worker = threading.local()
-CALL_OVERHEAD = 160  # a waiting call's tuple, its queue slot, the event it came from  # .dispatcher on the pool's own threads
+_worker = threading.local()  # .dispatcher on the pool's own threads
+CALL_OVERHEAD = 160  # a waiting call's tuple, its queue slot, the event it came from
+Handler = Callable[..., Any]
 
 
-def run_handler(conn: Connection, handler: Callable, args: tuple) -> None:
+class Reading(Protocol):
+    """What the dispatcher asks of the loop: to watch a connection again
+    (paused or not), and to resume a paused one, on the loop thread."""
+
+    def watch(self, conn: Connection) -> None: ...
+
+    def resume_reading(self, conn: Connection) -> None: ...
+
+
+def run_handler(conn: Connection, handler: Handler, args: tuple[Any, ...], metrics: Metrics) -> None:
     """Call one handler; a failure is logged, given to ``on_error``, and
     closes the connection with 1011."""
     try:
@@ -51,7 +59,7 @@ def run_handler(conn: Connection, handler: Callable, args: tuple) -> None:
     except ConnectionClosed:
         log.debug("%s: a handler sent on a closed connection", conn.key)
     except Exception as exc:
-        conn._loop.server.metrics.add("handler_errors")
+        metrics.add("handler_errors")
         log.exception("%s: handler %s failed", conn.key, getattr(handler, "__name__", handler))
         on_error = conn.resource.on_error if conn.resource is not None else None
         if on_error is not None and handler is not on_error:
@@ -62,44 +70,39 @@ def run_handler(conn: Connection, handler: Callable, args: tuple) -> None:
         conn.close(CloseCode.INTERNAL_ERROR, "internal server error")
 
 
-def call_cost(args: tuple) -> int:
+def call_cost(args: tuple[Any, ...]) -> int:
     """What a handler call waiting for a worker holds: its message, and the call itself."""
     return CALL_OVERHEAD + sum(sys.getsizeof(arg) for arg in args if isinstance(arg, (str, bytes)))
 
 
-def authorize(conn: Connection, request: Request, hook: Callable) -> tuple[object, HandshakeError | None]:
-    """Run an authorize hook: ``(user, None)``, or ``(None, the refusal)``;
-    a failing hook is logged and refuses with 500."""
-    try:
-        return hook(request), None
-    except HandshakeError as error:
-        return None, error
-    except Exception:
-        conn._loop.server.metrics.add("handler_errors")
-        log.exception("%s: authorize hook %s failed", conn.key, getattr(hook, "__name__", hook))
-        return None, HandshakeError(500, "internal server error")
-
-
-def _log_refusal(conn: Connection, error: HandshakeError, request: Request | None = None) -> None:
-    target = f" {request.method} {quoted(request.target)}" if request is not None else ""
-    log.info("%s: refused %s%s: %d %s", conn.key, conn.client_address, target, error.status, quoted(error.reason))
+def record_pong(conn: Connection, payload: bytes) -> None:
+    """A keepalive ping carries its send time: the pong gives the round trip."""
+    if len(payload) == 8:
+        rtt = time.monotonic() - int.from_bytes(payload, "big") / 1e9
+        if 0 <= rtt < 3600:
+            conn.latency = rtt
 
 
 class InlineDispatcher:
     """Handlers run at once, on the loop thread: they must not block."""
 
-    def __init__(self, loop: Loop):
-        self._loop = loop
+    def __init__(self, reading: Reading, handoff: Handoff, metrics: Metrics):
+        self._reading = reading
+        self._handoff = handoff
+        self._metrics = metrics
 
-    def process(self, conn: Connection) -> None:
+    def process(self, conn: Connection) -> RequestReceived | RequestRefused | None:
         """Hand the connection's events to their handlers, in order, until
-        the received bytes run out or its backlog of handler calls pauses it."""
-        loop = self._loop
-        metrics = loop.server.metrics
-        protocol = conn._protocol
+        the received bytes run out or its backlog of handler calls pauses it.
+        The request head is not the handlers': it is returned, unprocessed,
+        for the handshake to answer (then ``process`` goes on)."""
+        metrics = self._metrics
+        link = conn.link
+        protocol = link.protocol
         submit = self.submit
-        while not conn._paused:
-            with conn._lock:
+        head: RequestReceived | RequestRefused | None = None
+        while not link.paused:
+            with link.lock:
                 event = protocol.next_event()
             if event is None:
                 break
@@ -108,99 +111,48 @@ class InlineDispatcher:
                 metrics.messages_received += 1
                 if protocol.state is CLOSING:
                     continue  # sent before the peer saw our close: not handled (RFC 6455 1.4), and it can tell
-                if conn.resource.on_message is not None:
-                    submit(conn, conn.resource.on_message, conn, event.data)
-            elif kind is CloseReceived:
-                submit(conn, conn._acknowledge_close)
-            elif kind is ConnectionFailed:
+                on_message = conn.resource.on_message if conn.resource is not None else None
+                if on_message is not None:
+                    submit(conn, on_message, conn, event.data)  # type: ignore[union-attr]  # narrowed by kind
+            elif isinstance(event, CloseReceived):
+                submit(conn, self._acknowledge_close, conn)
+            elif isinstance(event, ConnectionFailed):
                 self.fail(conn, event.error)
-            elif kind is Pong:
-                conn._on_pong(event.payload)
-            elif kind is RequestReceived:
-                self._answer(conn, event.request)
-            elif kind is RequestRefused:
-                loop.answered(conn)
-                metrics.count("handshakes", event.error.status)
-                _log_refusal(conn, event.error)
-        if conn._paused:
-            loop.watch(conn)
+            elif isinstance(event, Pong):
+                record_pong(conn, event.payload)
+            elif isinstance(event, (RequestReceived, RequestRefused)):
+                head = event
+                break
+        if link.paused:
+            self._reading.watch(conn)
         if protocol.outbox.size:
-            loop.flush_soon(conn)
+            self._handoff.mark_dirty((conn,))
+        return head
 
     def fail(self, conn: Connection, error: WebSocketError) -> None:
         """Fail the connection with the error's close code, after the handlers
         of what arrived before it; ``on_error`` is told first."""
-        self._loop.server.metrics.count("failures", error.close_code)
+        self._metrics.count("failures", error.close_code)
         log.info("%s: failing the connection with %d: %s", conn.key, error.close_code, error)
-        if conn.resource.on_error is not None:
-            self.submit(conn, conn.resource.on_error, conn, error)
-        self.submit(conn, conn._fail, error)
+        on_error = conn.resource.on_error if conn.resource is not None else None
+        if on_error is not None:
+            self.submit(conn, on_error, conn, error)
+        self.submit(conn, self._fail, conn, error)
 
-    def _answer(self, conn: Connection, request: Request) -> None:
-        """Apply the server's answer to a request: upgrade (once authorized), refuse, or serve a file."""
-        loop, server = self._loop, self._loop.server
-        conn.client_address = request.client_address = server.client_address(conn.client_address, request)
-        answer = server.answer(request, open_count=len(loop.connections),
-                               ip_count=loop.connections_from(conn.client_address), stopping=loop.stopping)
-        if answer.accepted is None:
-            self._respond(conn, request, answer)
-        elif answer.resource.authorize is None:
-            self._open(conn, request, answer, None)
-        else:
-            self._authorize(conn, request, answer)
+    def _acknowledge_close(self, conn: Connection) -> None:
+        """Answer the peer's close frame (run in order after earlier handlers)."""
+        with conn.link.lock:
+            conn.link.protocol.acknowledge_close()
+        self._handoff.mark_dirty((conn,))
 
-    def _authorize(self, conn: Connection, request: Request, answer: Answer) -> None:
-        """Run the resource's hook, here on the loop thread."""
-        self._decide(conn, request, answer, *authorize(conn, request, answer.resource.authorize))
+    def _fail(self, conn: Connection, error: WebSocketError) -> None:
+        """Queue the error's close frame (in order, too)."""
+        with conn.link.lock:
+            conn.link.protocol.fail(error)
+        self._handoff.mark_dirty((conn,))
 
-    def _decide(self, conn: Connection, request: Request, answer: Answer, user: object,
-                refusal: HandshakeError | None) -> None:
-        if refusal is None:
-            self._open(conn, request, answer, user)
-        else:
-            self._respond(conn, request, Answer.refusing(refusal))
-
-    def refuse(self, conn: Connection, error: HandshakeError) -> None:
-        """Refuse a request whose hook has not answered in time (on the loop thread)."""
-        self._respond(conn, None, Answer.refusing(error))
-        self._resume_after_hook(conn)
-
-    def _resume_after_hook(self, conn: Connection) -> None:
-        with conn._lock:
-            conn._paused = False
-        self._loop.watch(conn)
-        self.process(conn)  # frames that came right behind the request
-        self._loop.account(conn)
-        if conn._protocol.outbox.size:
-            self._loop.flush_soon(conn)
-
-    def _respond(self, conn: Connection, request: Request | None, answer: Answer) -> None:
-        """Answer with a plain HTTP response: a refusal, a route or a file."""
-        self._loop.answered(conn)
-        self._loop.server.metrics.count("handshakes", answer.status)
-        with conn._lock:
-            conn._protocol.respond(answer.response)
-        if answer.refusal is not None:
-            _log_refusal(conn, answer.refusal, request)
-        else:
-            log.debug("%s: %s %s %d", conn.key, request.method, quoted(request.target), answer.status)
-
-    def _open(self, conn: Connection, request: Request, answer: Answer, user: object) -> None:
-        """Upgrade: the 101, into the socket map, ``on_open``."""
-        loop = self._loop
-        loop.server.metrics.count("handshakes", 101)
-        conn.resource, conn.subprotocol, conn.user, conn._head = answer.resource, answer.accepted.subprotocol, user, request.raw
-        with conn._lock:
-            conn._protocol.accept(answer.response, rsv=answer.accepted.rsv, deflate=answer.accepted.agreement(DEFLATE))
-        loop.opened(conn)
-        if log.isEnabledFor(logging.DEBUG):  # one line per connection: no formatting when it is off
-            log.debug("%s: open %s from %s%s", conn.key, quoted(request.path), conn.client_address,
-                      f" ({conn.subprotocol})" if conn.subprotocol else "")
-        if conn.resource.on_open is not None:
-            self.submit(conn, conn.resource.on_open, conn)
-
-    def submit(self, conn: Connection, handler: Callable, *args) -> None:
-        run_handler(conn, handler, args)
+    def submit(self, conn: Connection, handler: Handler, *args: Any) -> None:
+        run_handler(conn, handler, args, self._metrics)
 
     def is_worker_thread(self) -> bool:
         return False
@@ -216,12 +168,13 @@ class InlineDispatcher:
 class PoolDispatcher(InlineDispatcher):
     """Handlers run on ``workers`` threads, one at a time per connection, in order."""
 
-    def __init__(self, loop: Loop, workers: int, max_pending: int):
-        super().__init__(loop)
+    def __init__(self, reading: Reading, handoff: Handoff, metrics: Metrics, budget: Budget,
+                 workers: int, max_pending: int):
+        super().__init__(reading, handoff, metrics)
         self.max_pending = max(1, max_pending)
+        self._budget = budget
+        self._busy: set[Connection] = set()  # those with calls waiting or running (set ops are atomic)
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="wschat-handler", initializer=self._enter)
-        # Authorize hooks get threads of their own: slow ones hold up other handshakes, never handlers.
-        self._hooks = ThreadPoolExecutor(workers, thread_name_prefix="wschat-authorize", initializer=self._enter)
 
     def _enter(self) -> None:
         _worker.dispatcher = self
@@ -230,50 +183,23 @@ class PoolDispatcher(InlineDispatcher):
         return getattr(_worker, "dispatcher", None) is self
 
     def idle(self) -> bool:
-        return not any(conn._running for conn in list(self._loop.connections.values()))
+        return not self._busy
 
-    def _authorize(self, conn: Connection, request: Request, answer: Answer) -> None:
-        """Run the hook on a hook thread; the connection is not read meanwhile."""
-        with conn._lock:
-            conn._paused = True
-        try:
-            self._hooks.submit(self._run_hook, conn, request, answer)
-        except RuntimeError:  # shutting down
-            self.refuse(conn, HandshakeError(503, "server shutting down", (("Retry-After", "5"),)))
-
-    def _run_hook(self, conn: Connection, request: Request, answer: Answer) -> None:
-        if not conn._protocol.awaiting_answer:
-            return  # answered by the handshake deadline while it waited for a thread
-        user, refusal = authorize(conn, request, answer.resource.authorize)
-        self._loop.call_soon(self._decide_late, conn, request, answer, user, refusal)
-
-    def _decide_late(self, conn: Connection, request: Request, answer: Answer, user: object,
-                     refusal: HandshakeError | None) -> None:
-        """The hook's verdict, back on the loop thread, where the world moved on meanwhile."""
-        if conn._sock is None or not conn._protocol.awaiting_answer:
-            return  # gone, or answered by the handshake deadline
-        loop = self._loop
-        if refusal is None:
-            try:
-                loop.server.admit(len(loop.connections), loop.connections_from(conn.client_address), loop.stopping)
-            except HandshakeError as error:
-                refusal = error
-        self._decide(conn, request, answer, user, refusal)
-        self._resume_after_hook(conn)
-
-    def submit(self, conn: Connection, handler: Callable, *args) -> None:
+    def submit(self, conn: Connection, handler: Handler, *args: Any) -> None:
         cost = call_cost(args)
-        self._loop.budget.change(conn, cost)  # held until the call has run
-        with conn._lock:
-            tasks = conn._tasks
-            if tasks is None:
-                tasks = conn._tasks = deque()
-            tasks.append((handler, args, cost))
-            if len(tasks) >= self.max_pending:
-                conn._paused = True
-            if conn._running:
+        self._budget.change(conn, cost)  # held until the call has run
+        link = conn.link
+        with link.lock:
+            calls = link.calls
+            if calls is None:
+                calls = link.calls = deque()
+            calls.append((handler, args, cost))
+            if len(calls) >= self.max_pending:
+                link.paused = True
+            if link.running:
                 return
-            conn._running = True
+            link.running = True
+            self._busy.add(conn)
         try:
             self._executor.submit(self._run, conn)
         except RuntimeError:  # the pool is shut down: run them here
@@ -282,20 +208,21 @@ class PoolDispatcher(InlineDispatcher):
     def _run(self, conn: Connection) -> None:
         """Run one connection's waiting calls in order (on a worker thread)."""
         low = self.max_pending // 2
+        link = conn.link
         while True:
-            with conn._lock:
-                tasks = conn._tasks
-                if not tasks:
-                    conn._tasks = None
-                    conn._running = False
+            with link.lock:
+                calls = link.calls
+                if not calls:
+                    link.calls = None
+                    link.running = False
+                    self._busy.discard(conn)
                     return
-                handler, args, cost = tasks.popleft()
-                resume = conn._paused and len(tasks) <= low
+                handler, args, cost = calls.popleft()
+                resume = link.paused and len(calls) <= low
             if resume:
-                self._loop.resume_reading(conn)
-            run_handler(conn, handler, args)
-            self._loop.budget.change(conn, -cost)
+                self._reading.resume_reading(conn)
+            run_handler(conn, handler, args, self._metrics)
+            self._budget.change(conn, -cost)
 
     def shutdown(self) -> None:
-        self._hooks.shutdown(wait=False, cancel_futures=True)  # a hook still running finds the loop gone
         self._executor.shutdown(wait=True)

@@ -31,6 +31,10 @@ class Handoff:
         for sock in (self.reader, self._writer):
             sock.setblocking(False)
 
+    def on_loop_thread(self) -> bool:
+        """Whether the caller is the loop's thread (which must never block)."""
+        return self._on_loop_thread()
+
     @property
     def has_dirty(self) -> bool:
         """Connections wait to be written (the loop must not sleep)."""

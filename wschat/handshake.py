@@ -41,7 +41,7 @@ class Request:
     ``raw`` is what a connection keeps after the handshake (one bytes
     object); ``Connection.request`` parses it again when asked.
     ``client_address`` is the client's IP address, once the server knows it
-    (see ``Server.client_address``).
+    (see ``Admission.client_address``).
     """
 
     method: str
@@ -372,22 +372,3 @@ def text_response(status: int, body: bytes, content_type: str = "text/plain; cha
 def build_error_response(error: HandshakeError, *, head_only: bool = False) -> bytes:
     """A plain-text HTTP error response that closes the connection (no body for HEAD)."""
     return text_response(error.status, (error.reason + "\n").encode("utf-8"), head_only=head_only, headers=error.headers)
-
-
-@dataclass(slots=True)
-class Answer:
-    """The answer to a request: the response, and for an upgrade the
-    resource and the terms agreed; for a refusal, why."""
-
-    response: bytes
-    resource: object = None  # the server's Resource, for an upgrade
-    accepted: Accepted | None = None
-    refusal: HandshakeError | None = None
-
-    @classmethod
-    def refusing(cls, error: HandshakeError, *, head_only: bool = False) -> Answer:
-        return cls(build_error_response(error, head_only=head_only), refusal=error)
-
-    @property
-    def status(self) -> int:
-        return int(self.response[9:12])

@@ -20,23 +20,26 @@ import itertools
 import logging
 import selectors
 import socket
+import ssl
 import threading
 import time
-from typing import TYPE_CHECKING, Iterable
+from typing import Any, Callable, Iterable
 
 from . import transport
+from .admission import Admission
 from .budget import Budget
 from .connection import Connection, queue_for_many
 from .dispatch import InlineDispatcher, PoolDispatcher
 from .errors import HandshakeError, PolicyViolation, TryAgainLater
 from .handoff import Handoff
-from .logsafe import address_text
+from .link import Link
+from .logsafe import address_text, quoted
+from .metrics import Metrics
+from .opening import Opener
 from .outbound import PreparedMessage
 from .pinger import Pinger
 from .protocol import CLOSED, CLOSING, CONNECTING, OPEN, ServerProtocol
-
-if TYPE_CHECKING:
-    from .server import Server
+from .settings import Settings
 
 log = logging.getLogger("wschat")
 
@@ -47,31 +50,31 @@ _keys = itertools.count(1)
 class Loop:
     """Everything one run of a server holds: selector, sockets, connections."""
 
-    def __init__(self, server: Server, listener: socket.socket | None):
-        self.server = server
-        self.max_queue = server.max_queue
-        self.send_timeout = server.send_timeout
-        self.message_timeout = server.message_timeout
-        self.budget = Budget(server.max_buffered)
+    def __init__(self, settings: Settings, admission: Admission, metrics: Metrics, listener: socket.socket | None):
+        self.settings = settings
+        self.budget = Budget(settings.max_buffered)
         self.connections: dict[str, Connection] = {}  # the socket map: open WebSockets
         self.map_lock = threading.Lock()
         self.stopped = threading.Event()  # set by the server once it has forgotten this run
-        self._metrics = server.metrics
+        self._metrics = metrics
         self._per_ip: dict[str, int] = {}  # open WebSockets by client address: the loop's own
         self._selector = selectors.DefaultSelector()
         self._buffer = memoryview(bytearray(transport.READ_BUFFER_SIZE))  # every read goes here
         self._ciphertext = memoryview(bytearray(transport.READ_SIZE))  # and under TLS, comes from here
-        self.handoff = Handoff(server.metrics, self.on_loop_thread)
+        self._thread_id: int | None = None
+        self.handoff = Handoff(metrics, self.on_loop_thread)
         self._handshaking: set[Connection] = set()  # the loop's own, like _timed
         self._timed: set[Connection] = set()  # with a deadline
-        self._thread_id: int | None = None
         self._stopping = False
         self._stop_deadline = 0.0
         self._release_port = False
-        self._held_open: list[Connection] = []  # the open connections when the shutdown began
-        self.dispatcher = (PoolDispatcher(self, server.workers, server.max_pending_calls) if server.workers
-                           else InlineDispatcher(self))
-        self.pinger = Pinger(self, server.ping_interval, server.ping_timeout)
+        self._held_open: set[Connection] = set()  # the open connections when the shutdown began
+        self.dispatcher = (PoolDispatcher(self, self.handoff, metrics, self.budget, settings.workers,
+                                          settings.max_pending_calls)
+                           if settings.workers else InlineDispatcher(self, self.handoff, metrics))
+        # Authorize hooks get threads of their own: slow ones hold up other handshakes, never handlers.
+        self.opener = Opener(admission, self, self.dispatcher.submit, metrics, hook_threads=settings.workers)
+        self.pinger = Pinger(self.snapshot, self.send_many, settings.ping_interval, settings.ping_timeout)
         self._acceptor = transport.Acceptor(listener, self._selector) if listener is not None else None
         self._selector.register(self.handoff.reader, READ, self.handoff)
 
@@ -92,12 +95,16 @@ class Loop:
             "wschat_connections": ("WebSocket connections open.", len(conns)),
             "wschat_handshakes_in_progress": ("Connections whose request is not answered yet.", len(self._handshaking)),
             "wschat_queued_bytes": ("Bytes waiting in the outbound queues of open connections.",
-                                    sum(conn._protocol.outbox.size for conn in conns)),
+                                    sum(conn.link.protocol.outbox.size for conn in conns)),
             "wschat_buffered_bytes": ("Bytes peers make the server hold: request heads, unfinished frames and "
                                       "messages (inflated), inflaters, handler calls waiting.", self.budget.total),
             "wschat_buffered_limit_bytes": ("The server-wide bound on wschat_buffered_bytes (max_buffered; 0: none).",
                                             self.budget.limit),
         }
+
+    def open_count(self) -> int:
+        """How many WebSockets are open."""
+        return len(self.connections)
 
     def connections_from(self, address: str) -> int:
         """How many WebSockets are open from ``address`` (on the loop thread)."""
@@ -105,33 +112,34 @@ class Loop:
 
     def is_own_thread(self) -> bool:
         """Whether the caller is one of the threads that stopping waits for."""
-        return self.on_loop_thread() or self.dispatcher.is_worker_thread() or self.pinger.is_timer_thread()
+        return (self.on_loop_thread() or self.dispatcher.is_worker_thread() or self.opener.is_hook_thread()
+                or self.pinger.is_timer_thread())
 
     def snapshot(self) -> list[Connection]:
         """The open connections, copied under the socket map's lock."""
         with self.map_lock:
-            return [conn for conn in self.connections.values() if conn._protocol.state is OPEN]
+            return [conn for conn in self.connections.values() if conn.link.protocol.state is OPEN]
 
-    def flush_soon(self, conn: Connection, messages: int = 0) -> None:
-        """``conn`` has bytes to write (``messages`` new ones): flush it on the loop's next pass."""
-        self.handoff.mark_dirty((conn,), messages)
+    def flush_soon(self, conn: Connection) -> None:
+        """``conn`` has bytes to write: flush it on the loop's next pass."""
+        self.handoff.mark_dirty((conn,))
 
     def send_many(self, message: PreparedMessage, connections: Iterable[Connection]) -> int:
         """Queue one prepared message for many connections (never blocks;
         see ``queue_for_many``), then wake the loop once."""
-        queued = queue_for_many(message, connections, self.max_queue)
+        queued = queue_for_many(message, connections, self.settings.max_queue, self.handoff, self._metrics)
         if queued:
             self.handoff.mark_dirty(queued, len(queued) * message.count)
         return len(queued)
 
-    def call_soon(self, callback, *args) -> bool:
+    def call_soon(self, callback: Callable[..., object], *args: Any) -> bool:
         """Run ``callback(*args)`` on the loop thread, on its next pass;
         False when the loop has ended (it will not run)."""
         return self.handoff.call_soon(callback, *args)
 
     def resume_reading(self, conn: Connection) -> None:
         """A paused connection's handler backlog drained (from a worker)."""
-        self.call_soon(self._resume, conn)
+        self.call_soon(self.resume, conn)
 
     def request_stop(self, timeout: float, release_port: bool = False) -> None:
         """Begin the shutdown.  From any thread, a signal handler included:
@@ -163,18 +171,19 @@ class Loop:
             for key, events in select(0 if handoff.has_dirty else 0.25 if self._timed else 1.0):
                 conn = key.data
                 if conn is None:
-                    self._acceptor.accept(self._accepted)
+                    if self._acceptor is not None:
+                        self._acceptor.accept(self._accepted)
                 elif conn is handoff:
                     handoff.drain()
                 else:
                     try:
                         if events & WRITE:
                             self._flush(conn)
-                        if events & READ and conn._sock is not None:
+                        if events & READ and conn.link.sock is not None:
                             self._on_readable(conn)
                     except Exception:  # a bug must not take the loop down
                         log.exception("%s: unexpected error", conn.key)
-                        self._release(conn)
+                        self._close_socket(conn)
             self._flush_dirty()
             now = time.monotonic()
             if now >= next_check:
@@ -204,36 +213,41 @@ class Loop:
             except Exception:  # a bug must not take the loop down
                 log.exception("unexpected error in %r", callback)
         for conn in dirty:
-            if conn._sock is not None:
+            if conn.link.sock is not None:
                 self._flush(conn)
 
-    def _resume(self, conn: Connection) -> None:
-        if conn._sock is not None and conn._paused and not self._held_open:
-            with conn._lock:
-                conn._paused = False
+    def resume(self, conn: Connection) -> None:
+        """Read a paused connection again (on the loop thread), unless the
+        shutdown holds it."""
+        link = conn.link
+        if link.sock is not None and link.paused and conn not in self._held_open:
+            with link.lock:
+                link.paused = False
             self.watch(conn)
-            self.dispatcher.process(conn)
+            self._process(conn)
             self.account(conn)
+            if link.protocol.outbox.size:
+                self.flush_soon(conn)
 
     # -- accepting --------------------------------------------------------------------------
 
-    def _accepted(self, sock: socket.socket, address) -> None:
-        self._take(sock, address, self.server.ssl_context)
+    def _accepted(self, sock: socket.socket, address: Any) -> None:
+        self._take(sock, address, self.settings.ssl_context)
 
-    def adopt(self, sock: socket.socket, address, data: bytes) -> None:
+    def adopt(self, sock: socket.socket, address: Any, data: bytes) -> None:
         """Serve a connection that another server accepted and began to read
         (``data``: the start of its request), as if accepted here."""
         conn = self._take(sock, address, None)
         if conn is not None and data:
-            with conn._lock:
-                conn._protocol.receive_data(data)
-            self.dispatcher.process(conn)
+            with conn.link.lock:
+                conn.link.protocol.receive_data(data)
+            self._process(conn)
             self.account(conn)
 
-    def _take(self, sock: socket.socket, address, ssl_context) -> Connection | None:
+    def _take(self, sock: socket.socket, address: Any, ssl_context: ssl.SSLContext | None) -> Connection | None:
         """A new connection, waiting for its request under the handshake deadline."""
-        server = self.server
-        if len(self._handshaking) >= server.max_connections:
+        settings = self.settings
+        if len(self._handshaking) >= settings.max_connections:
             log.warning("too many connections in handshake; dropping %s", address_text(address))
             sock.close()
             return None
@@ -243,9 +257,10 @@ class Loop:
             log.warning("connection setup failed for %s: %s", address_text(address), exc)
             sock.close()
             return None
-        protocol = ServerProtocol(max_message_size=server.max_message_size, max_header_size=server.max_header_size)
-        conn = Connection(self, sock, address, str(next(_keys)), protocol, tls=tls)
-        conn._deadline = time.monotonic() + server.handshake_timeout
+        protocol = ServerProtocol(max_message_size=settings.max_message_size, max_header_size=settings.max_header_size)
+        link = Link(str(next(_keys)), sock, protocol, tls)
+        link.deadline = time.monotonic() + settings.handshake_timeout
+        conn = Connection(link, address, self.handoff, settings, self._metrics)
         self._handshaking.add(conn)
         self._timed.add(conn)
         self.watch(conn)
@@ -254,9 +269,10 @@ class Loop:
     # -- reading ------------------------------------------------------------------------------
 
     def _on_readable(self, conn: Connection) -> None:
-        tls = conn._tls
+        link = conn.link
+        tls = link.tls
         try:
-            received = transport.read_into(conn._sock, self._buffer, tls, self._ciphertext)
+            received = transport.read_into(link.sock, self._buffer, tls, self._ciphertext)
         except OSError as exc:
             failed = "TLS handshake" if tls is not None and tls.handshaking else "read"
             log.info("%s: %s failed: %s", conn.key, failed, exc)
@@ -265,22 +281,28 @@ class Loop:
             self.flush_soon(conn)
         if received is None:
             return
+        protocol = link.protocol
         if not received:
-            if conn.resource is not None and conn._protocol.state in (OPEN, CLOSING) and not conn._protocol.close_received:
+            if conn.resource is not None and protocol.state in (OPEN, CLOSING) and not protocol.close_received:
                 log.info("%s: connection lost without a close frame", conn.key)
-            self._release(conn)
+            self._close_socket(conn)
             return
         conn.last_seen = time.monotonic()
         self._metrics.bytes_received += received
-        protocol = conn._protocol
-        with conn._lock:
+        with link.lock:
             protocol.receive_data(self._buffer[:received])  # parsed where it lies, in the loop's buffer
         try:
-            self.dispatcher.process(conn)
+            self._process(conn)
         finally:
-            with conn._lock:
+            with link.lock:
                 protocol.detach()  # before the buffer takes the next read
         self.account(conn)
+
+    def _process(self, conn: Connection) -> None:
+        """Hand what ``conn`` received to its handlers, and its request head to the opener."""
+        dispatcher = self.dispatcher
+        while (head := dispatcher.process(conn)) is not None:
+            self.opener.take(conn, head)
 
     # -- what peers make the server hold ------------------------------------------------------
 
@@ -288,61 +310,64 @@ class Loop:
         """After its bytes were parsed: count what ``conn`` holds against the
         budget (shedding the largest holders when over it), and give an
         unfinished message its deadline."""
-        protocol = conn._protocol
-        change = protocol.buffered - conn._held
+        link = conn.link
+        protocol = link.protocol
+        change = protocol.buffered - link.held
         if change:
-            conn._held += change
+            link.held += change
             self.budget.change(conn, change)
             if change > 0 and self.budget.over:
                 self._shed()
-        if self.message_timeout and protocol.state is OPEN:
+        message_timeout = self.settings.message_timeout
+        if message_timeout and protocol.state is OPEN:
             if not protocol.receiving:
-                if conn._deadline is not None:
-                    conn._deadline = None
+                if link.deadline is not None:
+                    link.deadline = None
                     self._timed.discard(conn)
-            elif conn._deadline is None:
-                conn._deadline = time.monotonic() + self.message_timeout
+            elif link.deadline is None:
+                link.deadline = time.monotonic() + message_timeout
                 self._timed.add(conn)
 
     def _shed(self) -> None:
         """Over the budget: close the connections that hold the most until it is not."""
         budget = self.budget
-        passed: set[Connection] = set()
+        passed: set[object] = set()
         while budget.over:
             conn = budget.largest(passed)
-            if conn is None:
+            if not isinstance(conn, Connection):
                 return
             passed.add(conn)
-            if conn._sock is None or not conn._protocol.reading:
+            link = conn.link
+            if link.sock is None or not link.protocol.reading:
                 continue  # what it holds are handler calls, which closing would not free
             log.warning("%s: the server holds %d bytes, over max_buffered (%d); closing this connection, "
                         "which holds the most (%d)", conn.key, budget.total, budget.limit, budget.held(conn))
             self._metrics.add("budget_closes")
-            if conn._protocol.state is CONNECTING:
-                self._release(conn)
+            if link.protocol.state is CONNECTING:
+                self._close_socket(conn)
             else:
                 self._give_up(conn, TryAgainLater("server busy: try again later"))
 
-    def _give_up(self, conn: Connection, error: Exception) -> None:
+    def _give_up(self, conn: Connection, error: PolicyViolation | TryAgainLater) -> None:
         """Read no more from ``conn``, let go of its unfinished message, and
         fail it with the error's close code (after its earlier messages' handlers)."""
-        with conn._lock:
-            conn._protocol.abandon()
+        with conn.link.lock:
+            conn.link.protocol.abandon()
         self.account(conn)
         self.dispatcher.fail(conn, error)
 
-    # -- answering the request ---------------------------------------------------------------
+    # -- the opener's bookkeeping ------------------------------------------------------------
 
     def opened(self, conn: Connection) -> None:
         """``conn`` was upgraded: into the socket map, out of the handshake's deadline."""
         self._handshaking.discard(conn)
         self._timed.discard(conn)
-        conn._deadline = None
+        conn.link.deadline = None
         self._per_ip[conn.client_address] = self._per_ip.get(conn.client_address, 0) + 1
         with self.map_lock:
             self.connections[conn.key] = conn
 
-    def answered(self, conn: Connection) -> None:
+    def responded(self, conn: Connection) -> None:
         """``conn`` got a plain response: no longer counted as handshaking."""
         self._handshaking.discard(conn)
 
@@ -350,115 +375,126 @@ class Loop:
 
     def _flush(self, conn: Connection) -> None:
         """Write what the kernel takes, then see where the connection's life stands."""
-        protocol = conn._protocol
+        link = conn.link
+        protocol = link.protocol
         outbox = protocol.outbox
-        with conn._lock:
+        sock = link.sock
+        assert sock is not None  # only open sockets are flushed
+        with link.lock:
             before = outbox.size
             try:
-                transport.write(conn._sock, outbox, conn._tls)
+                transport.write(sock, outbox, link.tls)
             except OSError as exc:
-                failed = exc
+                failed: OSError | None = exc
             else:
                 failed = None
             self._metrics.bytes_sent += before - outbox.size
-            if conn._room is not None:
-                conn._room.notify_all()
+            if link.space is not None:
+                link.space.notify_all()
             state = protocol.state
         if failed is not None:
             log.info("%s: write failed: %s", conn.key, failed)
-            self._release(conn)
+            self._close_socket(conn)
             return
-        tls = conn._tls
+        tls = link.tls
         unsent = outbox.size or (tls is not None and tls.has_output)
         self.watch(conn, write=bool(unsent))
         if state is OPEN or state is CONNECTING:
             return
-        if not conn._ending:  # the protocol left OPEN: the close deadline starts
-            conn._ending = True
-            conn._deadline = time.monotonic() + self.server.close_timeout
+        if not link.ending:  # the protocol left OPEN: the close deadline starts
+            link.ending = True
+            link.deadline = time.monotonic() + self.settings.close_timeout
             self._timed.add(conn)
         if state is CLOSED and not unsent and tls is not None and not tls.closed and not tls.handshaking:
             tls.close_notify()  # then written, and the write side shut, on the next flush
             self.flush_soon(conn)
-        elif state is CLOSED and not unsent and not conn._lingering:
+        elif state is CLOSED and not unsent and not link.lingering:
             # All is written: shut our write side and wait (until the deadline)
             # for the peer's EOF, so that closing never resets the connection
             # with our last bytes still in flight.
-            conn._lingering = True
+            link.lingering = True
             self._forget(conn)
-            if not transport.shutdown_write(conn._sock):
-                self._release(conn)
+            if not transport.shutdown_write(sock):
+                self._close_socket(conn)
 
     def watch(self, conn: Connection, write: bool | None = None) -> None:
         """Tell the selector what the connection waits for: reading unless
         paused, writing while the kernel pushes back (``write``; None: as before)."""
-        events = (conn._events & WRITE if write is None else WRITE if write else 0) | (0 if conn._paused else READ)
-        if events == conn._events:
+        link = conn.link
+        events = (link.events & WRITE if write is None else WRITE if write else 0) | (0 if link.paused else READ)
+        if events == link.events or link.sock is None:
             return
         if not events:
-            self._selector.unregister(conn._sock)
-        elif not conn._events:
-            self._selector.register(conn._sock, events, conn)
+            self._selector.unregister(link.sock)
+        elif not link.events:
+            self._selector.register(link.sock, events, conn)
         else:
-            self._selector.modify(conn._sock, events, conn)
-        conn._events = events
+            self._selector.modify(link.sock, events, conn)
+        link.events = events
 
     # -- deadlines and the end -------------------------------------------------------------------
 
     def _check_deadlines(self, now: float) -> None:
         for conn in list(self._timed):
-            if conn._sock is None:
+            link = conn.link
+            protocol = link.protocol
+            if link.sock is None:
                 self._timed.discard(conn)
-            elif conn._deadline is not None and now >= conn._deadline:
-                if conn._protocol.state is OPEN:  # a message begun too long ago (see _account)
-                    conn._deadline = None
+            elif link.deadline is not None and now >= link.deadline:
+                if protocol.state is OPEN:  # a message begun too long ago (see account)
+                    link.deadline = None
                     self._timed.discard(conn)
-                    self._give_up(conn, PolicyViolation(f"message not completed within {self.message_timeout:g}s"))
+                    message_timeout = self.settings.message_timeout
+                    self._give_up(conn, PolicyViolation(f"message not completed within {message_timeout:g}s"))
                     continue
-                if conn._protocol.awaiting_answer:  # its authorize hook is still running
+                if protocol.awaiting_answer:  # its authorize hook is still running
                     log.warning("%s: authorization took longer than the handshake timeout", conn.key)
-                    self.dispatcher.refuse(conn, HandshakeError(503, "authorization timed out", (("Retry-After", "5"),)))
+                    self.opener.refuse_late(conn, HandshakeError(503, "authorization timed out",
+                                                                 (("Retry-After", "5"),)))
                     continue
-                if conn._protocol.state is CONNECTING:
+                if protocol.state is CONNECTING:
                     log.info("%s: handshake timeout for %s", conn.key, address_text(conn.remote_address))
-                elif not conn._lingering:
+                elif not link.lingering:
                     log.info("%s: closing handshake timed out", conn.key)
-                self._release(conn)
+                self._close_socket(conn)
 
     def _forget(self, conn: Connection) -> None:
         """Take the connection out of the socket map."""
         with self.map_lock:
             self.connections.pop(conn.key, None)
 
-    def _release(self, conn: Connection) -> None:
+    def _close_socket(self, conn: Connection) -> None:
         """Close the socket and forget the connection; ``on_close`` once."""
-        sock = conn._sock
+        link = conn.link
+        sock = link.sock
         if sock is None:
             return
-        with conn._lock:
-            conn._protocol.receive_eof()
-            conn._sock = None
-            if conn._room is not None:
-                conn._room.notify_all()
-            closed = conn._closed
-        if conn._held:  # what its protocol held is gone; waiting handler calls give theirs back as they run
-            self.budget.change(conn, -conn._held)
-            conn._held = 0
-        if conn._events:
+        with link.lock:
+            link.protocol.receive_eof()
+            link.sock = None
+            if link.space is not None:
+                link.space.notify_all()
+            gone = link.gone
+        if link.held:  # what its protocol held is gone; waiting handler calls give theirs back as they run
+            self.budget.change(conn, -link.held)
+            link.held = 0
+        if link.events:
             self._selector.unregister(sock)
-            conn._events = 0
+            link.events = 0
         sock.close()
         self._handshaking.discard(conn)
         self._timed.discard(conn)
         self._forget(conn)
-        if closed is not None:
-            closed.set()
+        if gone is not None:
+            gone.set()
         if conn.resource is not None:
             self._metrics.count("closes", conn.close_code)
             count = self._per_ip.pop(conn.client_address, 1) - 1
             if count:
                 self._per_ip[conn.client_address] = count
-            log.debug("%s: closed (%s)", conn.key, conn._describe_close())
+            if log.isEnabledFor(logging.DEBUG):
+                reason = conn.close_reason
+                log.debug("%s: closed (%d%s)", conn.key, conn.close_code, f" {quoted(reason)}" if reason else "")
             if conn.resource.on_close is not None:
                 self.dispatcher.submit(conn, conn.resource.on_close, conn, conn.close_code, conn.close_reason)
 
@@ -472,10 +508,10 @@ class Loop:
         if self._release_port and self._acceptor is not None:
             self._acceptor.close()
             self._acceptor = None
-        self._held_open = self.snapshot()
+        self._held_open = set(self.snapshot())
         for conn in self._held_open:
-            with conn._lock:
-                conn._paused = True
+            with conn.link.lock:
+                conn.link.paused = True
             self.watch(conn)
 
     def _drain(self) -> None:
@@ -491,16 +527,16 @@ class Loop:
     def _begin_shutdown(self) -> None:
         """Close every WebSocket with 1001, and read them again for their
         answers (a message that comes after our close is not handled)."""
-        held, self._held_open = self._held_open, []
+        held, self._held_open = self._held_open, set()
         for conn in held:
             conn.close(1001, "server shutting down")
-            self._resume(conn)
+            self.resume(conn)
 
     def _all_gone(self) -> bool:
         """Whether every WebSocket has said its last word (shutdown may end)."""
         if self.handoff.has_dirty or self.connections:
             return False
-        return all(conn._lingering or conn._protocol.state is CONNECTING for conn in self._timed)
+        return all(conn.link.lingering or conn.link.protocol.state is CONNECTING for conn in self._timed)
 
     def _release_all(self) -> None:
         self.pinger.stop()
@@ -510,11 +546,11 @@ class Loop:
             remaining = list(self.connections.values())
         dirty, _ = self.handoff.take()
         for conn in remaining + list(self._timed) + list(self._handshaking) + list(dirty):
-            self._release(conn)
+            self._close_socket(conn)
+        self.opener.shutdown()
         self.dispatcher.shutdown()
         if self._acceptor is not None:
             self._acceptor.close()
         self._selector.close()
         self.handoff.close()
         log.info("stopped")
-

@@ -10,13 +10,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import Callable, Iterable
 
+from .connection import Connection
 from .frames import CloseCode, Opcode
 from .outbound import PreparedMessage
-
-if TYPE_CHECKING:
-    from .loop import Loop
 
 log = logging.getLogger("wschat")
 
@@ -25,8 +23,11 @@ class Pinger:
     """Pings every ``interval`` seconds; a client silent for ``timeout``
     seconds (None: never) is closed with 1011."""
 
-    def __init__(self, loop: Loop, interval: float, timeout: float | None):
-        self._loop = loop
+    def __init__(self, snapshot: Callable[[], list[Connection]],
+                 send_many: Callable[[PreparedMessage, Iterable[Connection]], int],
+                 interval: float, timeout: float | None):
+        self._snapshot = snapshot
+        self._send_many = send_many
         self.interval = interval
         self.timeout = timeout
         self._timer: threading.Timer | None = None
@@ -68,14 +69,14 @@ class Pinger:
         try:
             now = time.monotonic()
             alive = []
-            for conn in self._loop.snapshot():
+            for conn in self._snapshot():
                 if self.timeout and now - conn.last_seen > self.timeout:
                     log.warning("%s: no answer for %.0fs, closing", conn.key, now - conn.last_seen)
                     conn.close(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")
                 else:
                     alive.append(conn)
             ping = PreparedMessage(time.monotonic_ns().to_bytes(8, "big"), Opcode.PING)
-            self._loop.send_many(ping, alive)
+            self._send_many(ping, alive)
         except Exception:
             log.exception("ping scheduler failed")
         finally:

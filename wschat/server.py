@@ -11,36 +11,28 @@ works on a snapshot.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import socket
 import signal
+import socket
 import ssl
 import threading
-from typing import Callable, Collection, Iterable, Sequence
+from typing import Any, Callable, Collection, Iterable, Sequence
 
 from . import checks
+from .admission import Admission, Limits, Responder
 from .budget import DEFAULT_MAX_BUFFERED
 from .connection import Connection
-from .files import DEFAULT_PAGE_POLICY, file_response
-from .errors import HandshakeError
-from .handshake import DEFAULT_MAX_HEADER_SIZE, Answer, Extension, Request, negotiate, text_response
 from .deflate import PerMessageDeflate
+from .files import DEFAULT_PAGE_POLICY
+from .handshake import DEFAULT_MAX_HEADER_SIZE, Extension, Request, text_response
 from .loop import Loop
 from .metrics import Metrics
 from .outbound import PreparedMessage
 from .protocol import DEFAULT_MAX_MESSAGE_SIZE
 from .resources import Resource
+from .settings import Settings
 
 log = logging.getLogger("wschat")
-
-
-def _is_ip(text: str) -> bool:
-    try:
-        ipaddress.ip_address(text)
-        return True
-    except ValueError:
-        return False
 
 
 class Server:
@@ -166,9 +158,10 @@ class Server:
         self.page_policy = page_policy
         self.metrics = Metrics()
         self._gauges: dict[str, tuple[str, Callable[[], float]]] = {}  # the application's (see add_gauge)
-        self._resources: tuple[Resource, ...] = ()  # replaced whole, never changed in place
-        self._http_routes: dict[str, Callable[[Request], bytes]] = {}  # likewise
-        self._resources_lock = threading.Lock()
+        self._admission = Admission(
+            limits=Limits(max_connections, max_connections_per_ip), extensions=self.extensions,
+            allowed_origins=self.allowed_origins, forwarded_allow_ips=self.forwarded_allow_ips,
+            static_dir=static_dir, page_policy=page_policy)
         if health_path:
             self.http_route(health_path, self._health)
         if metrics_path:
@@ -180,28 +173,26 @@ class Server:
 
     # -- resources --------------------------------------------------------------------
 
-    def resource(self, path: str, **handlers) -> Resource:
+    def resource(self, path: str, **handlers: Any) -> Resource:
         """Publish a WebSocket endpoint at ``path`` (see ``Resource``); also while running."""
         resource = Resource(path, **handlers)
-        with self._resources_lock:
-            self._resources = tuple(sorted((*self._resources, resource), key=lambda r: len(r.path), reverse=True))
+        self._admission.add_resource(resource)
         return resource
 
     @property
     def resources(self) -> tuple[Resource, ...]:
         """The endpoints, longest path first (the order of routing)."""
-        return self._resources
+        return self._admission.resources
 
     def route(self, path: str) -> Resource | None:
         """The resource that serves ``path`` (longest match), or None."""
-        return next((r for r in self._resources if r.matches(path)), None)
+        return self._admission.route(path)
 
-    def http_route(self, path: str, responder: Callable[[Request], bytes]) -> None:
+    def http_route(self, path: str, responder: Responder) -> None:
         """Answer plain HTTP GET and HEAD requests for exactly ``path`` with
         ``responder(request)``: the bytes of a whole response (``text_response``
         builds one).  It runs on the loop thread, so it must be quick."""
-        with self._resources_lock:
-            self._http_routes = {**self._http_routes, path: responder}
+        self._admission.add_http_route(path, responder)
 
     def _health(self, request: Request) -> bytes:
         loop = self._loop
@@ -221,54 +212,15 @@ class Server:
         body = self.metrics.render(gauges)
         return text_response(200, body, "text/plain; version=0.0.4; charset=utf-8", head_only=request.method == "HEAD")
 
-    # -- answering requests (called by the loop) --------------------------------------------
-
-    def answer(self, request: Request, *, open_count: int = 0, ip_count: int = 0, stopping: bool = False) -> Answer:
-        """What a request gets, sans I/O: an upgrade to one of the resources,
-        a plain HTTP route, a file, or a refusal.  ``open_count`` is how many
-        WebSockets are open, ``ip_count`` how many from the request's client."""
-        head_only = request.method == "HEAD"
-        try:
-            responder = None if request.is_upgrade else self._http_routes.get(request.path)
-            if responder is not None:
-                if request.method not in ("GET", "HEAD"):
-                    raise HandshakeError(405, f"method {request.method} not allowed", (("Allow", "GET, HEAD"),))
-                return Answer(responder(request))
-            resource = self.route(request.path)
-            if resource is None:
-                if request.is_upgrade:
-                    raise HandshakeError(404, "no WebSocket endpoint at this path")
-                return Answer(file_response(self.static_dir, request, self.page_policy))
-            self.admit(open_count, ip_count, stopping)
-            accepted = negotiate(request, allowed_origins=self.allowed_origins,
-                                 subprotocols=resource.subprotocols, extensions=self.extensions)
-        except HandshakeError as error:
-            return Answer.refusing(error, head_only=head_only)
-        return Answer(accepted.response(), resource, accepted)
-
-    def admit(self, open_count: int, ip_count: int, stopping: bool) -> None:
-        """Raise the ``HandshakeError`` that the limits give a new WebSocket, if any."""
-        if stopping:
-            raise HandshakeError(503, "server shutting down", (("Retry-After", "5"),))
-        if open_count >= self.max_connections:
-            raise HandshakeError(503, "too many connections", (("Retry-After", "5"),))
-        if self.max_connections_per_ip and ip_count >= self.max_connections_per_ip:
-            raise HandshakeError(429, "too many connections from this address", (("Retry-After", "5"),))
-
-    def client_address(self, peer: str, request: Request) -> str:
-        """The client's address: the peer's own, or, when the peer is a trusted
-        proxy, the nearest address in ``X-Forwarded-For`` that is not one."""
-        trusted = self.forwarded_allow_ips
-        if not trusted or (peer not in trusted and "*" not in trusted):
-            return peer
-        hops = [hop.strip() for value in request.fields.get("x-forwarded-for", ()) for hop in value.split(",")]
-        for hop in reversed(hops):
-            if not _is_ip(hop):
-                break  # garbage: believe no further
-            peer = hop
-            if hop not in trusted and "*" not in trusted:
-                break
-        return peer
+    def settings(self) -> Settings:
+        """What a run of this server is given (one per start)."""
+        return Settings(
+            max_queue=self.max_queue, send_timeout=self.send_timeout, handshake_timeout=self.handshake_timeout,
+            close_timeout=self.close_timeout, message_timeout=self.message_timeout,
+            max_connections=self.max_connections, max_message_size=self.max_message_size,
+            max_header_size=self.max_header_size, max_buffered=self.max_buffered, workers=self.workers,
+            max_pending_calls=self.max_pending_calls, ping_interval=self.ping_interval,
+            ping_timeout=self.ping_timeout, ssl_context=self.ssl_context)
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -342,7 +294,7 @@ class Server:
         with self._run_lock:
             if self._loop is not None:
                 return None
-            self._loop = Loop(self, self._listener)
+            self._loop = Loop(self.settings(), self._admission, self.metrics, self._listener)
             return self._loop
 
     def _serve(self, loop: Loop) -> None:
@@ -385,7 +337,7 @@ class Server:
     def __enter__(self) -> Server:
         return self.start()
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     # -- the public, thread-safe API ----------------------------------------------------
@@ -457,7 +409,7 @@ class Server:
     def _broadcast_text(loop: Loop, text: str, targets: Iterable[Connection]) -> int:
         """``text`` to each of ``targets`` in its resource's dialect (if any),
         framed once per dialect."""
-        groups: dict = {}
+        groups: dict[Callable[[str], str] | None, list[Connection]] = {}
         for conn in targets:
             resource = conn.resource
             dialect = resource.dialects.get(conn.subprotocol) if resource is not None else None
