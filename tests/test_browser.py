@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from wschat.__main__ import STATIC_DIR
+from wschat.cli import STATIC_DIR
 from wschat.chat import Chat, ChatLimits
 from wschat.server import Server
 

@@ -11,7 +11,7 @@ import pytest
 from websockets.exceptions import ConnectionClosedOK
 from websockets.sync.client import connect
 
-from wschat import __main__ as cli
+from wschat import cli
 from wschat.chat import DEFAULT_WELCOME
 
 

@@ -55,7 +55,7 @@ from django.utils.html import escape  # noqa: E402
 SessionStore = import_module(settings.SESSION_ENGINE).SessionStore
 
 from wschat import Chat, HandshakeError, Server  # noqa: E402
-from wschat.__main__ import STATIC_DIR  # noqa: E402
+from wschat.cli import STATIC_DIR  # noqa: E402
 from wschat.handshake import Request  # noqa: E402
 from wschat.names import nick_problem, normalize  # noqa: E402
 from wschat.wsgi import WebSocketMiddleware  # noqa: E402

@@ -19,7 +19,7 @@ import threading
 from urllib.parse import parse_qs, urlsplit
 
 from wschat import Chat, Server
-from wschat.__main__ import STATIC_DIR
+from wschat.cli import STATIC_DIR
 
 
 def make_app(chat: Chat, port: int = 8000) -> http.server.ThreadingHTTPServer:

@@ -29,7 +29,7 @@ from flask import Flask, abort, jsonify, redirect, request, send_from_directory,
 from itsdangerous import BadSignature
 
 from wschat import Chat, HandshakeError, Server
-from wschat.__main__ import STATIC_DIR
+from wschat.cli import STATIC_DIR
 from wschat.handshake import Request
 from wschat.names import nick_problem, normalize
 from wschat.wsgi import WebSocketMiddleware

@@ -9,7 +9,7 @@ import sys
 
 from playwright.sync_api import sync_playwright
 
-from wschat.__main__ import STATIC_DIR
+from wschat.cli import STATIC_DIR
 from wschat.chat import Chat
 from wschat.server import Server
 

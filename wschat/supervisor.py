@@ -24,6 +24,7 @@ import subprocess
 import sys
 import time
 
+from .cli import SetupError, ready_line, redis_engine
 from .logsafe import without_password
 
 log = logging.getLogger("wschat")
@@ -64,8 +65,6 @@ class Child:
 
 
 def supervise(args: argparse.Namespace, argv: list[str]) -> int:
-    from .__main__ import SetupError, ready_line, redis_engine
-
     count = args.processes or os.cpu_count() or 1
     try:  # one clear error here rather than one per child
         engine = redis_engine(args)
