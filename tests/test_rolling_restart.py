@@ -10,7 +10,6 @@ the end are Redis's own history of the room.
 """
 
 import json
-import os
 import re
 import signal
 import subprocess

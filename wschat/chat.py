@@ -36,7 +36,7 @@ from .dialect import (
     encode,
     message_record,
     now_ms,
-    parse_request,
+    parse_chat_request,
     returning_from,
     text_problem,
 )
@@ -46,7 +46,7 @@ from .frames import CloseCode
 from .handshake import Request, text_response
 from .logsafe import quoted
 from .names import guest_nick, nick_problem, normalize, room_problem
-from .rooms import Admission, ChatLimits, LocalRoom, Member
+from .rooms import Arrival, ChatLimits, LocalRoom, Member
 from .server import Server
 
 log = logging.getLogger("wschat")
@@ -115,7 +115,7 @@ class Chat:
             on_close=self.on_close,
             on_error=self.on_error,
             subprotocols=[SUBPROTOCOL],
-            authorize=self._admit,
+            authorize=self._authorize,
             dialects={SUBPROTOCOL: announcement},
             on_drain=self.engine.flush,  # the server stops: what was said is published before clients are closed
         )
@@ -168,7 +168,7 @@ class Chat:
         body = encode(self.page_config()).encode("utf-8")
         return text_response(200, body, "application/json; charset=utf-8", head_only=request.method == "HEAD")
 
-    def _admit(self, request: Request) -> Admission:
+    def _authorize(self, request: Request) -> Arrival:
         """Before the handshake is answered: the app's hook (its user's name
         must be able to be a nickname), and where the room stands, so that
         the client gets every message said after it was answered, even those
@@ -187,7 +187,7 @@ class Chat:
                 position = self.engine.position(name)
             except EngineUnavailable:
                 pass  # on_open closes it with 1013
-        return Admission(user, position)
+        return Arrival(user, position)
 
     def _room_of(self, path: str) -> str:
         raw = path[len(self.resource.path):].strip("/")
@@ -199,8 +199,8 @@ class Chat:
     # -- joining -------------------------------------------------------------------
 
     def on_open(self, conn: Connection) -> None:
-        admission: Admission = conn.user
-        conn.user = admission.user  # what the app's hook said, for the app to see
+        arrival: Arrival = conn.user
+        conn.user = arrival.user  # what the app's hook said, for the app to see
         name = self._room_of(conn.path)
         if room_problem(name) is not None:
             conn.close(CloseCode.POLICY_VIOLATION, "invalid room name")
@@ -211,7 +211,7 @@ class Chat:
         with self._lock:
             local = self.rooms.get(name)
             if local is None:
-                local = self.rooms[name] = LocalRoom(name, self.server, deque(maxlen=self.history_size))
+                local = self.rooms[name] = LocalRoom(name, self.server.broadcast, deque(maxlen=self.history_size))
             local.joining += 1  # keeps the room here, and subscribed, until it is greeted
         claim, subscribed = None, False
         try:
@@ -237,7 +237,7 @@ class Chat:
         member = Member(conn, local, nick, holder, structured, identified, tokens=float(self.limits.burst))
         with self._lock:
             conn.context = member
-            local.greet(member, self.welcome, history, users, admission, returning=since is not None,
+            local.greet(member, self.welcome, history, users, arrival, returning=since is not None,
                         max_history_bytes=self.max_history_bytes)
             if problem and structured:
                 self._notify(member, "nick_refused", f"{problem}; you are {nick}")
@@ -282,7 +282,7 @@ class Chat:
         if subscribed:
             self._unsubscribe(local.name)
         if claimed:
-            self._release(local.name, *claimed)
+            self._release_nick(local.name, *claimed)
 
     def _forget_if_empty(self, local: LocalRoom) -> None:
         if local.empty and self.rooms.get(local.name) is local:
@@ -304,7 +304,7 @@ class Chat:
         if not member.structured:
             self._say(member, message)
             return
-        request, problem = parse_request(message, self.limits.max_length)
+        request, problem = parse_chat_request(message, self.limits.max_length)
         if problem is not None:
             self._notify(member, "bad_request", problem)
         elif request["type"] == "message":
@@ -373,9 +373,9 @@ class Chat:
             local.remove(member)
             self._forget_if_empty(local)
         self._unsubscribe(local.name)
-        self._release(local.name, member.nick, member.holder)
+        self._release_nick(local.name, member.nick, member.holder)
 
-    def _release(self, room: str, nick: str, holder: str) -> None:
+    def _release_nick(self, room: str, nick: str, holder: str) -> None:
         try:
             left = self.engine.release(room, nick, holder)
         except EngineUnavailable:

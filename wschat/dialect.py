@@ -48,7 +48,7 @@ def announcement(text: str) -> str:
     return encode({"type": "message", "nick": "server", "text": text, "time": now_ms()})
 
 
-def parse_request(message: str, max_length: int = 0) -> tuple[dict | None, str | None]:
+def parse_chat_request(message: str, max_length: int = 0) -> tuple[dict | None, str | None]:
     """A request, or why it is not one.  ``max_length`` is the chat's
     message length limit (0: none), which bounds a request too."""
     limit = 6 * max_length + 1024 if max_length else MAX_REQUEST

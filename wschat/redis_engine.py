@@ -338,7 +338,7 @@ class RedisEngine:
 
     def _answers(self) -> bool:
         try:
-            return self.nodes.answer() and bool(self.redis.ping())
+            return self.nodes.reachable() and bool(self.redis.ping())
         except (redis.RedisError, OSError):
             return False
 

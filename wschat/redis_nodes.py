@@ -95,7 +95,7 @@ class Nodes:
         self._owners = owners  # type: ignore[assignment]  # no None left
         self.cluster = True
 
-    def answer(self) -> bool:
+    def reachable(self) -> bool:
         """Whether every master answers now (the map read again first)."""
         try:
             self.discover()

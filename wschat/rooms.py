@@ -14,16 +14,15 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Callable
 
 from . import checks
+from .connection import Connection
 from .dialect import encode
 from .engine import History
 from .outbound import PreparedBatch, PreparedMessage
 
-if TYPE_CHECKING:
-    from .connection import Connection
-    from .server import Server
+Broadcast = Callable[..., int]  # Server.broadcast: (message, connections=..., exclude=...) -> how many
 
 
 @dataclass
@@ -67,7 +66,7 @@ def newest_within(records: list[dict], max_bytes: int) -> tuple[list[dict], bool
 
 
 @dataclass
-class Admission:
+class Arrival:
     """What the chat learnt before answering a handshake (``Connection.user``
     until ``on_open``): the app's user, and the room's (epoch, seq) then."""
 
@@ -116,7 +115,7 @@ class LocalRoom:
     """This process's side of a room (see the module docstring)."""
 
     name: str
-    server: Server
+    broadcast: Broadcast
     recent: deque  # the last messages delivered here: they complete a newcomer's history
     members: dict = field(default_factory=dict)  # holder -> Member
     plain: dict = field(default_factory=dict)  # Connection -> None: insertion-ordered sets,
@@ -138,7 +137,7 @@ class LocalRoom:
         return not self.members and not self.joining
 
     def greet(self, member: Member, welcome: str, history: History, users: list[str] | None,
-              admission: Admission, returning: bool, max_history_bytes: int = 0) -> None:
+              arrival: Arrival, returning: bool, max_history_bytes: int = 0) -> None:
         """Welcome a member that finished joining, and count it in: in
         wschat.v1 with the room's ``users`` and its history (or what it
         missed, when ``returning``), the newest within ``max_history_bytes``;
@@ -160,7 +159,7 @@ class LocalRoom:
         else:
             if welcome:
                 conn.send(welcome)
-            for record in admission.said_since(history.epoch, records):
+            for record in arrival.said_since(history.epoch, records):
                 conn.send(record["text"])
         self.add(member)
 
@@ -185,7 +184,7 @@ class LocalRoom:
             self.recent.clear()
             if self.structured:
                 notice = encode({"type": "epoch", "room": self.name, "epoch": epoch})
-                self.server.broadcast(notice, connections=self.structured)
+                self.broadcast(notice, connections=self.structured)
         self.epoch = epoch
 
     def deliver(self, events: list[tuple[dict, str | None, str | None]]) -> None:
@@ -213,9 +212,9 @@ class LocalRoom:
         if not run:
             return
         if self.plain:
-            self.server.broadcast(prepared([record["text"] for record, _ in run]), connections=self.plain)
+            self.broadcast(prepared([record["text"] for record, _ in run]), connections=self.plain)
         if self.structured:
-            self.server.broadcast(prepared([encode(record) if text is None else text for record, text in run]),
+            self.broadcast(prepared([encode(record) if text is None else text for record, text in run]),
                                   connections=self.structured)
         run.clear()
 
@@ -226,7 +225,7 @@ class LocalRoom:
             return
         joiner = self.members.get(event.get("_from"))
         public = encode({key: value for key, value in event.items() if not key.startswith("_")})
-        self.server.broadcast(public, connections=self.structured, exclude=joiner.conn if joiner else None)
+        self.broadcast(public, connections=self.structured, exclude=joiner.conn if joiner else None)
 
 
 def prepared(texts: list[str]) -> PreparedMessage:
