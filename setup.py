@@ -45,7 +45,7 @@ setup(
     license="MIT",
     python_requires=">=3.10",
     packages=find_packages(include=["wschat", "wschat.*"]),
-    package_data={"wschat": ["static/*"]},
+    package_data={"wschat": ["static/*", "py.typed", "_speedups.pyi"]},
     ext_modules=[Extension("wschat._speedups", ["wschat/_speedups.c"], optional=True)],
     cmdclass={"build_ext": OptionalBuildExt},
     extras_require={
@@ -63,6 +63,7 @@ setup(
             "gunicorn>=22",
             "django>=4.2",
             "redis[hiredis]>=5",
+            "mypy==2.4.1",  # tests/test_layers.py: mypy --strict wschat
         ],
         "examples": ["flask>=2.3", "gunicorn>=22", "django>=4.2"],  # README's embedding recipes
         "bench": ["websockets>=12"],

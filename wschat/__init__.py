@@ -1,7 +1,8 @@
 """wschat: a synchronous RFC 6455 WebSocket chat server on the standard library."""
 
 from ._version import __version__
-from .chat import Chat, ChatLimits
+from .chat import Chat
+from .rooms import ChatLimits
 from .errors import (
     ConnectionClosed,
     HandshakeError,

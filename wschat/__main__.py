@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.supervised_by is not None:
         watch_parent(args.supervised_by)
     server.start()
-    print(ready_line(server.url, args.path), flush=True)
+    print(ready_line(str(server.url), args.path), flush=True)
     while signal.sigwait(STOP_SIGNALS | {signal.SIGHUP}) == signal.SIGHUP:  # (systemctl reload)
         logging.getLogger("wschat").warning("SIGHUP: one process cannot restart without closing its clients; "
                                             "run with --processes to restart them one at a time")

@@ -51,7 +51,7 @@ class Budget:
     def over(self) -> bool:
         return bool(self.limit) and self.total > self.limit
 
-    def largest(self, skip: set) -> Hashable | None:
+    def largest(self, skip: set[Hashable]) -> Hashable | None:
         """The owner holding the most, ``skip`` aside (None: no one else holds anything)."""
         with self._lock:
             candidates = [(held, owner) for owner, held in self._held.items() if owner not in skip]

@@ -31,6 +31,7 @@ from . import checks
 from .connection import Connection
 from .dialect import (
     SUBPROTOCOL,
+    Event,
     announcement,
     asked_nick,
     encode,
@@ -150,7 +151,7 @@ class Chat:
     def users(self, room: str = DEFAULT_ROOM) -> list[str]:
         return self.engine.users(normalize(room))
 
-    def page_config(self, user: object = None) -> dict:
+    def page_config(self, user: object = None) -> Event:
         """What the browser client needs to know: where the chat is, its
         limits, and the nickname of the app's ``user`` when one is logged in
         (an app that serves the page itself serves this as ``wschat.json``)."""
@@ -164,7 +165,7 @@ class Chat:
         """The nickname of the app's ``user``."""
         return normalize(str(self.nick_of(user)).strip())
 
-    def _page_config(self, request) -> bytes:
+    def _page_config(self, request: Request) -> bytes:
         body = encode(self.page_config()).encode("utf-8")
         return text_response(200, body, "application/json; charset=utf-8", head_only=request.method == "HEAD")
 
@@ -199,9 +200,10 @@ class Chat:
     # -- joining -------------------------------------------------------------------
 
     def on_open(self, conn: Connection) -> None:
-        arrival: Arrival = conn.user
+        arrival = conn.user
+        assert isinstance(arrival, Arrival)  # what _authorize returned
         conn.user = arrival.user  # what the app's hook said, for the app to see
-        name = self._room_of(conn.path)
+        name = self._room_of(conn.path or "")
         if room_problem(name) is not None:
             conn.close(CloseCode.POLICY_VIOLATION, "invalid room name")
             return
@@ -219,13 +221,13 @@ class Chat:
             if claim is not None:
                 self.engine.subscribe(name)
                 subscribed = True
-                since, epoch = returning_from(conn.target) if structured else (None, None)
+                since, epoch = returning_from(conn.target or "") if structured else (None, None)
                 history = self.engine.history(name, since, epoch)
                 users = self.engine.users(name) if structured else None  # O(members): for those who get it
         except EngineUnavailable as exc:
             log.warning("%s: cannot join room %s: %s", conn.key, quoted(name), exc)
             conn.close(TRY_AGAIN_LATER, "chat unavailable, try again later")
-            self._give_up_joining(local, subscribed, claim and (nick, holder))
+            self._give_up_joining(local, subscribed, (nick, holder) if claim is not None else None)
             return
         if claim is None:
             if identified:
@@ -251,11 +253,12 @@ class Chat:
         """The nickname a newcomer gets, its claim (None: an app user's name
         held by another user), and why it is not the one asked for."""
         engine = self.engine
+        claim: Claim | None
         if conn.user is not None:
             nick = self.nick_for(conn.user)
             claim = engine.claim(room, nick, holder, str(self.user_id(conn.user)))
             return nick, (None if claim.outcome == TAKEN else claim), None
-        wanted = normalize(asked_nick(conn.target))
+        wanted = normalize(asked_nick(conn.target or ""))
         problem = self._nick_problem(wanted) if wanted else "no nickname asked for"
         if problem is None:
             claim = engine.claim(room, wanted, holder)
@@ -291,8 +294,8 @@ class Chat:
     # -- what clients say ----------------------------------------------------------
 
     def on_message(self, conn: Connection, message: str | bytes) -> None:
-        member: Member | None = conn.context
-        if member is None:
+        member = conn.context
+        if not isinstance(member, Member):
             return
         if isinstance(message, bytes):
             conn.close(CloseCode.UNSUPPORTED_DATA, "binary messages are not supported")
@@ -305,8 +308,8 @@ class Chat:
             self._say(member, message)
             return
         request, problem = parse_chat_request(message, self.limits.max_length)
-        if problem is not None:
-            self._notify(member, "bad_request", problem)
+        if request is None:
+            self._notify(member, "bad_request", problem or "")
         elif request["type"] == "message":
             self._say(member, request["text"], request.get("id"))
         elif request["type"] == "nick":
@@ -336,6 +339,7 @@ class Chat:
             not_sent(exc)
 
     def _rename(self, member: Member, nick: str) -> None:
+        problem: str | None
         if member.identified:
             problem = "your nickname is your user name: it cannot change"
         else:
@@ -364,7 +368,7 @@ class Chat:
     # -- leaving -------------------------------------------------------------------
 
     def on_close(self, conn: Connection, code: int, reason: str) -> None:
-        member: Member | None = conn.context
+        member = conn.context if isinstance(conn.context, Member) else None
         log.info("Closed connection to %s (%d%s).", conn.key, code, f" {quoted(reason)}" if reason else "")
         if member is None:
             return
@@ -394,7 +398,7 @@ class Chat:
 
     # -- what the engine delivers --------------------------------------------------------
 
-    def _deliver(self, room: str, events: list[tuple[dict, str | None, str | None]]) -> None:
+    def _deliver(self, room: str, events: list[tuple[Event, str | None, str | None]]) -> None:
         """A batch of events of ``room``, ``(event, text, epoch)``, from
         whichever process published them, in the room's order (on the
         engine's thread, or the publisher's)."""
@@ -406,7 +410,7 @@ class Chat:
             if event["type"] == "evict":
                 self._evicted(room, event)
 
-    def _evicted(self, room: str, event: dict) -> None:
+    def _evicted(self, room: str, event: Event) -> None:
         """An app user took its name back: its anonymous holders here become guests."""
         with self._lock:
             local = self.rooms.get(room)
@@ -423,7 +427,7 @@ class Chat:
             self._notify(member, "renamed", f"the user {event['nick']} joined and has that name; you are now {guest}")
             self._renamed(member, guest)
 
-    def _publish(self, room: str, event: dict) -> None:
+    def _publish(self, room: str, event: Event) -> None:
         """Publish a presence event; one that cannot be published is logged
         (the engine's outage is logged once; its presence is reconciled later)."""
 

@@ -27,8 +27,8 @@ def whole(name: str, value: object, minimum: int = 0, meaning: str = "") -> int:
 
 def number(name: str, value: object, *, positive: bool = False, unit: str = "", meaning: str = "") -> float:
     """A finite number, >= 0 (or > 0 when ``positive``)."""
-    number_like = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not number_like or not math.isfinite(value) or value < 0 or (positive and value == 0):
+    if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0
+            or (positive and value == 0)):
         of = f" of {unit}" if unit else ""
         raise SettingError(name, f"a number{of} {'> 0' if positive else '>= 0'}{meaning}", value)
     return float(value)

@@ -9,15 +9,19 @@ import os
 import resource
 import signal
 import ssl
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from . import __version__, checks
-from .chat import DEFAULT_MAX_HISTORY_BYTES, DEFAULT_WELCOME, Chat, ChatLimits
+from .chat import DEFAULT_MAX_HISTORY_BYTES, DEFAULT_WELCOME, Chat
 from .engine import EngineUnavailable
 from .files import DEFAULT_PAGE_POLICY
 from .frames import IMPLEMENTATION
 from .logsafe import without_password
+from .rooms import ChatLimits
 from .server import Server
+
+if TYPE_CHECKING:
+    from .redis_engine import RedisEngine
 
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -132,7 +136,7 @@ def tls_context(certfile: str, keyfile: str) -> ssl.SSLContext:
     return context
 
 
-def redis_engine(args: argparse.Namespace):
+def redis_engine(args: argparse.Namespace) -> RedisEngine:
     """The Redis engine ``--redis`` asks for, connected.  Raises ``SetupError``
     without redis-py, or when Redis cannot be reached."""
     try:

@@ -21,7 +21,7 @@ from .handoff import Handoff
 from .handshake import Request, parse_request
 from .link import Link
 from .metrics import Metrics
-from .outbound import BUFFER_OVERHEAD, COST_PER_BYTE_AT_MOST, PreparedMessage
+from .outbound import BUFFER_OVERHEAD, COST_PER_BYTE_AT_MOST, Compression, PreparedMessage
 from .protocol import OPEN, State
 from .settings import Settings
 
@@ -48,7 +48,8 @@ class Connection:
         "link", "_handoff", "_settings", "_metrics",
     )
 
-    def __init__(self, link: Link, address: object, handoff: Handoff, settings: Settings, metrics: Metrics):
+    def __init__(self, link: Link, address: object, handoff: Handoff[Connection], settings: Settings,
+                 metrics: Metrics):
         self.key = link.key
         self.remote_address = address
         self.client_address: str = address[0] if isinstance(address, tuple) else str(address)
@@ -192,7 +193,7 @@ class Connection:
             link.space.wait(remaining)
 
 
-def close_too_slow(conn: Connection, handoff: Handoff, metrics: Metrics, limit: int) -> None:
+def close_too_slow(conn: Connection, handoff: Handoff[Connection], metrics: Metrics, limit: int) -> None:
     """A client too slow to read (its lock held): drop what it has not begun
     to receive and close it with 1008; the close deadline ends it if it
     stays stuck."""
@@ -203,7 +204,7 @@ def close_too_slow(conn: Connection, handoff: Handoff, metrics: Metrics, limit: 
 
 
 def queue_for_many(message: PreparedMessage, connections: Iterable[Connection], limit: int,
-                   handoff: Handoff, metrics: Metrics) -> list[Connection]:
+                   handoff: Handoff[Connection], metrics: Metrics) -> list[Connection]:
     """Queue one prepared message for many connections: the hot path of every
     broadcast; returns those it was queued for.  Never blocks: a client over
     the mark ``limit`` is closed as too slow.  For speed it does inline what
@@ -211,7 +212,8 @@ def queue_for_many(message: PreparedMessage, connections: Iterable[Connection], 
     mark and the append, under each connection's lock."""
     plain_parts, plain_size = message.parts, message.size
     plain_cost = plain_size + BUFFER_OVERHEAD * len(plain_parts)
-    agreement = agreed_parts = agreed_size = agreed_cost = None  # the last agreement met: most connections share one
+    agreement: Compression | None = None  # the last agreement met: most connections share one
+    agreed_parts, agreed_size, agreed_cost = plain_parts, plain_size, plain_cost
     queued = []
     for conn in connections:
         link = conn.link

@@ -28,6 +28,7 @@ from __future__ import annotations
 import threading
 import zlib
 from dataclasses import dataclass
+from typing import Protocol
 
 from .errors import InvalidPayload, MessageTooBig
 
@@ -58,6 +59,14 @@ class Agreement:
         return self.extension.compress(payload, self.server_wbits)
 
 
+class Compressor(Protocol):
+    """What ``zlib.compressobj`` returns, as used here."""
+
+    def compress(self, data: bytes, /) -> bytes: ...
+
+    def flush(self, mode: int = ..., /) -> bytes: ...
+
+
 class PerMessageDeflate:
     """The extension as the handshake offers it to negotiate (see ``handshake.Extension``)."""
 
@@ -68,8 +77,8 @@ class PerMessageDeflate:
         self.client_no_context_takeover = client_no_context_takeover
         self.min_size = min_size
         self.level = level
-        self._agreements: dict[tuple, Agreement] = {}
-        self._compressors: dict[int, object] = {}  # one per window size, reused: see compress
+        self._agreements: dict[tuple[int, bool, bool], Agreement] = {}
+        self._compressors: dict[int, Compressor] = {}  # one per window size, reused: see compress
         self._lock = threading.Lock()  # any thread may broadcast
 
     def accept(self, params: list[tuple[str, str | None]]) -> Agreement | None:
@@ -82,11 +91,11 @@ class PerMessageDeflate:
         for name in ("server_no_context_takeover", "client_no_context_takeover"):
             if values.get(name, None) is not None:  # these take no value
                 return None
-        server_wbits = 15
+        server_wbits: int | None = 15
         if "server_max_window_bits" in values:
             server_wbits = _window_bits(values["server_max_window_bits"])
-            if server_wbits is None or server_wbits < 9:  # missing, invalid, or 8: zlib cannot honour it
-                return None
+        if server_wbits is None or server_wbits < 9:  # missing, invalid, or 8: zlib cannot honour it
+            return None
         if "client_max_window_bits" in values and values["client_max_window_bits"] is not None:
             if _window_bits(values["client_max_window_bits"]) is None:
                 return None

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from .logsafe import quoted
+
+Event = dict[str, Any]  # an event or a request, as its JSON object
 
 SUBPROTOCOL = "wschat.v1"
 MAX_REQUEST = 64 * 1024  # characters in one request when chat messages have no length limit
 FIELDS = {"message": "text", "nick": "nick", "users": None}  # request type -> the string it carries
 
 
-def encode(event: dict) -> str:
+def encode(event: Event) -> str:
     """One event as JSON: compact, non-ASCII left as it is."""
     return json.dumps(event, ensure_ascii=False, separators=(",", ":"))
 
@@ -33,7 +36,7 @@ def now_ms() -> int:
 MAX_ID = 64  # characters in a message's "id", the sender's own name for it
 
 
-def message_record(room: str, nick: str, text: str, message_id: str | None = None) -> dict:
+def message_record(room: str, nick: str, text: str, message_id: str | None = None) -> Event:
     """A chat message as it is published (its engine adds ``seq``), with
     the sender's ``id`` for it when it gave one."""
     record = {"type": "message", "room": room, "nick": nick, "text": text, "time": now_ms()}
@@ -48,7 +51,7 @@ def announcement(text: str) -> str:
     return encode({"type": "message", "nick": "server", "text": text, "time": now_ms()})
 
 
-def parse_chat_request(message: str, max_length: int = 0) -> tuple[dict | None, str | None]:
+def parse_chat_request(message: str, max_length: int = 0) -> tuple[Event | None, str | None]:
     """A request, or why it is not one.  ``max_length`` is the chat's
     message length limit (0: none), which bounds a request too."""
     limit = 6 * max_length + 1024 if max_length else MAX_REQUEST
@@ -58,7 +61,7 @@ def parse_chat_request(message: str, max_length: int = 0) -> tuple[dict | None, 
         request = json.loads(message)
     except RecursionError:
         return None, "request nested too deeply: a request is a flat JSON object"
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         return None, f"not JSON ({exc.msg} at character {exc.pos})"
     if not isinstance(request, dict) or not isinstance(request.get("type"), str):
         return None, 'expected a JSON object with a "type" string'

@@ -86,7 +86,7 @@ def record_pong(conn: Connection, payload: bytes) -> None:
 class InlineDispatcher:
     """Handlers run at once, on the loop thread: they must not block."""
 
-    def __init__(self, reading: Reading, handoff: Handoff, metrics: Metrics):
+    def __init__(self, reading: Reading, handoff: Handoff[Connection], metrics: Metrics):
         self._reading = reading
         self._handoff = handoff
         self._metrics = metrics
@@ -168,7 +168,7 @@ class InlineDispatcher:
 class PoolDispatcher(InlineDispatcher):
     """Handlers run on ``workers`` threads, one at a time per connection, in order."""
 
-    def __init__(self, reading: Reading, handoff: Handoff, metrics: Metrics, budget: Budget,
+    def __init__(self, reading: Reading, handoff: Handoff[Connection], metrics: Metrics, budget: Budget,
                  workers: int, max_pending: int):
         super().__init__(reading, handoff, metrics)
         self.max_pending = max(1, max_pending)

@@ -32,13 +32,14 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
+from .dialect import Event
 from .names import nick_key
 
 JOINED = "joined"  # the nickname is new to the room: a join to announce
 ADDED = "added"  # one more connection of the user who holds it
 TAKEN = "taken"  # someone else holds it
 
-Delivery = tuple[dict, "str | None", "str | None"]  # (event, its JSON text or None, the epoch of a message)
+Delivery = tuple[Event, "str | None", "str | None"]  # (event, its JSON text or None, the epoch of a message)
 Deliver = Callable[[str, list[Delivery]], None]
 
 
@@ -59,7 +60,7 @@ class Claim:
 class History:
     epoch: str  # names the room's sequence of messages; new when the room is made anew
     seq: int  # the room's last sequence number
-    records: list[dict]  # messages after ``since``, oldest first (at most the kept history)
+    records: list[Event]  # messages after ``since``, oldest first (at most the kept history)
     missed: bool  # some messages after ``since`` are no longer kept
 
 
@@ -80,8 +81,8 @@ class Engine(Protocol):
     def unsubscribe(self, room: str) -> None: ...
     # Without ``failed`` these wait, and raise EngineUnavailable; with it they
     # may return at once, and ``failed`` is called (on any thread) on failure.
-    def publish_message(self, room: str, record: dict, failed: Failed | None = None) -> None: ...
-    def publish(self, room: str, event: dict, failed: Failed | None = None) -> None: ...
+    def publish_message(self, room: str, record: Event, failed: Failed | None = None) -> None: ...
+    def publish(self, room: str, event: Event, failed: Failed | None = None) -> None: ...
     def flush(self, timeout: float) -> None: ...  # wait (up to timeout) until what was published is kept
     def backlog(self) -> int: ...  # events published and not yet kept (a backlog that grows: the broker is the limit)
     def history(self, room: str, since: int | None = None, epoch: str | None = None) -> History: ...
@@ -92,7 +93,7 @@ class Engine(Protocol):
     def users(self, room: str) -> list[str]: ...
 
 
-def select_history(kept: list[dict], seq: int, since: int | None, epoch_matches: bool) -> tuple[list[dict], bool]:
+def select_history(kept: list[Event], seq: int, since: int | None, epoch_matches: bool) -> tuple[list[Event], bool]:
     """What a client that saw up to ``since`` gets of the ``kept`` messages,
     and whether it missed some: all of them when it saw nothing of this room
     (``since`` None, or another epoch)."""
@@ -112,7 +113,7 @@ class _Entry:
 
 @dataclass(eq=False)
 class _Room:
-    history: deque
+    history: deque[Event]
     seq: int = 0
     epoch: str = field(default_factory=new_epoch)
     members: dict[str, _Entry] = field(default_factory=dict)  # nick_key -> entry
@@ -154,7 +155,7 @@ class MemoryEngine:
             room = self.rooms[name] = _Room(deque(maxlen=self.history_size))
         return room
 
-    def publish_message(self, room: str, record: dict, failed: Failed | None = None) -> None:
+    def publish_message(self, room: str, record: Event, failed: Failed | None = None) -> None:
         with self._lock:
             target = self._room(room)
             target.seq += 1
@@ -164,7 +165,7 @@ class MemoryEngine:
             if self._deliver is not None:
                 self._deliver(room, [(record, None, target.epoch)])
 
-    def publish(self, room: str, event: dict, failed: Failed | None = None) -> None:
+    def publish(self, room: str, event: Event, failed: Failed | None = None) -> None:
         with self._lock:
             if self._deliver is not None:
                 self._deliver(room, [(event, None, None)])
@@ -226,7 +227,7 @@ class MemoryEngine:
             target = self.rooms.get(room)
             key = nick_key(nick)
             entry = target.members.get(key) if target is not None else None
-            if entry is None or holder not in entry.holders:
+            if target is None or entry is None or holder not in entry.holders:
                 return False  # evicted meanwhile
             entry.holders.remove(holder)
             if entry.holders:

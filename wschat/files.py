@@ -24,7 +24,7 @@ def file_response(root: str | None, request: Request, policy: str | None = DEFAU
     with ``policy`` as its Content-Security-Policy (None: none)."""
     head_only = request.method == "HEAD"
 
-    def error(status: int, reason: str, headers: tuple = ()) -> bytes:
+    def error(status: int, reason: str, headers: tuple[tuple[str, str], ...] = ()) -> bytes:
         return build_error_response(HandshakeError(status, reason, headers), head_only=head_only)
 
     if request.method not in ("GET", "HEAD"):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import os
 import struct
+from types import ModuleType
 from typing import NamedTuple
 
 from .errors import InvalidPayload, MessageTooBig, ProtocolError
@@ -76,7 +77,7 @@ _new_frame = tuple.__new__  # builds a Frame without NamedTuple's Python-level _
 # -- masking ---------------------------------------------------------------
 
 
-def _apply_mask_python(data: bytes, mask: bytes) -> bytes:
+def _apply_mask_python(data: bytes | bytearray | memoryview, mask: bytes) -> bytes:
     """XOR ``data`` with the 4-byte ``mask`` repeated (RFC 6455 section 5.3).
 
     One big-integer XOR does the whole buffer in C inside CPython, which is
@@ -90,7 +91,7 @@ def _apply_mask_python(data: bytes, mask: bytes) -> bytes:
     return value.to_bytes(size, "little")
 
 
-def _load_speedups():
+def _load_speedups() -> ModuleType | None:
     if os.environ.get("WSCHAT_NO_SPEEDUPS"):
         return None
     try:
@@ -199,13 +200,14 @@ class FrameParser:
     __slots__ = ("_data", "_pos", "require_mask", "max_payload", "allowed_rsv", "partial", "_piece")
 
     def __init__(self, *, require_mask: bool, max_payload: int, allowed_rsv: int = 0, partial: bool = False):
-        self._data: bytes | bytearray = b""
+        self._data: bytes | bytearray | memoryview = b""
         self._pos = 0
         self.require_mask = require_mask
         self.max_payload = max_payload
         self.allowed_rsv = allowed_rsv
         self.partial = partial
-        self._piece: tuple | None = None  # (opcode, fin, rsv, mask, offset, remaining) inside a frame
+        self._piece: tuple[int, bool, int, bytes | None, int, int] | None = None  # inside a frame:
+        # (opcode, fin, rsv, mask, offset, remaining)
 
     @property
     def buffered(self) -> int:
@@ -291,7 +293,9 @@ class FrameParser:
 
     def _next_piece(self) -> Frame | None:
         """The next piece of a data frame whose payload is still arriving."""
-        opcode, fin, rsv, mask, offset, remaining = self._piece
+        piece = self._piece
+        assert piece is not None  # called inside a frame
+        opcode, fin, rsv, mask, offset, remaining = piece
         data = self._data
         start = self._pos
         take = min(remaining, len(data) - start)
@@ -302,11 +306,11 @@ class FrameParser:
             mask = mask[shift:] + mask[:shift]
         self._pos = start + take
         remaining -= take
-        self._piece = (opcode, fin, rsv, self._piece[3], offset + take, remaining) if remaining else None
+        self._piece = (opcode, fin, rsv, piece[3], offset + take, remaining) if remaining else None
         return _new_frame(Frame, (opcode, self._payload(data, start, start + take, mask), fin, rsv, bool(remaining)))
 
     @staticmethod
-    def _payload(data: bytes | bytearray, start: int, end: int, mask: bytes | None) -> bytes:
+    def _payload(data: bytes | bytearray | memoryview, start: int, end: int, mask: bytes | None) -> bytes:
         if mask is None:
             return data[start:end] if type(data) is bytes else bytes(data[start:end])
         with memoryview(data) as view:

@@ -11,20 +11,23 @@ from __future__ import annotations
 
 import socket
 import threading
-from typing import Callable, Iterable
+from typing import Any, Callable, Generic, Hashable, Iterable, TypeVar
 
 from .metrics import Metrics
 
+Item = TypeVar("Item", bound=Hashable)  # what is handed over to be written: the loop's connections
+Call = tuple[Callable[..., object], tuple[Any, ...]]
 
-class Handoff:
+
+class Handoff(Generic[Item]):
     """The loop's in-tray (see the module docstring)."""
 
     def __init__(self, metrics: Metrics, on_loop_thread: Callable[[], bool]):
         self._metrics = metrics
         self._on_loop_thread = on_loop_thread
         self._lock = threading.Lock()
-        self._dirty: set = set()  # connections with bytes to write
-        self._calls: list = []  # (callback, args)
+        self._dirty: set[Item] = set()  # connections with bytes to write
+        self._calls: list[Call] = []  # (callback, args)
         self._woken = False  # a wake-up byte is on its way
         self._ended = False  # the loop is gone: no more calls are taken
         self.reader, self._writer = socket.socketpair()  # the loop's selector watches ``reader``
@@ -40,7 +43,7 @@ class Handoff:
         """Connections wait to be written (the loop must not sleep)."""
         return bool(self._dirty)
 
-    def mark_dirty(self, conns: Iterable, messages: int = 0) -> None:
+    def mark_dirty(self, conns: Iterable[Item], messages: int = 0) -> None:
         """``conns`` have bytes to write, ``messages`` new ones in all."""
         with self._lock:
             self._dirty.update(conns)
@@ -50,7 +53,7 @@ class Handoff:
             self._woken = True
         self.wake()
 
-    def call_soon(self, callback: Callable, *args) -> bool:
+    def call_soon(self, callback: Callable[..., object], *args: Any) -> bool:
         """Run ``callback(*args)`` on the loop thread, on its next pass;
         False once the loop has ended (it will not run)."""
         with self._lock:
@@ -60,7 +63,7 @@ class Handoff:
         self.wake()
         return True
 
-    def take(self) -> tuple[set, list]:
+    def take(self) -> tuple[set[Item], list[Call]]:
         """On the loop thread: the dirty connections and the calls handed over since the last take."""
         with self._lock:
             dirty, self._dirty = self._dirty, set()

@@ -148,8 +148,13 @@ def parse_request(head: bytes) -> Request:
 class Agreement(Protocol):
     """What an extension settled for a connection (one object may serve many)."""
 
-    response: str  # the extension's entry in the response's Sec-WebSocket-Extensions
-    rsv: int  # the RSV bits (0b100 is RSV1) frames may carry from now on
+    @property
+    def response(self) -> str:
+        """The extension's entry in the response's Sec-WebSocket-Extensions."""
+
+    @property
+    def rsv(self) -> int:
+        """The RSV bits (0b100 is RSV1) frames may carry from now on."""
 
 
 class Extension(Protocol):
@@ -192,7 +197,7 @@ def _parse_extension_list(value: str) -> list[tuple[str, list[tuple[str, str | N
         items.append(("token", token) if token else ("quoted", re.sub(r"\\(.)", r"\1", quoted)) if quoted is not None
                      else ("mark", mark))
         position = match.end()
-    offers: list = []
+    offers: list[tuple[str, list[tuple[str, str | None]]]] = []
     expect = "name"  # what the grammar allows next
     for kind, text in items:
         if expect == "name":
@@ -233,7 +238,7 @@ class Accepted:
     key: str
     subprotocol: str | None = None  # as the server names it
     subprotocol_token: str | None = None  # as the client spelled it: the answer must echo one of its values
-    extensions: list = field(default_factory=list)
+    extensions: list[Agreement] = field(default_factory=list)
     extension_header: str | None = None
 
     @property

@@ -23,7 +23,7 @@ def quoted(value: str | bytes | None, limit: int = DEFAULT_LIMIT) -> str:
     return text + "…" if len(value) > limit else text
 
 
-def address_text(address) -> str:
+def address_text(address: object) -> str:
     """A socket address as ``host:port``."""
     if isinstance(address, tuple) and len(address) >= 2:
         return f"{address[0]}:{address[1]}"

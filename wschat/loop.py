@@ -62,7 +62,7 @@ class Loop:
         self._buffer = memoryview(bytearray(transport.READ_BUFFER_SIZE))  # every read goes here
         self._ciphertext = memoryview(bytearray(transport.READ_SIZE))  # and under TLS, comes from here
         self._thread_id: int | None = None
-        self.handoff = Handoff(metrics, self.on_loop_thread)
+        self.handoff: Handoff[Connection] = Handoff(metrics, self.on_loop_thread)
         self._handshaking: set[Connection] = set()  # the loop's own, like _timed
         self._timed: set[Connection] = set()  # with a deadline
         self._stopping = False
@@ -270,9 +270,10 @@ class Loop:
 
     def _on_readable(self, conn: Connection) -> None:
         link = conn.link
-        tls = link.tls
+        sock, tls = link.sock, link.tls
+        assert sock is not None  # only open sockets are read
         try:
-            received = transport.read_into(link.sock, self._buffer, tls, self._ciphertext)
+            received = transport.read_into(sock, self._buffer, tls, self._ciphertext)
         except OSError as exc:
             failed = "TLS handshake" if tls is not None and tls.handshaking else "read"
             log.info("%s: %s failed: %s", conn.key, failed, exc)

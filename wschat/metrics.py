@@ -34,9 +34,9 @@ class Metrics:
 
     def __init__(self) -> None:
         self.started = time.time()
-        self.handshakes: Counter = Counter()
-        self.closes: Counter = Counter()
-        self.failures: Counter = Counter()
+        self.handshakes: Counter[int] = Counter()
+        self.closes: Counter[int] = Counter()
+        self.failures: Counter[int] = Counter()
         self.messages_received = 0
         self.messages_sent = 0
         self.bytes_received = 0

@@ -19,6 +19,7 @@ from typing import Any, Callable, Protocol
 from .admission import Admission, Answer
 from .connection import Connection
 from .deflate import NAME as DEFLATE
+from .deflate import Agreement as DeflateAgreement
 from .errors import HandshakeError
 from .handshake import Request
 from .logsafe import quoted
@@ -168,8 +169,10 @@ class Opener:
         conn.resource, conn.subprotocol, conn.user = resource, accepted.subprotocol, user
         link = conn.link
         link.head = request.raw
+        deflate = accepted.agreement(DEFLATE)
         with link.lock:
-            link.protocol.accept(answer.response, rsv=accepted.rsv, deflate=accepted.agreement(DEFLATE))
+            link.protocol.accept(answer.response, rsv=accepted.rsv,
+                                 deflate=deflate if isinstance(deflate, DeflateAgreement) else None)
         self._doors.opened(conn)
         if log.isEnabledFor(logging.DEBUG):  # one line per connection: no formatting when it is off
             log.debug("%s: open %s from %s%s", conn.key, quoted(request.path), conn.client_address,

@@ -11,7 +11,23 @@ outbox, and the protocol decides what may be appended to it.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from .frames import Opcode, frame_header
+
+Buffer = bytes | memoryview
+Parts = tuple[Buffer, ...]  # one frame or more: bytes, or a header and a view of a large payload
+Framed = tuple[Parts, int]  # the buffers and their size
+
+
+class Compression(Protocol):
+    """What a permessage-deflate agreement offers a message (see ``deflate.Agreement``)."""
+
+    @property
+    def rsv(self) -> int: ...
+
+    def compress(self, payload: bytes) -> bytes | None: ...
+
 
 LARGE_PAYLOAD = 16384  # from here on a payload is a buffer of its own, never copied into the frame
 # What one queued buffer costs beyond its bytes: the object's header (33 bytes), the allocator's
@@ -44,9 +60,9 @@ class PreparedMessage:
         self.opcode = default if opcode is None else opcode
         self.payload = payload
         self.parts, self.size = _frame(self.opcode, payload, 0)
-        self._variants: dict | None = None  # agreement -> (parts, size)
+        self._variants: dict[Compression, Framed] | None = None  # agreement -> (parts, size)
 
-    def frame_for(self, agreement) -> tuple[tuple, int]:
+    def frame_for(self, agreement: Compression | None) -> Framed:
         """The frame for a connection with this permessage-deflate ``agreement`` (or None)."""
         if agreement is None or self.opcode >= 0x8:
             return self.parts, self.size
@@ -58,7 +74,7 @@ class PreparedMessage:
             variant = variants[agreement] = self._compressed(agreement)
         return variant
 
-    def _compressed(self, agreement) -> tuple[tuple, int]:
+    def _compressed(self, agreement: Compression) -> Framed:
         """The frame under ``agreement``, made once (``frame_for`` keeps it)."""
         compressed = agreement.compress(self.payload)
         return (self.parts, self.size) if compressed is None else _frame(self.opcode, compressed, agreement.rsv)
@@ -88,17 +104,17 @@ class PreparedBatch(PreparedMessage):
             self.parts, self.size = _joined([_frame(Opcode.TEXT, payload, 0)[0] for payload in payloads])
         self._variants = None
 
-    def _compressed(self, agreement) -> tuple[tuple, int]:
+    def _compressed(self, agreement: Compression) -> Framed:
         return _joined([PreparedMessage(text).frame_for(agreement)[0] for text in self.texts])
 
     def __repr__(self) -> str:
         return f"<PreparedBatch of {self.count}, {self.size} bytes>"
 
 
-def _joined(frames: list[tuple]) -> tuple[tuple, int]:
+def _joined(frames: list[Parts]) -> Framed:
     """Frames' buffers, each run of whole small frames joined in one ``bytes``."""
-    parts: list = []
-    run: list = []
+    parts: list[Buffer] = []
+    run: list[Buffer] = []
     for frame in frames:
         if len(frame) == 1:
             run.append(frame[0])
@@ -112,7 +128,7 @@ def _joined(frames: list[tuple]) -> tuple[tuple, int]:
     return tuple(parts), sum(map(len, parts))
 
 
-def _frame(opcode: int, payload: bytes, rsv: int) -> tuple[tuple, int]:
+def _frame(opcode: int, payload: bytes, rsv: int) -> Framed:
     header = frame_header(opcode, len(payload), rsv=rsv)
     # A large payload goes as a buffer of its own, a view: in an outbox a view
     # never starts a frame (see Outbox.discard_unstarted).
@@ -136,7 +152,7 @@ class Outbox:
     __slots__ = ("buffers", "start", "size", "_pong")
 
     def __init__(self) -> None:
-        self.buffers: list = []
+        self.buffers: list[Buffer] = []
         self.start = 0  # buffers before this index are written
         self.size = 0  # bytes to write
         self._pong = -1  # where the last pong was queued
@@ -149,7 +165,7 @@ class Outbox:
         """What the queue holds in memory: its bytes, and BUFFER_OVERHEAD per buffer."""
         return self.size + BUFFER_OVERHEAD * (len(self.buffers) - self.start)
 
-    def append(self, data: bytes) -> None:
+    def append(self, data: Buffer) -> None:
         self.buffers.append(data)
         self.size += len(data)
 
@@ -168,11 +184,11 @@ class Outbox:
         self._pong = len(buffers)
         self.append(frame)
 
-    def extend(self, parts: tuple, size: int) -> None:
+    def extend(self, parts: Parts, size: int) -> None:
         self.buffers += parts
         self.size += size
 
-    def pending(self, most: int) -> list:
+    def pending(self, most: int) -> list[Buffer]:
         """Up to ``most`` buffers from the front, for one ``sendmsg``."""
         if not self.start and len(self.buffers) <= most:
             return self.buffers
@@ -192,7 +208,7 @@ class Outbox:
                 buffers[index] = memoryview(head)[sent:]
                 break
             sent -= len(head)
-            buffers[index] = None
+            buffers[index] = b""  # let go of it now
             index += 1
         if index > 64 and index * 2 > len(buffers):  # compact now and then: amortised O(1)
             del buffers[:index]

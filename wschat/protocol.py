@@ -31,15 +31,16 @@ from .errors import ConnectionClosed, HandshakeError, InvalidPayload, MessageToo
 from .frames import (
     MAX_CONTROL_PAYLOAD,
     CloseCode,
+    Frame,
     FrameParser,
     Opcode,
     encode_close_payload,
     encode_frame,
     parse_close_payload,
 )
-from .deflate import INFLATER_COST
+from .deflate import INFLATER_COST, Agreement, Inflater
 from .handshake import DEFAULT_MAX_HEADER_SIZE, Request, build_error_response, find_head_end, parse_request
-from .outbound import Outbox
+from .outbound import Outbox, Parts
 from .reassembly import Reassembly
 
 DEFAULT_MAX_MESSAGE_SIZE = 1 << 20
@@ -125,8 +126,8 @@ class ServerProtocol:
         self.max_message_size = max_message_size
         self.max_header_size = max_header_size
         self.client = client
-        self.deflate = None  # the permessage-deflate agreement, once accepted
-        self._inflater = None  # while a compressed message arrives (or for good, with context takeover)
+        self.deflate: Agreement | None = None  # the permessage-deflate agreement, once accepted
+        self._inflater: Inflater | None = None  # while a compressed message arrives (or for good, with context takeover)
         self._reading = True  # false once input can only be discarded
         self._head: bytearray | None = None
         self._searched = 0
@@ -148,7 +149,7 @@ class ServerProtocol:
         if not self._reading:
             return  # after a close frame, an error or a plain response: discarded
         if self._parser is None:
-            self._head += data
+            self._head += data  # type: ignore[operator]  # reading: the head is there until the parser is
         else:
             self._parser.feed(data)
 
@@ -231,6 +232,7 @@ class ServerProtocol:
 
     def _next_request(self) -> RequestReceived | RequestRefused | None:
         head = self._head
+        assert head is not None  # reading, and no parser yet
         try:
             end = find_head_end(head, self.max_header_size, self._searched)
             if end is None:
@@ -244,7 +246,7 @@ class ServerProtocol:
         self.request = request
         return RequestReceived(request)
 
-    def _data(self, frame: tuple) -> TextMessage | BinaryMessage | None:
+    def _data(self, frame: Frame) -> TextMessage | BinaryMessage | None:
         opcode, payload, fin, rsv, more = frame
         message = self._message
         if message is not None and message.in_frame:
@@ -277,17 +279,20 @@ class ServerProtocol:
         self._message = None
         if message.compressed:
             self._end_inflation()
-        return TextMessage(data) if message.opcode == Opcode.TEXT else BinaryMessage(data)
+        return TextMessage(data) if isinstance(data, str) else BinaryMessage(data)
 
-    def _inflater_for_message(self):
+    def _inflater_for_message(self) -> Inflater:
         if self._inflater is None:
+            if self.deflate is None:
+                raise ProtocolError("RSV1 set without permessage-deflate")  # the parser refuses it first
             self._inflater = self.deflate.inflater()
         return self._inflater
 
     def _end_inflation(self) -> None:
         """After a message: no inflater is kept unless the client keeps its
         context and its stream goes on (a final block ends it)."""
-        if self.deflate.client_no_context_takeover or self._inflater.ended:
+        inflater, deflate = self._inflater, self.deflate
+        if deflate is None or inflater is None or deflate.client_no_context_takeover or inflater.ended:
             self._inflater = None
 
     def _inflate_whole(self, payload: bytes) -> bytes:
@@ -297,7 +302,7 @@ class ServerProtocol:
         self._end_inflation()
         return data
 
-    def _control(self, frame: tuple) -> Ping | Pong | CloseReceived:
+    def _control(self, frame: Frame) -> Ping | Pong | CloseReceived:
         opcode, payload = frame[0], frame[1]
         if frame[3]:
             raise ProtocolError("RSV bits set on a control frame")
@@ -314,7 +319,7 @@ class ServerProtocol:
 
     # -- answering the request ----------------------------------------------------------------
 
-    def accept(self, response: bytes, *, rsv: int = 0, deflate=None) -> None:
+    def accept(self, response: bytes, *, rsv: int = 0, deflate: Agreement | None = None) -> None:
         """Upgrade: queue the ``101`` response; frames flow from here on.
         ``rsv`` is the RSV bits the negotiated extensions allow; ``deflate``
         the permessage-deflate agreement, if one was reached."""
@@ -343,7 +348,7 @@ class ServerProtocol:
 
     # -- sending ---------------------------------------------------------------------------
 
-    def send_frame(self, parts: tuple, size: int) -> None:
+    def send_frame(self, parts: Parts, size: int) -> None:
         """Queue an encoded data frame (see ``PreparedMessage``)."""
         if self.state is not OPEN:
             raise ConnectionClosed(f"connection is {self.state.name.lower()}")
@@ -388,7 +393,7 @@ class ServerProtocol:
     def acknowledge_close(self) -> None:
         """Answer the peer's close frame (section 5.5.1): echo its code,
         unless our own close went first; the closing handshake is then over."""
-        if self.state is OPEN:
+        if self.state is OPEN and self.close_received is not None:
             code = self.close_received[0]
             self.outbox.append(self._frame(Opcode.CLOSE, b"" if code == CloseCode.NO_STATUS else code.to_bytes(2, "big")))
             self.close_sent = (code, "")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import codecs
 
+from .deflate import Inflater
 from .errors import InvalidPayload, MessageTooBig
 from .frames import Opcode
 
@@ -23,13 +24,13 @@ class Reassembly:
 
     __slots__ = ("opcode", "in_frame", "size", "compressed", "_limit", "_parts", "_decoder", "_inflater")
 
-    def __init__(self, opcode: int, limit: int, inflater=None):
+    def __init__(self, opcode: int, limit: int, inflater: Inflater | None = None):
         self.opcode = opcode
         self.in_frame = False  # the last piece was not its frame's last
         self.size = 0  # bytes of message so far (inflated)
         self.compressed = inflater is not None
         self._limit = limit
-        self._parts: list = []
+        self._parts: list[bytes | bytearray] = []
         self._decoder = _Utf8Decoder() if opcode == Opcode.TEXT else None
         self._inflater = inflater
 
@@ -63,7 +64,7 @@ class Reassembly:
             parts.append(bytearray(payload))
 
 
-def check_utf8_prefix(decoder, payload: bytes, final: bool) -> None:
+def check_utf8_prefix(decoder: codecs.IncrementalDecoder, payload: bytes, final: bool) -> None:
     """Fail as soon as the bytes so far cannot start valid UTF-8."""
     try:
         decoder.decode(payload, final)

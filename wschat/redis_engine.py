@@ -39,14 +39,14 @@ import selectors
 import socket
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, ParamSpec, TypeVar
 
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from . import checks
-from .dialect import encode, now_ms
+from .dialect import Event, encode, now_ms
 from .engine import ADDED, JOINED, TAKEN, Claim, Deliver, Delivery, EngineUnavailable, Failed, History
 from .logsafe import quoted, without_password
 from .redis_nodes import Address, Nodes
@@ -55,6 +55,8 @@ from .redis_store import RedisStore
 from .resp import ReplyError, RespConnection, pack
 
 log = logging.getLogger("wschat")
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 class RedisEngine:
@@ -183,7 +185,7 @@ class RedisEngine:
 
     # -- calls, failing fast while Redis is down ------------------------------------------
 
-    def _call(self, function, *args, **kwargs):
+    def _call(self, function: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         if self._down_since is not None:
             raise EngineUnavailable("Redis is unreachable")
         try:
@@ -242,13 +244,13 @@ class RedisEngine:
         except OSError:
             pass  # a byte is already waiting, or the engine is stopped
 
-    def publish_message(self, room: str, record: dict, failed: Failed | None = None) -> None:
+    def publish_message(self, room: str, record: Event, failed: Failed | None = None) -> None:
         """Publish a chat message (Redis numbers it).  With ``failed``,
         returns at once and calls ``failed`` (on some thread) if it could not
         be published; without, waits, and raises ``EngineUnavailable``."""
         self._publish(room, "M" + encode(record), failed)
 
-    def publish(self, room: str, event: dict, failed: Failed | None = None) -> None:
+    def publish(self, room: str, event: Event, failed: Failed | None = None) -> None:
         """Publish a presence event, in the room's order with its messages."""
         self._publish(room, "E" + encode(event), failed)
 
@@ -275,7 +277,7 @@ class RedisEngine:
         user = "" if user_id is None else "u" + user_id
         with self._lock:  # first: a room with a claim under way is never tidied off this process's list
             self._held[room, holder] = (nick, user)
-        outcome, evicted = "taken", []
+        outcome, evicted = "taken", list[str]()
         try:
             outcome, evicted = self._call(self.store.claim, room, nick, holder, user)
         finally:
@@ -502,7 +504,7 @@ class RedisEngine:
             else:
                 self._received_messages(room, epoch, [record], [text], batch)
 
-    def _received_messages(self, room: str, epoch: str, records: list[dict], texts: list[str],
+    def _received_messages(self, room: str, epoch: str, records: list[Event], texts: list[str],
                            batch: list[Delivery]) -> None:
         """Messages of ``room`` numbered one after another, added to ``batch``:
         those not delivered yet, after any missed before them."""

@@ -34,10 +34,14 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+from typing import TYPE_CHECKING, Any, cast
 
-from .dialect import encode, now_ms
+from .dialect import Event, encode, now_ms
 from .engine import History, new_epoch, select_history
 from .names import nick_key
+
+if TYPE_CHECKING:
+    import redis
 
 # A batch of one room's events: KEYS seq, epoch, history; ARGV the history
 # size, the channel, an epoch for a new room, the keys' TTL, the publishing
@@ -209,7 +213,7 @@ MAX_BATCH = 500  # events in one PUBLISH_BATCH call: bounds the script's stack a
 class RedisStore:
     """The calls that read and change the chat's data (see the module docstring)."""
 
-    def __init__(self, client, prefix: str, process_id: str, *, history: int, room_ttl: int,
+    def __init__(self, client: redis.Redis, prefix: str, process_id: str, *, history: int, room_ttl: int,
                  presence_timeout: float, sharded: bool = False):
         self.redis = client
         self.prefix = prefix
@@ -260,8 +264,8 @@ class RedisStore:
         seq, epoch = self._position(room, False)
         return epoch, seq
 
-    def _position(self, room: str, with_history: bool) -> list:
-        found = self._scripts["position"](
+    def _position(self, room: str, with_history: bool) -> list[Any]:
+        found: list[Any] = self._scripts["position"](
             keys=[self.key("seq", room), self.key("epoch", room), self.key("history", room)],
             args=[self._new_epoch(), self.room_ttl, "1" if with_history else "0"])
         found[0] = int(found[0])
@@ -288,7 +292,7 @@ class RedisStore:
         return bool(self._scripts["rename"](keys=[self.key("members", room)],
                                             args=[nick_key(old), nick_key(new), new, holder]))
 
-    def release(self, room: str, nick: str, holder: str, leave: dict | None = None) -> bool:
+    def release(self, room: str, nick: str, holder: str, leave: Event | None = None) -> bool:
         """Let ``holder``'s claim go; True when no one holds ``nick`` any
         more (``leave``, if given, is then published)."""
         return bool(self._scripts["release"](
@@ -304,7 +308,11 @@ class RedisStore:
         """Say this process is alive for ``presence_timeout``; the other processes Redis knows of."""
         self.redis.set(self.process_key("alive", self.process_id), "1", px=int(self.presence_timeout * 1000))
         self.redis.sadd(f"{self.prefix}processes", self.process_id)
-        return [process for process in self.redis.smembers(f"{self.prefix}processes") if process != self.process_id]
+        return [process for process in self._members(f"{self.prefix}processes") if process != self.process_id]
+
+    def _members(self, key: str) -> set[str]:
+        """A set's members (as text: the client decodes responses)."""
+        return cast(set[str], self.redis.smembers(key))
 
     def dead(self, processes: list[str]) -> list[str]:
         """Those of ``processes`` whose heartbeat expired."""
@@ -319,7 +327,7 @@ class RedisStore:
             return -1
         rooms_of = self.process_key("rooms-of", process)
         left = 0
-        for room in self.redis.smembers(rooms_of):
+        for room in self._members(rooms_of):
             left += self._scripts["sweep_room"](
                 keys=[self.key("members", room)],
                 args=[process + "/", room, now_ms(), self.channel(room), self.publish_command])

@@ -18,7 +18,7 @@ from typing import Callable
 
 from . import checks
 from .connection import Connection
-from .dialect import encode
+from .dialect import Event, encode
 from .engine import History
 from .outbound import PreparedBatch, PreparedMessage
 
@@ -51,7 +51,7 @@ class ChatLimits:
 RECORD_OVERHEAD = 160  # what a message's JSON holds besides its text: keys, room, nick, time, seq
 
 
-def newest_within(records: list[dict], max_bytes: int) -> tuple[list[dict], bool]:
+def newest_within(records: list[Event], max_bytes: int) -> tuple[list[Event], bool]:
     """The newest ``records`` that fit in ``max_bytes`` (each counted as its
     text in UTF-8 and ``RECORD_OVERHEAD``; 0: all), and whether older ones were left out."""
     if not max_bytes:
@@ -73,7 +73,7 @@ class Arrival:
     user: object
     position: tuple[str, int] | None
 
-    def said_since(self, epoch: str, records: list[dict]) -> list[dict]:
+    def said_since(self, epoch: str, records: list[Event]) -> list[Event]:
         """The ``records`` said after the handshake was answered."""
         if self.position is None:
             return []
@@ -116,10 +116,10 @@ class LocalRoom:
 
     name: str
     broadcast: Broadcast
-    recent: deque  # the last messages delivered here: they complete a newcomer's history
-    members: dict = field(default_factory=dict)  # holder -> Member
-    plain: dict = field(default_factory=dict)  # Connection -> None: insertion-ordered sets,
-    structured: dict = field(default_factory=dict)  # updated in O(1) on join and leave
+    recent: deque[Event]  # the last messages delivered here: they complete a newcomer's history
+    members: dict[str, Member] = field(default_factory=dict)  # holder -> Member
+    plain: dict[Connection, None] = field(default_factory=dict)  # insertion-ordered sets,
+    structured: dict[Connection, None] = field(default_factory=dict)  # updated in O(1) on join and leave
     joining: int = 0  # members between their claim and their welcome
     seq: int | None = None  # the last message delivered here
     epoch: str | None = None  # the sequence it belongs to
@@ -149,8 +149,8 @@ class LocalRoom:
         conn = member.conn
         if member.structured:
             kept, cut = newest_within(records, max_history_bytes)
-            event = {"type": "welcome", "text": welcome, "room": self.name, "nick": member.nick,
-                     "epoch": history.epoch, "users": sorted({*users, member.nick}), "history": kept}
+            event: Event = {"type": "welcome", "text": welcome, "room": self.name, "nick": member.nick,
+                            "epoch": history.epoch, "users": sorted({*(users or ()), member.nick}), "history": kept}
             if returning:
                 event["missed"] = history.missed or cut
             if member.identified:
@@ -163,7 +163,7 @@ class LocalRoom:
                 conn.send(record["text"])
         self.add(member)
 
-    def catch_up(self, history: History) -> list[dict]:
+    def catch_up(self, history: History) -> list[Event]:
         """A newcomer's history, seamless with what is delivered here next:
         the engine's records, then the messages delivered here since it read
         them, cut where delivery stands (the rest comes live)."""
@@ -187,12 +187,12 @@ class LocalRoom:
                 self.broadcast(notice, connections=self.structured)
         self.epoch = epoch
 
-    def deliver(self, events: list[tuple[dict, str | None, str | None]]) -> None:
+    def deliver(self, events: list[tuple[Event, str | None, str | None]]) -> None:
         """A batch of the room's events, ``(event, text, epoch)``, in the
         room's order: each chat message to every member here once (its JSON
         ``text``, made here when None, to wschat.v1 clients; the bare text
         to plain ones), each run of messages queued as one batch."""
-        run: list[tuple[dict, str | None]] = []  # messages not yet queued
+        run: list[tuple[Event, str | None]] = []  # messages not yet queued
         for event, text, epoch in events:
             if event["type"] != "message":
                 self._queue_messages(run)
@@ -208,7 +208,7 @@ class LocalRoom:
             run.append((event, text))
         self._queue_messages(run)
 
-    def _queue_messages(self, run: list[tuple[dict, str | None]]) -> None:
+    def _queue_messages(self, run: list[tuple[Event, str | None]]) -> None:
         if not run:
             return
         if self.plain:
@@ -218,12 +218,12 @@ class LocalRoom:
                                   connections=self.structured)
         run.clear()
 
-    def deliver_event(self, event: dict) -> None:
+    def deliver_event(self, event: Event) -> None:
         """A presence event to the wschat.v1 members here, but not to the
         joiner it announces (``_from``): its welcome said it already."""
         if not self.structured or event["type"] == "evict":  # an eviction is the chat's (see Chat._evicted)
             return
-        joiner = self.members.get(event.get("_from"))
+        joiner = self.members.get(event.get("_from", ""))
         public = encode({key: value for key, value in event.items() if not key.startswith("_")})
         self.broadcast(public, connections=self.structured, exclude=joiner.conn if joiner else None)
 

@@ -139,7 +139,7 @@ class Server:
         if compression is True:
             compression = PerMessageDeflate()
         self.compression: PerMessageDeflate | None = compression or None
-        self.extensions = (*extensions, self.compression) if self.compression else tuple(extensions)
+        self.extensions: tuple[Extension, ...] = (*extensions, self.compression) if self.compression else tuple(extensions)
         self.max_connections = max_connections
         self.max_message_size = max_message_size
         self.max_header_size = max_header_size
@@ -412,7 +412,7 @@ class Server:
         groups: dict[Callable[[str], str] | None, list[Connection]] = {}
         for conn in targets:
             resource = conn.resource
-            dialect = resource.dialects.get(conn.subprotocol) if resource is not None else None
+            dialect = resource.dialects.get(conn.subprotocol or "") if resource is not None else None
             groups.setdefault(dialect, []).append(conn)
         return sum(loop.send_many(PreparedMessage(text if dialect is None else dialect(text)), conns)
                    for dialect, conns in groups.items())

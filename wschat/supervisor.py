@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import IO
 
 from .cli import SetupError, ready_line, redis_engine
 from .logsafe import without_password
@@ -57,11 +58,13 @@ class Child:
             [sys.executable, "-m", "wschat", *argv], stdout=subprocess.PIPE, text=True,
             start_new_session=True,  # a terminal's Ctrl-C reaches the parent, which stops the children
         )
+        assert self.process.stdout is not None  # a pipe was asked for
+        self.output: IO[str] = self.process.stdout  # its ready line
         self.started = time.monotonic()
 
     def wait_ready(self) -> bool:
         """True once the child listens (its ready line); False if it exited."""
-        return bool(self.process.stdout.readline())
+        return bool(self.output.readline())
 
 
 def supervise(args: argparse.Namespace, argv: list[str]) -> int:
@@ -115,7 +118,7 @@ def supervise(args: argparse.Namespace, argv: list[str]) -> int:
             if delay and signal.sigtimedwait(signals, delay) is not None:
                 stopping = True
                 break
-            child.process.stdout.close()
+            child.output.close()
             children[index] = replacement = Child(child.number, child_argv)
             if replacement.wait_ready():
                 log.info("process %d restarted (pid %d)", child.number, replacement.process.pid)
@@ -124,7 +127,7 @@ def supervise(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
-def _roll(children: list[Child], argv: list[str], signals: set) -> bool:
+def _roll(children: list[Child], argv: list[str], signals: set[signal.Signals]) -> bool:
     """Replace every child, one at a time, each new one listening before the
     old one stops; False when a stop signal came meanwhile (every child,
     old or new, is then stopped by the caller)."""
@@ -134,7 +137,7 @@ def _roll(children: list[Child], argv: list[str], signals: set) -> bool:
         if not new.wait_ready():
             log.error("process %d: its replacement could not start (exit code %s); keeping the old processes",
                       old.number, new.process.wait())
-            new.process.stdout.close()
+            new.output.close()
             return True
         children[index] = new
         old.process.send_signal(signal.SIGTERM)  # it lets go of the port, then closes its clients with 1001
@@ -147,7 +150,7 @@ def _roll(children: list[Child], argv: list[str], signals: set) -> bool:
                 log.warning("process %d (pid %d) did not stop in time: killing it", old.number, old.process.pid)
                 old.process.kill()
                 old.process.wait()
-        old.process.stdout.close()
+        old.output.close()
         log.info("process %d replaced (pid %d -> %d)", old.number, old.process.pid, new.process.pid)
     log.info("SIGHUP: every process replaced")
     return True
@@ -166,4 +169,4 @@ def _stop_all(children: list[Child]) -> None:
             log.warning("process %d (pid %d) did not stop in time: killing it", child.number, child.process.pid)
             child.process.kill()
             child.process.wait()
-        child.process.stdout.close()
+        child.output.close()

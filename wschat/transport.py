@@ -87,7 +87,7 @@ class TLS:
         self.incoming = ssl.MemoryBIO()
         self.outgoing = ssl.MemoryBIO()
         self.session = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
-        self.unsent = b""  # encrypted bytes the socket has not taken yet
+        self.unsent: bytes | memoryview = b""  # encrypted bytes the socket has not taken yet
         self.handshaking = True
         self.closed = False  # our close_notify is queued
 
@@ -110,7 +110,9 @@ class TLS:
         received, left = 0, -1
         while True:
             try:
-                received += self.session.read(len(plaintext) - received, plaintext[received:])
+                # Into a buffer, read returns a count (typeshed says bytes).
+                received += self.session.read(  # type: ignore[operator]
+                    len(plaintext) - received, plaintext[received:])
             except ssl.SSLWantReadError:
                 # After a post-handshake record OpenSSL asks for more although
                 # more records may be in: go on while it still takes bytes in.

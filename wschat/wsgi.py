@@ -30,13 +30,16 @@ import logging
 import os
 import socket
 import ssl
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 from urllib.parse import quote
 
 from .server import Server
 
 log = logging.getLogger("wschat")
 
+Environ = dict[str, Any]
+StartResponse = Callable[..., Any]
+WSGIApplication = Callable[[Environ, StartResponse], Iterable[bytes]]
 SOCKET_KEYS = ("gunicorn.socket", "werkzeug.socket")
 
 
@@ -48,11 +51,11 @@ class WebSocketMiddleware:
     """Wrap a WSGI application: WebSocket upgrades for ``server``'s resources
     go to ``server``; every other request goes to ``app``."""
 
-    def __init__(self, app: Callable, server: Server):
+    def __init__(self, app: WSGIApplication, server: Server):
         self.app = app
         self.server = server
 
-    def __call__(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         if "websocket" not in environ.get("HTTP_UPGRADE", "").lower() or self.server.route(_path(environ)) is None:
             return self.app(environ, start_response)
         try:
@@ -68,7 +71,7 @@ class WebSocketMiddleware:
         return []
 
 
-def hand_over(environ: dict, server: Server) -> None:
+def hand_over(environ: Environ, server: Server) -> None:
     """Give the socket of the request in ``environ`` to ``server``, with the
     request head rebuilt from ``environ`` and any bytes the WSGI server read
     past it.  Raises ``HandOverError`` when the WSGI server does not allow it."""
@@ -92,7 +95,7 @@ def hand_over(environ: dict, server: Server) -> None:
         raise HandOverError(str(error)) from None
 
 
-def request_head(environ: dict) -> bytes:
+def request_head(environ: Environ) -> bytes:
     """The request line and headers, rebuilt from a WSGI environ (latin-1, as PEP 3333 keeps them)."""
     target = environ.get("RAW_URI") or environ.get("REQUEST_URI")
     if not target:
@@ -108,20 +111,20 @@ def request_head(environ: dict) -> bytes:
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-def _read_ahead(environ: dict) -> bytes:
+def _read_ahead(environ: Environ) -> bytes:
     """Bytes the WSGI server read past the request head (frames a client sent
     right behind it), taken from its input buffer once the socket is swapped,
     so that nothing more can come in there."""
     stream = environ.get("wsgi.input")
     unreader = getattr(getattr(stream, "reader", None), "unreader", None)  # gunicorn's
     if unreader is not None:
-        return unreader.buf.getvalue()
+        return bytes(unreader.buf.getvalue())
     peek = getattr(stream, "peek", None)  # werkzeug's: a buffered reader on the socket
-    return peek() if peek is not None else b""
+    return bytes(peek()) if peek is not None else b""
 
 
-def _path(environ: dict) -> str:
+def _path(environ: Environ) -> str:
     target = environ.get("RAW_URI") or environ.get("REQUEST_URI")
     if target:
-        return target.split("?", 1)[0]
-    return environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
+        return str(target).split("?", 1)[0]
+    return str(environ.get("SCRIPT_NAME", "")) + str(environ.get("PATH_INFO", ""))
