@@ -9,7 +9,7 @@ try:
 except ImportError:  # no compiler at install time: only the pure path exists
     _speedups = None
 
-IMPLEMENTATIONS = {"python": frames._apply_mask_python}
+IMPLEMENTATIONS = {"python": frames.apply_mask_python}
 if _speedups is not None:
     IMPLEMENTATIONS["c"] = _speedups.apply_mask
 

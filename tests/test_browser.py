@@ -214,16 +214,16 @@ def test_a_message_the_server_never_took_is_sent_again_after_a_reconnect(server,
     the page sends it again once welcomed back, and shows it once."""
     alice = page_for(server, "alice")
     chat = server.chat
-    taken = chat._say
+    taken = chat.engine.publish_message
     dropped = []
 
-    def drop_first(member, text, message_id=None):  # as a server closing under the page would
+    def drop_first(room, record, failed=None):  # as a server closing under the page would
         if not dropped:
-            dropped.append(message_id)
+            dropped.append(record.get("id"))
             return
-        taken(member, text, message_id)
+        taken(room, record, failed)
 
-    chat._say = drop_first
+    chat.engine.publish_message = drop_first
     send(alice, "lost in the closing")
     wait_until(lambda: dropped, what="the message to reach the server")
     assert dropped[0]  # the page named it

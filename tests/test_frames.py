@@ -57,7 +57,7 @@ def test_c_and_python_agree_on_random_inputs():
     for _ in range(500):
         data = rng.randbytes(rng.choice([rng.randrange(0, 40), rng.randrange(0, 5000)]))
         mask = rng.randbytes(4)
-        assert _speedups.apply_mask(data, mask) == frames._apply_mask_python(data, mask)
+        assert _speedups.apply_mask(data, mask) == frames.apply_mask_python(data, mask)
 
 
 @pytest.mark.skipif(_speedups is None, reason="C accelerator not built")
@@ -93,7 +93,7 @@ def test_parsing_identical_on_both_paths_random_frames():
 
 
 def test_no_speedups_environment_forces_pure_python():
-    code = "import wschat, wschat.frames as f; print(wschat.IMPLEMENTATION, f.apply_mask is f._apply_mask_python)"
+    code = "import wschat, wschat.frames as f; print(wschat.IMPLEMENTATION, f.apply_mask is f.apply_mask_python)"
     env = dict(os.environ, WSCHAT_NO_SPEEDUPS="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["Python", "True"]

@@ -494,7 +494,8 @@ def test_an_overflow_from_another_thread_wakes_the_loop(monkeypatch):
         fill_to_the_mark(server, conn)
         quiet = len(results)  # then one select() that timed out: nothing else is about to wake the loop
         wait_until(lambda: any(count == 0 for _, count in results[quiet:]), what="the loop quiet")
-        wait_until(lambda: blocked_in(server._thread, "select"), what="the loop asleep")
+        loop_thread = next(thread for thread in threading.enumerate() if thread.name == "wschat-loop")
+        wait_until(lambda: blocked_in(loop_thread, "select"), what="the loop asleep")
         broadcasting.set()
         server.broadcast(b"b" * 40000)  # over the mark: the client is closed as too slow
         wait_until(lambda: any(after for after, _ in results), what="the loop to wake")

@@ -46,7 +46,7 @@ def test_health_answers_while_serving_and_503_while_shutting_down():
     stopper = threading.Thread(target=server.stop)
     stopper.start()
     try:
-        wait_until(lambda: server._loop is None or server._loop.stopping, what="the shutdown")
+        wait_until(lambda: not server.running, what="the shutdown")
         status, headers, body = http(server.port, "/healthz")
         assert (status, body) == (503, b"shutting down\n")
         with RawClient(server.port) as late:  # and no new WebSocket meanwhile

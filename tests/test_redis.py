@@ -197,7 +197,7 @@ def test_redis_killed_and_restarted_mid_chat(chats, redis_server, caplog):
         assert 1 <= len(outages) <= 2  # once per server, not once per message
 
         redis_server.start()  # the same port; its append-only file kept everything
-        wait_until(lambda: a.engine._down_since is None and b.engine._down_since is None, what="reconnecting")
+        wait_until(lambda: a.engine.reachable and b.engine.reachable, what="reconnecting")
         assert "carol" not in follow_users(alice, set(present), lambda users: "carol" not in users)
         present.remove("carol")
         say(bob, "after")
@@ -235,7 +235,7 @@ def test_redis_restarted_empty_starts_a_new_epoch(chats, redis_server):
         for name in os.listdir(redis_server.directory):  # as if Redis kept nothing
             subprocess.run(["rm", "-rf", os.path.join(redis_server.directory, name)], check=True)
         redis_server.start()
-        wait_until(lambda: a.engine._down_since is None and b.engine._down_since is None, what="reconnecting")
+        wait_until(lambda: a.engine.reachable and b.engine.reachable, what="reconnecting")
         wait_until(lambda: a.users() == ["alice", "bob"], what="the members claimed again")
         say(bob, "three")
         for ws in (alice, bob):

@@ -753,19 +753,22 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="small counts: a smoke run")
     parser.add_argument("--fanout-messages", type=int, default=200, metavar="N",
                         help="messages each of fanout's 50 clients sends (default 200; more: a longer, steadier run)")
-    parser.add_argument("--baseline", metavar="DIR",
+    parser.add_argument("--baseline", metavar="DIR", action="append", default=[],
                         help="also offer the wschat of another checkout (e.g. a git worktree of an older commit) "
-                             "as the servers 'wschat-base' (and -redis, -redis-2p): before and after in the same run")
+                             "as the servers 'wschat-base' (and -redis, -redis-2p): before and after in the same run; "
+                             "given again, as 'wschat-base2' and so on (the same DIR twice: the noise between two "
+                             "servers of one commit)")
     parser.add_argument("--reference", default=REFERENCE, help=f"the server ratios are given against (default {REFERENCE})")
     return parser
 
 
 def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
-    if args.baseline:
+    for number, baseline in enumerate(args.baseline, 1):
         for name in ("wschat", "wschat-redis", "wschat-redis-2p"):
-            command, env = SERVERS[name]
-            SERVERS[name.replace("wschat", "wschat-base", 1)] = (command, env, os.path.abspath(args.baseline))
+            command, env = SERVERS[name][:2]
+            base = "wschat-base" if number == 1 else f"wschat-base{number}"
+            SERVERS[name.replace("wschat", base, 1)] = (command, env, os.path.abspath(baseline))
     servers = args.servers.split(",")
     chosen = args.scenarios.split(",")
     table = scenarios(args.quick, args.fanout_messages)

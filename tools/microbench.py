@@ -21,7 +21,7 @@ try:
 except ImportError:
     _speedups = None
 
-PATHS = {"python": frames._apply_mask_python}
+PATHS = {"python": frames.apply_mask_python}
 if _speedups is not None:
     PATHS["c"] = _speedups.apply_mask
 MASK = b"\x01\x02\x03\x04"

@@ -2,7 +2,7 @@
  *
  * apply_mask(data, mask) -> bytes
  *     XOR a bytes-like object with a 4-byte mask repeated, eight bytes at a
- *     time.  Same result as wschat.frames._apply_mask_python.
+ *     time.  Same result as wschat.frames.apply_mask_python.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>

@@ -106,14 +106,13 @@ class InlineDispatcher:
                 event = protocol.next_event()
             if event is None:
                 break
-            kind = type(event)
-            if kind is TextMessage or kind is BinaryMessage:
+            if isinstance(event, (TextMessage, BinaryMessage)):
                 metrics.messages_received += 1
                 if protocol.state is CLOSING:
                     continue  # sent before the peer saw our close: not handled (RFC 6455 1.4), and it can tell
                 on_message = conn.resource.on_message if conn.resource is not None else None
                 if on_message is not None:
-                    submit(conn, on_message, conn, event.data)  # type: ignore[union-attr]  # narrowed by kind
+                    submit(conn, on_message, conn, event.data)
             elif isinstance(event, CloseReceived):
                 submit(conn, self._acknowledge_close, conn)
             elif isinstance(event, ConnectionFailed):

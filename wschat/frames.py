@@ -77,7 +77,7 @@ _new_frame = tuple.__new__  # builds a Frame without NamedTuple's Python-level _
 # -- masking ---------------------------------------------------------------
 
 
-def _apply_mask_python(data: bytes | bytearray | memoryview, mask: bytes) -> bytes:
+def apply_mask_python(data: bytes | bytearray | memoryview, mask: bytes) -> bytes:
     """XOR ``data`` with the 4-byte ``mask`` repeated (RFC 6455 section 5.3).
 
     One big-integer XOR does the whole buffer in C inside CPython, which is
@@ -104,7 +104,7 @@ def _load_speedups() -> ModuleType | None:
 _speedups = _load_speedups()
 #: "C" when the accelerator is in use, "Python" otherwise.
 IMPLEMENTATION = "C" if _speedups else "Python"
-apply_mask = _speedups.apply_mask if _speedups else _apply_mask_python
+apply_mask = _speedups.apply_mask if _speedups else apply_mask_python
 
 
 # -- encoding ----------------------------------------------------------------

@@ -39,7 +39,7 @@ class Link:
         self.protocol = protocol
         self.lock = threading.Lock()
         self.head = b""
-        self.sock: socket.socket | None = sock  # None once released
+        self.sock: socket.socket | None = sock  # None once closed
         self.tls = tls
         self.deadline: float | None = None
         self.events = 0  # what the selector watches it for
@@ -51,7 +51,3 @@ class Link:
         self.paused = False  # not read: its handler calls pile up, or its authorize hook runs
         self.space: threading.Condition | None = None  # made when a sender must wait for space in the queue
         self.gone: threading.Event | None = None  # made when someone waits for the end
-
-    @property
-    def released(self) -> bool:
-        return self.sock is None

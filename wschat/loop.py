@@ -2,7 +2,7 @@
 
 The loop thread owns every socket: only it accepts, reads, writes and closes.
 Other threads queue bytes through a connection's protocol under its lock,
-then call ``flush_soon``, which marks the connection dirty and wakes the loop
+then hand the connection over (``Handoff.mark_dirty``), which wakes the loop
 through a socketpair.  Once per pass the loop writes every dirty connection
 with one ``sendmsg``: all the frames queued for a client since the last pass
 leave together.
@@ -11,7 +11,7 @@ A connection's life, as the loop sees it: accepted (TLS handshake first, if
 any) -> its protocol reads the request head -> answered (a 101 and frames, or
 one plain response) -> its protocol leaves OPEN: the close deadline starts ->
 the outbox is written and the protocol is CLOSED: the write side is shut and
-the loop waits for the peer's EOF ("lingering") -> released, ``on_close``.
+the loop waits for the peer's EOF ("lingering") -> its socket closed, ``on_close``.
 """
 
 from __future__ import annotations
@@ -120,10 +120,6 @@ class Loop:
         with self.map_lock:
             return [conn for conn in self.connections.values() if conn.link.protocol.state is OPEN]
 
-    def flush_soon(self, conn: Connection) -> None:
-        """``conn`` has bytes to write: flush it on the loop's next pass."""
-        self.handoff.mark_dirty((conn,))
-
     def send_many(self, message: PreparedMessage, connections: Iterable[Connection]) -> int:
         """Queue one prepared message for many connections (never blocks;
         see ``queue_for_many``), then wake the loop once."""
@@ -220,14 +216,20 @@ class Loop:
         """Read a paused connection again (on the loop thread), unless the
         shutdown holds it."""
         link = conn.link
-        if link.sock is not None and link.paused and conn not in self._held_open:
+        if link.sock is None or conn in self._held_open:
+            return
+        if link.paused:
             with link.lock:
                 link.paused = False
             self.watch(conn)
             self._process(conn)
             self.account(conn)
-            if link.protocol.outbox.size:
-                self.flush_soon(conn)
+        if link.protocol.outbox.size:  # what was queued meanwhile: a refusal, frames
+            self._flush_soon(conn)
+
+    def _flush_soon(self, conn: Connection) -> None:
+        """``conn`` has bytes to write: flush it on the loop's next pass."""
+        self.handoff.mark_dirty((conn,))
 
     # -- accepting --------------------------------------------------------------------------
 
@@ -279,7 +281,7 @@ class Loop:
             log.info("%s: %s failed: %s", conn.key, failed, exc)
             received = 0
         if tls is not None and tls.has_output and received != 0:  # handshake messages, tickets
-            self.flush_soon(conn)
+            self._flush_soon(conn)
         if received is None:
             return
         protocol = link.protocol
@@ -408,7 +410,7 @@ class Loop:
             self._timed.add(conn)
         if state is CLOSED and not unsent and tls is not None and not tls.closed and not tls.handshaking:
             tls.close_notify()  # then written, and the write side shut, on the next flush
-            self.flush_soon(conn)
+            self._flush_soon(conn)
         elif state is CLOSED and not unsent and not link.lingering:
             # All is written: shut our write side and wait (until the deadline)
             # for the peer's EOF, so that closing never resets the connection

@@ -148,10 +148,10 @@ class ServerProtocol:
         the caller then calls ``detach`` before it reads into it again."""
         if not self._reading:
             return  # after a close frame, an error or a plain response: discarded
-        if self._parser is None:
-            self._head += data  # type: ignore[operator]  # reading: the head is there until the parser is
-        else:
+        if self._parser is not None:
             self._parser.feed(data)
+        elif self._head is not None:
+            self._head += data
 
     def detach(self) -> None:
         """Copy what is received and not yet parsed out of the caller's buffer."""
