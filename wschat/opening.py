@@ -31,7 +31,7 @@ _hook_thread = threading.local()  # .opener on the hook threads
 Submit = Callable[..., None]  # the dispatcher's submit(conn, handler, *args)
 
 
-class Doors(Protocol):
+class LoopSide(Protocol):
     """What opening a connection asks of the loop."""
 
     @property
@@ -68,9 +68,9 @@ class Opener:
     """Answers each request head (see the module docstring); ``hook_threads``
     > 0 runs authorize hooks on that many threads of their own."""
 
-    def __init__(self, admission: Admission, doors: Doors, submit: Submit, metrics: Metrics, hook_threads: int = 0):
+    def __init__(self, admission: Admission, loop: LoopSide, submit: Submit, metrics: Metrics, hook_threads: int = 0):
         self._admission = admission
-        self._doors = doors
+        self._loop = loop
         self._submit = submit
         self._metrics = metrics
         self._hooks = (ThreadPoolExecutor(hook_threads, thread_name_prefix="wschat-authorize", initializer=self._enter)
@@ -85,14 +85,14 @@ class Opener:
     def take(self, conn: Connection, event: RequestReceived | RequestRefused) -> None:
         """A request head arrived (or was refused as it arrived)."""
         if isinstance(event, RequestRefused):
-            self._doors.responded(conn)
+            self._loop.responded(conn)
             self._metrics.count("handshakes", event.error.status)
             _log_refusal(conn, event.error)
             return
-        request, doors = event.request, self._doors
+        request, loop = event.request, self._loop
         conn.client_address = request.client_address = self._admission.client_address(conn.client_address, request)
-        answer = self._admission.decide(request, open_count=doors.open_count(),
-                                        ip_count=doors.connections_from(conn.client_address), stopping=doors.stopping)
+        answer = self._admission.decide(request, open_count=loop.open_count(),
+                                        ip_count=loop.connections_from(conn.client_address), stopping=loop.stopping)
         if answer.resource is None:
             self._respond(conn, request, answer)
         elif answer.resource.authorize is None:
@@ -105,7 +105,7 @@ class Opener:
     def refuse_late(self, conn: Connection, error: HandshakeError) -> None:
         """Refuse a request whose hook has not answered in time (on the loop thread)."""
         self._respond(conn, None, Answer.refusing(error))
-        self._doors.resume(conn)
+        self._loop.resume(conn)
 
     def shutdown(self) -> None:
         if self._hooks is not None:
@@ -125,7 +125,7 @@ class Opener:
         if not conn.link.protocol.awaiting_answer or answer.resource is None or answer.resource.authorize is None:
             return  # answered by the handshake deadline while it waited for a thread
         user, refusal = authorize(conn, request, answer.resource.authorize, self._metrics)
-        self._doors.call_soon(self._settle_late, conn, request, answer, user, refusal)
+        self._loop.call_soon(self._settle_late, conn, request, answer, user, refusal)
 
     def _settle_late(self, conn: Connection, request: Request, answer: Answer, user: object,
                      refusal: HandshakeError | None) -> None:
@@ -133,14 +133,14 @@ class Opener:
         link = conn.link
         if link.sock is None or not link.protocol.awaiting_answer:
             return  # gone, or answered by the handshake deadline
-        doors = self._doors
+        loop = self._loop
         if refusal is None:
             try:
-                self._admission.admit(doors.open_count(), doors.connections_from(conn.client_address), doors.stopping)
+                self._admission.admit(loop.open_count(), loop.connections_from(conn.client_address), loop.stopping)
             except HandshakeError as error:
                 refusal = error
         self._settle(conn, request, answer, user, refusal)
-        doors.resume(conn)
+        loop.resume(conn)
 
     def _settle(self, conn: Connection, request: Request, answer: Answer, user: object,
                 refusal: HandshakeError | None) -> None:
@@ -151,7 +151,7 @@ class Opener:
 
     def _respond(self, conn: Connection, request: Request | None, answer: Answer) -> None:
         """Answer with a plain HTTP response: a refusal, a route or a file."""
-        self._doors.responded(conn)
+        self._loop.responded(conn)
         self._metrics.count("handshakes", answer.status)
         link = conn.link
         with link.lock:
@@ -173,7 +173,7 @@ class Opener:
         with link.lock:
             link.protocol.accept(answer.response, rsv=accepted.rsv,
                                  deflate=deflate if isinstance(deflate, DeflateAgreement) else None)
-        self._doors.opened(conn)
+        self._loop.opened(conn)
         if log.isEnabledFor(logging.DEBUG):  # one line per connection: no formatting when it is off
             log.debug("%s: open %s from %s%s", conn.key, quoted(request.path), conn.client_address,
                       f" ({conn.subprotocol})" if conn.subprotocol else "")
