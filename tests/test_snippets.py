@@ -249,7 +249,7 @@ def test_the_bench_lines_name_options_bench_has():
         sys.path.remove(str(ROOT / "tools"))
     [(_, text)] = blocks_run_as("bench options")
     lines = [line for line in text.splitlines() if line.startswith("python tools/bench.py")]
-    assert len(lines) == 4
+    assert len(lines) == 5
     for line in lines:
         args = bench.make_parser().parse_args(command(line)[2:])  # a bad option exits: the test fails
         assert set(args.scenarios.split(",")) <= set(bench.scenarios(quick=True)), line
@@ -284,6 +284,7 @@ TOOLS = {
     "tools/django_example.py": "tests/test_django.py", "tools/echo_server.py": "tests/test_echo.py",
     "tools/embed_example.py": "tests/test_embedding.py", "tools/flask_example.py": "tests/test_wsgi.py",
     "tools/hostile.py": "tests/test_memory.py", "tools/microbench.py": "tests/test_snippets.py",
+    "tools/check_layers.py": "tests/test_layers.py",
 }
 
 

@@ -13,6 +13,7 @@ Exits 1 and prints each finding as ``path:line: what``; 0 when clean.
 
 from __future__ import annotations
 
+import argparse
 import ast
 import sys
 from pathlib import Path
@@ -113,8 +114,9 @@ def check(package_dir: Path) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    package_dir = Path(argv[0]) if argv else PACKAGE
-    problems = check(package_dir)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("package", nargs="?", type=Path, default=PACKAGE, help="the package's folder (default: wschat)")
+    problems = check(parser.parse_args(argv).package)
     for problem in problems:
         print(problem)
     return 1 if problems else 0
