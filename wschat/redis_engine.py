@@ -277,7 +277,8 @@ class RedisEngine:
         user = "" if user_id is None else "u" + user_id
         with self._lock:  # first: a room with a claim under way is never tidied off this process's list
             self._held[room, holder] = (nick, user)
-        outcome, evicted = "taken", list[str]()
+        outcome = "taken"
+        evicted: list[str] = []
         try:
             outcome, evicted = self._call(self.store.claim, room, nick, holder, user)
         finally:
