@@ -90,9 +90,10 @@ class Nodes:
                 address = (node[0] or asked[0], int(node[1]))
                 if address not in self.known:
                     self.known.append(address)
-        if None in owners:
+        found = [owner for owner in owners if owner is not None]
+        if len(found) < SLOTS:
             raise ClusterNotReady("some slots of the Redis Cluster have no master")
-        self._owners = owners  # type: ignore[assignment]  # no None left
+        self._owners = found
         self.cluster = True
 
     def reachable(self) -> bool:

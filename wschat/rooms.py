@@ -198,9 +198,9 @@ class LocalRoom:
                 self._queue_messages(run)
                 self.deliver_event(event)
                 continue
-            if self.epoch != epoch:
+            if epoch is not None and self.epoch != epoch:  # a message always has its epoch
                 self._queue_messages(run)
-                self.follow_epoch(epoch)  # type: ignore[arg-type]  # a message has its epoch
+                self.follow_epoch(epoch)
             if self.seq is not None and event["seq"] <= self.seq:
                 continue  # a newcomer's history had it
             self.seq = event["seq"]
