@@ -23,7 +23,7 @@ from typing import Any, Callable
 from .protocol import ServerProtocol
 from .transport import TLS
 
-Call = tuple[Callable[..., Any], tuple[Any, ...], int]  # a handler, its arguments, what it holds of the budget
+HandlerCall = tuple[Callable[..., Any], tuple[Any, ...], int]  # a handler, its arguments, what it holds of the budget
 
 
 class Link:
@@ -46,7 +46,7 @@ class Link:
         self.ending = False  # the close deadline is set
         self.lingering = False  # our write side is shut; waiting for the peer's EOF
         self.held = 0  # what its protocol held when the budget last counted it
-        self.calls: deque[Call] | None = None  # handler calls waiting for a worker
+        self.calls: deque[HandlerCall] | None = None  # handler calls waiting for a worker
         self.running = False  # a worker runs its calls
         self.paused = False  # not read: its handler calls pile up, or its authorize hook runs
         self.space: threading.Condition | None = None  # made when a sender must wait for space in the queue
