@@ -109,7 +109,7 @@ def test_a_pool_that_was_shut_down_runs_calls_in_place():
     pool = PoolDispatcher(Reading(), handoff, metrics, budget, workers=1, max_pending=4)
     pool.shutdown()
     settings = Server("127.0.0.1", 0).settings()
-    conn = Connection(Link("p1", socket.socket(), ServerProtocol(), None), ("127.0.0.1", 1), handoff, settings, metrics)
+    conn = Connection("p1", Link(socket.socket(), ServerProtocol(), None), ("127.0.0.1", 1), handoff, settings, metrics)
     ran = []
     try:
         pool.submit(conn, ran.append, threading.current_thread())

@@ -48,9 +48,9 @@ class Connection:
         "link", "_handoff", "_settings", "_metrics",
     )
 
-    def __init__(self, link: Link, address: object, handoff: Handoff[Connection], settings: Settings,
+    def __init__(self, key: str, link: Link, address: object, handoff: Handoff[Connection], settings: Settings,
                  metrics: Metrics):
-        self.key = link.key
+        self.key = key
         self.remote_address = address
         self.client_address: str = address[0] if isinstance(address, tuple) else str(address)
         self.resource: Resource | None = None

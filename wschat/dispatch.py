@@ -100,6 +100,8 @@ class InlineDispatcher:
         link = conn.link
         protocol = link.protocol
         submit = self.submit
+        # Once per call, not per message: the resource is set by the upgrade, which a head event stops for.
+        on_message = conn.resource.on_message if conn.resource is not None else None
         head: RequestReceived | RequestRefused | None = None
         while not link.paused:
             with link.lock:
@@ -110,7 +112,6 @@ class InlineDispatcher:
                 metrics.messages_received += 1
                 if protocol.state is CLOSING:
                     continue  # sent before the peer saw our close: not handled (RFC 6455 1.4), and it can tell
-                on_message = conn.resource.on_message if conn.resource is not None else None
                 if on_message is not None:
                     submit(conn, on_message, conn, event.data)
             elif isinstance(event, CloseReceived):

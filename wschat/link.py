@@ -30,12 +30,11 @@ class Link:
     """One socket and its protocol, as the server keeps them (see the module docstring)."""
 
     __slots__ = (
-        "key", "protocol", "lock", "head", "sock", "tls", "deadline", "events", "ending", "lingering", "held",
+        "protocol", "lock", "head", "sock", "tls", "deadline", "events", "ending", "lingering", "held",
         "calls", "running", "paused", "space", "gone",
     )
 
-    def __init__(self, key: str, sock: socket.socket, protocol: ServerProtocol, tls: TLS | None):
-        self.key = key
+    def __init__(self, sock: socket.socket, protocol: ServerProtocol, tls: TLS | None):
         self.protocol = protocol
         self.lock = threading.Lock()
         self.head = b""

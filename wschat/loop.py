@@ -260,9 +260,9 @@ class Loop:
             sock.close()
             return None
         protocol = ServerProtocol(max_message_size=settings.max_message_size, max_header_size=settings.max_header_size)
-        link = Link(str(next(_keys)), sock, protocol, tls)
+        link = Link(sock, protocol, tls)
         link.deadline = time.monotonic() + settings.handshake_timeout
-        conn = Connection(link, address, self.handoff, settings, self._metrics)
+        conn = Connection(str(next(_keys)), link, address, self.handoff, settings, self._metrics)
         self._handshaking.add(conn)
         self._timed.add(conn)
         self.watch(conn)
