@@ -209,7 +209,7 @@ def test_a_prepared_message_is_compressed_once_per_agreement():
 def test_a_prepared_batch_is_its_messages_framed_in_order_plain_and_compressed(texts):
     """PreparedBatch frames in one pass what PreparedMessage frames one by
     one: the same frames, in order, and per agreement the same compressed ones."""
-    batch = PreparedBatch(texts)
+    batch = PreparedBatch([text.encode() for text in texts])
     assert batch.count == len(texts)
     assert b"".join(batch.parts) == b"".join(b"".join(PreparedMessage(text).parts) for text in texts)
     assert batch.size == sum(PreparedMessage(text).size for text in texts)

@@ -93,10 +93,12 @@ def test_parsing_identical_on_both_paths_random_frames():
 
 
 def test_no_speedups_environment_forces_pure_python():
-    code = "import wschat, wschat.frames as f; print(wschat.IMPLEMENTATION, f.apply_mask is f.apply_mask_python)"
+    code = ("import wschat, wschat.frames as f, wschat.dialect as d; "
+            "print(wschat.IMPLEMENTATION, f.apply_mask is f.apply_mask_python, f.frame_texts is f.frame_texts_python, "
+            "d.speedups)")
     env = dict(os.environ, WSCHAT_NO_SPEEDUPS="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["Python", "True"]
+    assert out.stdout.split() == ["Python", "True", "True", "None"]
 
 
 # -- encoding ------------------------------------------------------------

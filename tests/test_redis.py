@@ -24,6 +24,7 @@ from wschat.chat import Chat, ChatLimits
 
 from .helpers import start_server, wait_until
 from .test_chat import check_gap_free_reconnect, collect, recv_json
+from .test_delivery import AWKWARD
 
 
 @pytest.fixture
@@ -266,6 +267,26 @@ def test_numbering_never_goes_back_after_redis_lost_the_last_messages(chats, red
             message = recv_json(ws, "message")
             assert (message["text"], message["seq"]) == ("after", 4)
     assert [r for r in caplog.records if "numbering goes on" in r.getMessage()]
+
+
+def test_any_text_crosses_redis_as_sent_and_a_foreign_publication_is_ignored(chats, caplog):
+    """A process reads the texts of the messages others publish without
+    decoding their JSON: quotes, backslashes, line breaks and any Unicode
+    still reach both dialects exactly; what another program publishes on a
+    room's channel is logged and dropped, and the chat goes on."""
+    a, b = chats(), chats()
+    with join(a, "alice") as alice, join(b, "bob") as bob, connect(b.url) as plain:
+        recv_json(alice, "welcome")
+        recv_json(bob, "welcome")
+        recv_json(alice, "join")  # the plain client's: b is subscribed to the room
+        channel = b.engine.store.channel("main")
+        a.engine.redis.publish(channel, "not a batch\nM{}")
+        a.engine.redis.publish(channel, "e\nM{\"type\":\"message\"}")  # no seq
+        for text in AWKWARD:
+            say(alice, text)
+        assert [plain.recv(timeout=5) for _ in AWKWARD] == AWKWARD
+        assert [recv_json(bob, "message")["text"] for _ in AWKWARD] == AWKWARD
+    assert caplog.text.count("ignored a publication on its channel that is not wschat's") >= 2
 
 
 def test_a_subscriber_that_missed_messages_fills_the_gap(chats):

@@ -43,7 +43,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from wschat.frames import IMPLEMENTATION, Opcode, apply_mask, encode_frame  # noqa: E402
+from wschat.accelerator import IMPLEMENTATION  # noqa: E402
+from wschat.frames import Opcode, apply_mask, encode_frame  # noqa: E402
 
 HANDSHAKE = (
     b"GET /chat HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"

@@ -12,7 +12,8 @@ from .errors import (
     SendTimeout,
     WebSocketError,
 )
-from .frames import IMPLEMENTATION, CloseCode, Opcode
+from .accelerator import IMPLEMENTATION
+from .frames import CloseCode, Opcode
 from .connection import Connection
 from .outbound import PreparedMessage
 from .resources import Resource

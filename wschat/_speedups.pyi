@@ -1,4 +1,12 @@
 """The C accelerator's interface (``_speedups.c``), for type checkers."""
 
+from typing import Callable
+
 def apply_mask(data: bytes | bytearray | memoryview, mask: bytes) -> bytes:
     """``data`` XORed with the 4-byte ``mask`` repeated."""
+
+def frame_texts(payloads: list[bytes]) -> bytes:
+    """UTF-8 payloads as final text frames, unmasked, joined."""
+
+def json_texts(lines: list[bytes], fallback: Callable[[bytes], bytes]) -> list[bytes]:
+    """Each JSON line's text (``dialect.text_of``), ``fallback(line)`` where it must be decoded."""

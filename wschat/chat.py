@@ -41,7 +41,7 @@ from .dialect import (
     returning_from,
     text_problem,
 )
-from .engine import JOINED, TAKEN, Claim, Engine, EngineUnavailable, MemoryEngine
+from .engine import JOINED, TAKEN, Claim, Delivery, Engine, EngineUnavailable, MemoryEngine
 from .errors import HandshakeError
 from .frames import CloseCode
 from .handshake import Request, text_response
@@ -398,17 +398,17 @@ class Chat:
 
     # -- what the engine delivers --------------------------------------------------------
 
-    def _deliver(self, room: str, events: list[tuple[Event, str | None, str | None]]) -> None:
-        """A batch of events of ``room``, ``(event, text, epoch)``, from
-        whichever process published them, in the room's order (on the
-        engine's thread, or the publisher's)."""
+    def _deliver(self, room: str, deliveries: list[Delivery]) -> None:
+        """A batch of ``room``'s deliveries (see ``engine``), from whichever
+        process published them, in the room's order (on the engine's thread,
+        or the publisher's)."""
         with self._lock:
             local = self.rooms.get(room)
             if local is not None:  # else no one here
-                local.deliver(events)
-        for event, _, _ in events:
-            if event["type"] == "evict":
-                self._evicted(room, event)
+                local.deliver(deliveries)
+        for delivery in deliveries:
+            if isinstance(delivery, dict) and delivery["type"] == "evict":
+                self._evicted(room, delivery)
 
     def _evicted(self, room: str, event: Event) -> None:
         """An app user took its name back: its anonymous holders here become guests."""

@@ -12,10 +12,10 @@ import ssl
 from typing import TYPE_CHECKING, Sequence
 
 from . import __version__, checks
+from .accelerator import IMPLEMENTATION
 from .chat import DEFAULT_MAX_HISTORY_BYTES, DEFAULT_WELCOME, Chat
 from .engine import EngineUnavailable
 from .files import DEFAULT_PAGE_POLICY
-from .frames import IMPLEMENTATION
 from .logsafe import without_password
 from .rooms import ChatLimits
 from .server import Server

@@ -14,6 +14,7 @@ import time
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from .accelerator import speedups
 from .logsafe import quoted
 
 Event = dict[str, Any]  # an event or a request, as its JSON object
@@ -43,6 +44,27 @@ def message_record(room: str, nick: str, text: str, message_id: str | None = Non
     if message_id is not None:
         record["id"] = message_id
     return record
+
+
+def text_of(line: bytes) -> bytes:
+    """A message's text, in UTF-8, from its JSON (``encode``'s, in UTF-8)
+    without decoding the JSON: the bytes between the quotes of its ``"text"``
+    when no escape is among them, as in most chat text.  (In JSON a quote
+    inside a string is escaped, so the first ``,"text":"`` is the key's.)"""
+    start = line.find(b',"text":"') + 9
+    end = line.find(b'"', start)
+    if start < 9 or end < 0 or line.find(b"\\", start, end) >= 0:  # not plain: decode it
+        text: str = json.loads(line)["text"]
+        return text.encode("utf-8")
+    return line[start:end]
+
+
+def texts_of(lines: list[bytes]) -> list[bytes]:
+    """``text_of`` each line (in the C accelerator when it is there)."""
+    if speedups:
+        texts: list[bytes] = speedups.json_texts(lines, text_of)
+        return texts
+    return [text_of(line) for line in lines]
 
 
 def announcement(text: str) -> str:

@@ -13,11 +13,12 @@ same for every process serving the chat goes through an engine:
 ``redis_engine.RedisEngine`` keeps it in Redis, so that several processes, on
 one machine or several, are one chat.  Both deliver events through the
 callback given to ``start``, a room's events at a time, in its order:
-``deliver(room, [(event, text, epoch), ...])``.  For a
-chat message (``event["type"] == "message"``) ``epoch`` names the room's
-sequence it belongs to, and ``text`` is its JSON as clients receive it when
-the engine has it at hand (Redis carries it), or None: the room encodes it
-only if a wschat.v1 client is there to get it.  For other events both are None.
+``deliver(room, [delivery, ...])``, where a delivery is a presence event (a
+dict), or a run of chat messages numbered one after another (``Messages``).
+A run keeps each message as the engine has it at hand: its record (this
+process published it, or read it from the history), or its JSON as wschat.v1
+clients receive it (Redis carries that); what a client needs is made from it
+only when a client here needs it (see ``Messages``).
 
 A holder is one connection's claim on a nickname (``"process/connection"``);
 a nickname held for an app's user (``user_id``) may have several holders, the
@@ -26,20 +27,112 @@ user's tabs; an anonymous one has exactly one.
 
 from __future__ import annotations
 
+import itertools
+import json
 import secrets
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Any, Callable, Generic, Iterable, Protocol, Self, TypeVar
 
-from .dialect import Event
+from .dialect import Event, encode, texts_of
 from .names import nick_key
 
 JOINED = "joined"  # the nickname is new to the room: a join to announce
 ADDED = "added"  # one more connection of the user who holds it
 TAKEN = "taken"  # someone else holds it
 
-Delivery = tuple[Event, "str | None", "str | None"]  # (event, its JSON text or None, the epoch of a message)
+
+
+Kept = TypeVar("Kept", Event, bytes)
+
+
+class Messages(Generic[Kept]):
+    """Chat messages of one room numbered one after another, from ``first``,
+    in the room's sequence ``epoch``, each kept as the engine had it at hand:
+    its record (``Records``), or its JSON in UTF-8 as Redis carries it and
+    wschat.v1 clients receive it (``Lines``).
+
+    A process delivers every message of a room it has members in, whoever
+    published it, so receiving must cost little per message: a run from
+    Redis is neither decoded nor copied message by message unless a client
+    here needs that (a plain client needs the texts, a newcomer's catch-up
+    the records).
+    """
+
+    __slots__ = ("epoch", "first", "items")
+
+    def __init__(self, epoch: str, first: int, items: list[Kept]):
+        self.epoch = epoch
+        self.first = first
+        self.items: list[Kept] = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def last(self) -> int:
+        return self.first + len(self.items) - 1
+
+    def after(self, seq: int) -> Self:
+        """The messages numbered after ``seq``."""
+        skip = max(0, seq + 1 - self.first)
+        return type(self)(self.epoch, self.first + skip, self.items[skip:])
+
+    def kept(self) -> Iterable[tuple[int, Kept]]:
+        """Each message as ``(seq, what it is kept as)`` (see ``record_of``)."""
+        return zip(itertools.count(self.first), self.items)
+
+    def texts(self) -> list[bytes]:
+        """What a plain client receives: each message's text, in UTF-8."""
+        raise NotImplementedError
+
+    def jsons(self) -> list[bytes]:
+        """What a wschat.v1 client receives: each message's JSON, in UTF-8."""
+        raise NotImplementedError
+
+
+class Records(Messages[Event]):
+    """Messages as their records: published here, or read from the history."""
+
+    __slots__ = ()
+
+    @classmethod
+    def runs(cls, epoch: str, records: list[Event]) -> list[Records]:
+        """``records`` (in order) as runs: a run ends where the numbering skips."""
+        found: list[Records] = []
+        for record in records:
+            if found and found[-1].last + 1 == record["seq"]:
+                found[-1].items.append(record)
+            else:
+                found.append(cls(epoch, record["seq"], [record]))
+        return found
+
+    def texts(self) -> list[bytes]:
+        return [record["text"].encode("utf-8") for record in self.items]
+
+    def jsons(self) -> list[bytes]:
+        return [encode(record).encode("utf-8") for record in self.items]
+
+
+class Lines(Messages[bytes]):
+    """Messages as their JSON lines, as another process published them."""
+
+    __slots__ = ()
+
+    def texts(self) -> list[bytes]:
+        return texts_of(self.items)
+
+    def jsons(self) -> list[bytes]:
+        return self.items
+
+
+def record_of(kept: Event | bytes) -> Event:
+    """A message's record, from what ``Messages.kept`` gave."""
+    return json.loads(kept) if isinstance(kept, bytes) else kept
+
+
+Delivery = Event | Messages[Any]  # a presence event, or a run of chat messages
 Deliver = Callable[[str, list[Delivery]], None]
 
 
@@ -163,12 +256,12 @@ class MemoryEngine:
             target.history.append(record)
             self._forget_if_idle(room)
             if self._deliver is not None:
-                self._deliver(room, [(record, None, target.epoch)])
+                self._deliver(room, [Records(target.epoch, target.seq, [record])])
 
     def publish(self, room: str, event: Event, failed: Failed | None = None) -> None:
         with self._lock:
             if self._deliver is not None:
-                self._deliver(room, [(event, None, None)])
+                self._deliver(room, [event])
 
     def flush(self, timeout: float) -> None:
         pass  # published as it is called

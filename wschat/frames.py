@@ -1,19 +1,18 @@
 """RFC 6455 framing: opcodes, close codes, encoding and incremental parsing.
 
-Nothing here knows about sockets or connection state.  The only hot loop,
-unmasking, runs in the optional C accelerator ``wschat._speedups`` when it was
-built and ``WSCHAT_NO_SPEEDUPS`` is not set; the pure-Python path gives the same
+Nothing here knows about sockets or connection state.  The hot loops,
+unmasking and framing a batch of texts, run in the optional C accelerator
+(see ``accelerator``) when it is there; the pure-Python paths give the same
 results (the tests check one against the other).
 """
 
 from __future__ import annotations
 
 import enum
-import os
 import struct
-from types import ModuleType
 from typing import NamedTuple
 
+from .accelerator import speedups
 from .errors import InvalidPayload, MessageTooBig, ProtocolError
 
 
@@ -91,20 +90,7 @@ def apply_mask_python(data: bytes | bytearray | memoryview, mask: bytes) -> byte
     return value.to_bytes(size, "little")
 
 
-def _load_speedups() -> ModuleType | None:
-    if os.environ.get("WSCHAT_NO_SPEEDUPS"):
-        return None
-    try:
-        from . import _speedups
-    except ImportError:
-        return None
-    return _speedups
-
-
-_speedups = _load_speedups()
-#: "C" when the accelerator is in use, "Python" otherwise.
-IMPLEMENTATION = "C" if _speedups else "Python"
-apply_mask = _speedups.apply_mask if _speedups else apply_mask_python
+apply_mask = speedups.apply_mask if speedups else apply_mask_python
 
 
 # -- encoding ----------------------------------------------------------------
@@ -141,6 +127,15 @@ def frame_header(opcode: int, size: int, *, fin: bool = True, rsv: int = 0, mask
     if size < 65536:
         return _pack_16(first, mask_bit | 126, size)
     return _pack_64(first, mask_bit | 127, size)
+
+
+def frame_texts_python(payloads: list[bytes]) -> bytes:
+    """Text messages (UTF-8 payloads) as final, unmasked frames, joined."""
+    return b"".join([(bytes((0x81, len(payload))) if len(payload) < 126 else frame_header(Opcode.TEXT, len(payload)))
+                     + payload for payload in payloads])
+
+
+frame_texts = speedups.frame_texts if speedups else frame_texts_python
 
 
 def encode_close_payload(code: int | None = None, reason: str = "") -> bytes:

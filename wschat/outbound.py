@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from .frames import Opcode, frame_header
+from .frames import Opcode, frame_header, frame_texts
 
 Buffer = bytes | memoryview
 Parts = tuple[Buffer, ...]  # one frame or more: bytes, or a header and a view of a large payload
@@ -84,28 +84,27 @@ class PreparedMessage:
 
 
 class PreparedBatch(PreparedMessage):
-    """Several text messages queued as one, in order: their small frames
-    joined in one buffer, so that a batch costs each recipient one append
-    (the Redis engine delivers a room's messages a batch at a time).  Framed
-    here in one pass; each message is prepared on its own only for a
-    permessage-deflate agreement, once."""
+    """Several text messages (their payloads, UTF-8) queued as one, in
+    order: their small frames joined in one buffer, so that a batch costs
+    each recipient one append (the Redis engine delivers a room's messages a
+    batch at a time).  Framed here in one pass; each message is prepared on
+    its own only for a permessage-deflate agreement, once."""
 
-    __slots__ = ("texts", "count")
+    __slots__ = ("payloads", "count")
 
-    def __init__(self, texts: list[str]):
-        self.texts = texts
-        self.count = len(texts)
+    def __init__(self, payloads: list[bytes]):
+        self.payloads = payloads
+        self.count = len(payloads)
         self.opcode = Opcode.TEXT
-        payloads = [text.encode("utf-8") for text in texts]
-        if max(map(len, payloads)) < 126:  # the common case: every header is two bytes
-            joined = b"".join([bytes((0x81, len(payload))) + payload for payload in payloads])
+        if max(map(len, payloads)) < LARGE_PAYLOAD:  # the common case: no payload is a buffer of its own
+            joined = frame_texts(payloads)
             self.parts, self.size = (joined,), len(joined)
         else:
             self.parts, self.size = _joined([_frame(Opcode.TEXT, payload, 0)[0] for payload in payloads])
         self._variants = None
 
     def _compressed(self, agreement: Compression) -> Framed:
-        return _joined([PreparedMessage(text).frame_for(agreement)[0] for text in self.texts])
+        return _joined([PreparedMessage(payload, Opcode.TEXT).frame_for(agreement)[0] for payload in self.payloads])
 
     def __repr__(self) -> str:
         return f"<PreparedBatch of {self.count}, {self.size} bytes>"

@@ -41,9 +41,10 @@ class Nodes:
         self.known: list[Address] = [self.address]  # every node seen, to ask for the map when some are gone
         self._owners: list[Address] = []
 
-    def connect(self, node: Address) -> RespConnection:
-        """A connection to ``node``, authenticated and on the URL's database."""
-        conn = RespConnection(node, self.timeout, tls=self._tls)
+    def connect(self, node: Address, raw: bool = False) -> RespConnection:
+        """A connection to ``node``, authenticated and on the URL's database
+        (``raw``: its replies in bytes, not decoded)."""
+        conn = RespConnection(node, self.timeout, tls=self._tls, raw=raw)
         try:
             if self._auth:
                 conn.call("AUTH", *self._auth)

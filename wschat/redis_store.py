@@ -206,6 +206,12 @@ end
 return 0
 """
 
+def seq_of(line: bytes) -> int:
+    """A published message's sequence number, which ``PUBLISH_BATCH`` put
+    last in its JSON (``...,"seq":N}``), read without decoding the rest."""
+    return int(line[line.rindex(b":") + 1 : -1])
+
+
 BATCH_SHA = hashlib.sha1(PUBLISH_BATCH.encode()).hexdigest()  # EVALSHA's name for it; SCRIPT LOAD makes it known
 MAX_BATCH = 500  # events in one PUBLISH_BATCH call: bounds the script's stack and the published line
 

@@ -35,7 +35,7 @@ def pack_all(commands: Iterable[tuple[str | bytes | int, ...]]) -> bytes:
 class RespConnection:
     """One TCP connection to one Redis node (blocking, with a timeout)."""
 
-    def __init__(self, address: tuple[str, int], timeout: float, *, tls: bool = False):
+    def __init__(self, address: tuple[str, int], timeout: float, *, tls: bool = False, raw: bool = False):
         self.address = address
         sock = socket.create_connection(address, timeout=timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -46,7 +46,7 @@ class RespConnection:
                 sock.close()
                 raise
         self.sock = sock
-        self.reader = hiredis.Reader(encoding="utf-8")
+        self.reader = hiredis.Reader() if raw else hiredis.Reader(encoding="utf-8")  # raw: bytes
 
     def fileno(self) -> int:
         return self.sock.fileno()

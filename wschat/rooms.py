@@ -14,12 +14,13 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from . import checks
 from .connection import Connection
 from .dialect import Event, encode
-from .engine import History
+from .engine import Delivery, History, Messages, record_of
+from .frames import Opcode
 from .outbound import PreparedBatch, PreparedMessage
 
 Broadcast = Callable[..., int]  # Server.broadcast: (message, connections=..., exclude=...) -> how many
@@ -116,7 +117,8 @@ class LocalRoom:
 
     name: str
     broadcast: Broadcast
-    recent: deque[Event]  # the last messages delivered here: they complete a newcomer's history
+    recent: deque[tuple[int, Event | bytes]]  # the last messages delivered here, (seq, as kept): they complete
+    # a newcomer's history (see ``catch_up``)
     members: dict[str, Member] = field(default_factory=dict)  # holder -> Member
     plain: dict[Connection, None] = field(default_factory=dict)  # insertion-ordered sets,
     structured: dict[Connection, None] = field(default_factory=dict)  # updated in O(1) on join and leave
@@ -170,8 +172,8 @@ class LocalRoom:
         self.follow_epoch(history.epoch)
         limit = self.seq if self.seq is not None else history.seq
         self.seq = limit
-        records = history.records + [record for record in self.recent if record["seq"] > history.seq]
-        return [record for record in records if record["seq"] <= limit]
+        later = [record_of(kept) for seq, kept in self.recent if history.seq < seq <= limit]
+        return [record for record in history.records if record["seq"] <= limit] + later
 
     def follow_epoch(self, epoch: str) -> None:
         """The room's sequence of messages began anew (its engine lost it, as
@@ -187,36 +189,38 @@ class LocalRoom:
                 self.broadcast(notice, connections=self.structured)
         self.epoch = epoch
 
-    def deliver(self, events: list[tuple[Event, str | None, str | None]]) -> None:
-        """A batch of the room's events, ``(event, text, epoch)``, in the
-        room's order: each chat message to every member here once (its JSON
-        ``text``, made here when None, to wschat.v1 clients; the bare text
-        to plain ones), each run of messages queued as one batch."""
-        run: list[tuple[Event, str | None]] = []  # messages not yet queued
-        for event, text, epoch in events:
-            if event["type"] != "message":
-                self._queue_messages(run)
-                self.deliver_event(event)
+    def deliver(self, deliveries: list[Delivery]) -> None:
+        """A batch of the room's deliveries (see ``engine``), in the room's
+        order: each chat message to every member here once (its JSON to
+        wschat.v1 clients, its text to plain ones), each stretch of messages
+        between presence events queued as one batch."""
+        stretch: list[Messages[Any]] = []  # messages not yet queued
+        for delivery in deliveries:
+            if not isinstance(delivery, Messages):
+                self._queue_messages(stretch)
+                self.deliver_event(delivery)
                 continue
-            if epoch is not None and self.epoch != epoch:  # a message always has its epoch
-                self._queue_messages(run)
-                self.follow_epoch(epoch)
-            if self.seq is not None and event["seq"] <= self.seq:
-                continue  # a newcomer's history had it
-            self.seq = event["seq"]
-            self.recent.append(event)
-            run.append((event, text))
-        self._queue_messages(run)
+            run = delivery
+            if self.epoch != run.epoch:
+                self._queue_messages(stretch)
+                self.follow_epoch(run.epoch)
+            if self.seq is not None and run.first <= self.seq:  # a newcomer's history had them
+                run = run.after(self.seq)
+                if not run:
+                    continue
+            self.seq = run.last
+            self.recent.extend(run.kept())
+            stretch.append(run)
+        self._queue_messages(stretch)
 
-    def _queue_messages(self, run: list[tuple[Event, str | None]]) -> None:
-        if not run:
+    def _queue_messages(self, stretch: list[Messages[Any]]) -> None:
+        if not stretch:
             return
         if self.plain:
-            self.broadcast(prepared([record["text"] for record, _ in run]), connections=self.plain)
+            self.broadcast(prepared([text for run in stretch for text in run.texts()]), connections=self.plain)
         if self.structured:
-            self.broadcast(prepared([encode(record) if text is None else text for record, text in run]),
-                                  connections=self.structured)
-        run.clear()
+            self.broadcast(prepared([line for run in stretch for line in run.jsons()]), connections=self.structured)
+        stretch.clear()
 
     def deliver_event(self, event: Event) -> None:
         """A presence event to the wschat.v1 members here, but not to the
@@ -228,8 +232,8 @@ class LocalRoom:
         self.broadcast(public, connections=self.structured, exclude=joiner.conn if joiner else None)
 
 
-def prepared(texts: list[str]) -> PreparedMessage:
-    """Text messages framed once for many recipients: one, or a batch."""
-    if len(texts) == 1:
-        return PreparedMessage(texts[0])
-    return PreparedBatch(texts)
+def prepared(payloads: list[bytes]) -> PreparedMessage:
+    """Text messages (UTF-8) framed once for many recipients: one, or a batch."""
+    if len(payloads) == 1:
+        return PreparedMessage(payloads[0], Opcode.TEXT)
+    return PreparedBatch(payloads)

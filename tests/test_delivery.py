@@ -1,0 +1,163 @@
+"""What a process does with the messages its engine delivers: runs of
+messages (``engine.Messages``), read from their JSON without decoding it
+(``dialect.text_of``), framed in one pass (``frames.frame_texts``), and
+delivered by a ``LocalRoom`` to its plain and wschat.v1 members."""
+
+import json
+import random
+from collections import deque
+
+import pytest
+
+from wschat import dialect, frames
+from wschat.dialect import encode, message_record, text_of, texts_of
+from wschat.engine import Lines, Records, record_of
+from wschat.frames import Opcode, frame_header
+from wschat.rooms import LocalRoom
+
+from .conftest import _speedups
+
+AWKWARD = ['say "hi"', "back\\slash\\", "line\nbreak\ttab", "\x00\x1f\x7f", "é ü 中文 🎉", '","text":"', "\\",
+           '"', "", "x" * 300, "\u2028\u2029", "a\\\"b"]
+
+
+def line_of(text, nick="ann", seq=1, message_id=None):
+    """A message's JSON line as Redis carries it: ``encode``'s, with the seq the script appends."""
+    record = message_record("lobby", nick, text, message_id)
+    return (encode(record)[:-1] + f',"seq":{seq}}}').encode("utf-8")
+
+
+def test_text_of_is_the_decoded_text_for_any_text_and_any_nick():
+    rng = random.Random(7692)
+    lines = [line_of(text, nick) for text in AWKWARD for nick in ("ann", '","text":"x', "b\\", 'q"')]
+    lines += [line_of("".join(rng.choice('ab"\\\n é🎉,:{}') for _ in range(rng.randrange(0, 40))), message_id="m1")
+              for _ in range(300)]
+    expected = [json.loads(line)["text"].encode("utf-8") for line in lines]
+    assert [text_of(line) for line in lines] == expected
+    assert texts_of(lines) == expected  # the accelerator's path where it is built
+
+
+def test_text_of_decodes_what_is_not_wschats_own_shape():
+    """No "text" after a comma (a foreign or reordered record): decoded the long way."""
+    assert text_of(b'{"text":"first","type":"message"}') == b"first"
+    with pytest.raises(ValueError):
+        text_of(b'{"type":"message","text":"unterminated')
+
+
+@pytest.mark.skipif(_speedups is None, reason="C accelerator not built")
+def test_c_json_texts_falls_back_line_by_line_and_checks_its_arguments():
+    asked = []
+
+    def fallback(line):
+        asked.append(line)
+        return b"decoded"
+
+    lines = [line_of("plain"), line_of('has "quotes"'), b"{}"]
+    assert _speedups.json_texts(lines, fallback) == [b"plain", b"decoded", b"decoded"]
+    assert asked == lines[1:]
+    with pytest.raises(ZeroDivisionError):  # the fallback's error goes up as it is
+        _speedups.json_texts([b"{}"], lambda line: 1 / 0)
+    with pytest.raises(TypeError):
+        _speedups.json_texts((b"{}",), fallback)
+    with pytest.raises(TypeError):
+        _speedups.json_texts(["text"], fallback)
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+def test_frame_texts_is_each_payload_as_a_final_text_frame(size):
+    payloads = [b"a", b"x" * size, "é".encode()]
+    expected = b"".join(frame_header(Opcode.TEXT, len(payload)) + payload for payload in payloads)
+    assert frames.frame_texts_python(payloads) == expected
+    assert frames.frame_texts(payloads) == expected  # the accelerator's where it is built
+
+
+@pytest.mark.skipif(_speedups is None, reason="C accelerator not built")
+def test_c_frame_texts_checks_its_arguments():
+    assert _speedups.frame_texts([]) == b""
+    with pytest.raises(TypeError):
+        _speedups.frame_texts((b"a",))
+    with pytest.raises(TypeError):
+        _speedups.frame_texts([b"a", "b"])
+
+
+def test_runs_of_records_break_where_the_numbering_skips():
+    records = [{"seq": seq, "text": str(seq)} for seq in (4, 5, 6, 9, 10, 12)]
+    runs = Records.runs("e1", records)
+    assert [(run.first, run.last, len(run)) for run in runs] == [(4, 6, 3), (9, 10, 2), (12, 12, 1)]
+    assert [record for run in runs for _, record in run.kept()] == records
+    assert runs[0].after(4).items == records[1:3] and runs[0].after(4).first == 5
+    assert len(runs[0].after(6)) == 0 and runs[0].after(1).items == records[:3]
+
+
+def test_lines_give_texts_jsons_and_records_as_they_were_published():
+    lines = [line_of(text, seq=seq) for seq, text in enumerate(["one", 'two "2"', "three"], 7)]
+    run = Lines("e1", 7, lines)
+    assert run.last == 9 and run.jsons() is lines
+    assert run.texts() == [b"one", b'two "2"', b"three"]
+    kept = list(run.after(7).kept())
+    assert [seq for seq, _ in kept] == [8, 9]
+    assert [record_of(line)["text"] for _, line in kept] == ['two "2"', "three"]
+    assert record_of({"seq": 1}) == {"seq": 1}
+
+
+class Members:
+    """Stands in for ``Server.broadcast``: what each dialect's members were sent."""
+
+    def __init__(self):
+        self.sent = []
+
+    def __call__(self, message, connections=(), exclude=None):
+        dialect_of = "structured" if connections is self.room.structured else "plain"
+        self.sent.append((dialect_of, message))
+        return len(connections)
+
+    def frames(self, which):
+        """The text messages ``which`` members got, each decoded from its frame."""
+        parser = frames.FrameParser(require_mask=False, max_payload=1 << 20)
+        found = []
+        for dialect_of, message in self.sent:
+            if dialect_of == which:
+                parser.feed(b"".join(message.parts) if hasattr(message, "parts") else frames.encode_frame(
+                    Opcode.TEXT, message.encode()))
+                while (frame := parser.next_frame()) is not None:
+                    found.append(frame.payload.decode())
+        return found
+
+
+@pytest.fixture
+def room():
+    members = Members()
+    local = LocalRoom("lobby", members, deque(maxlen=5))
+    members.room = local
+    local.plain[object()] = None
+    local.structured[object()] = None
+    local.epoch, local.seq = "e1", 0
+    return local, members
+
+
+def test_a_room_delivers_runs_from_both_engines_once_in_order_and_keeps_the_last(room):
+    local, members = room
+    published = [line_of(f"m{seq}", seq=seq) for seq in range(1, 5)]
+    local.deliver([Lines("e1", 1, published[:3]), {"type": "join", "room": "lobby", "nick": "bob"},
+                   Lines("e1", 2, published[1:4]),  # 2 and 3 again (a gap fill met the live ones): 4 is new
+                   Records("e1", 5, [{**json.loads(published[0]), "seq": 5, "text": "m5"}])])
+    assert members.frames("plain") == ["m1", "m2", "m3", "m4", "m5"]
+    structured = [json.loads(text) for text in members.frames("structured")]
+    assert [(event["type"], event.get("seq")) for event in structured] == [
+        ("message", 1), ("message", 2), ("message", 3), ("join", None), ("message", 4), ("message", 5)]
+    assert local.seq == 5 and [seq for seq, _ in local.recent] == [1, 2, 3, 4, 5]
+
+
+def test_a_newcomers_catch_up_decodes_only_what_was_delivered_after_its_history(room):
+    from wschat.engine import History
+
+    local, _ = room
+    local.deliver([Lines("e1", 1, [line_of(f"m{seq}", seq=seq) for seq in range(1, 5)])])
+    history = History("e1", 2, [{"seq": 1, "text": "m1"}, {"seq": 2, "text": "m2"}], False)
+    caught = local.catch_up(history)
+    assert [(record["seq"], record["text"]) for record in caught] == [(1, "m1"), (2, "m2"), (3, "m3"), (4, "m4")]
+
+
+def test_no_speedups_reads_texts_in_python(monkeypatch):
+    monkeypatch.setattr(dialect, "speedups", None)
+    assert texts_of([line_of('q"'), line_of("p")]) == [b'q"', b"p"]
