@@ -1,6 +1,7 @@
 """``python -m wschat`` as a user runs it: a real process on 127.0.0.1."""
 
 import http.client
+import os
 import re
 import signal
 import socket
@@ -35,7 +36,7 @@ def test_help_lists_every_option():
     out = subprocess.run([sys.executable, "-m", "wschat", "--help"], capture_output=True, text=True, check=True).stdout
     for option in ["--host", "--port", "--ping-interval", "--max-message-size", "--max-connections", "--allowed-origin",
                    "--certfile", "--keyfile", "--workers", "--history", "--welcome", "--max-chat-length",
-                   "--rate-limit", "--log-level", "--version"]:
+                   "--rate-limit", "--scheduling", "--log-level", "--version"]:
         assert option in out
 
 
@@ -56,6 +57,27 @@ def test_serves_chat_and_page_then_shuts_down_gracefully(signum):
                 ws.recv(timeout=10)
             assert info.value.rcvd.code == 1001
         assert process.wait(10) == 0
+    finally:
+        process.kill()
+        process.communicate()
+
+
+def thread_policies(pid: int) -> set[int]:
+    """The scheduling policy of each of ``pid``'s threads."""
+    return {os.sched_getscheduler(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+@pytest.mark.parametrize(("given", "policy"), [((), "SCHED_BATCH"), (("--scheduling", "normal"), "SCHED_OTHER")])
+def test_every_thread_runs_under_the_scheduling_policy_asked(given, policy):
+    """--scheduling batch (the default) reaches every thread the server
+    starts, those of its engine and handlers included; normal leaves the system's."""
+    process, port = run_server("--workers", "2", *given)
+    try:
+        with connect(f"ws://127.0.0.1:{port}/chat") as ws:  # the handler threads are started by now
+            assert ws.recv(timeout=5) == DEFAULT_WELCOME
+            assert len(os.listdir(f"/proc/{process.pid}/task")) >= 3  # main, loop, a handler (its on_open)
+            assert thread_policies(process.pid) == {getattr(os, policy)}
     finally:
         process.kill()
         process.communicate()

@@ -10,7 +10,8 @@ import threading
 import time
 from typing import Sequence
 
-from .cli import STOP_SIGNALS, SetupError, build, parse_args, raise_descriptor_limit, ready_line, setting_problem
+from .cli import (STOP_SIGNALS, SetupError, apply_scheduling, build, parse_args, raise_descriptor_limit, ready_line,
+                  setting_problem)
 from .supervisor import supervise
 
 
@@ -23,6 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2  # as argparse does for a bad option
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
     raise_descriptor_limit()
+    apply_scheduling(args.scheduling)  # first: every thread started from here on inherits it
     # SIGINT, SIGTERM and SIGHUP are blocked in every thread (those started
     # later inherit it) and taken by sigwait on this one (or the supervisor's
     # sigtimedwait): no handler runs in the middle of a lock held here, so
