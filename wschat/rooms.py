@@ -217,9 +217,9 @@ class LocalRoom:
         if not stretch:
             return
         if self.plain:
-            self.broadcast(prepared([text for run in stretch for text in run.texts()]), connections=self.plain)
+            self.broadcast(prepared(joined([run.texts() for run in stretch])), connections=self.plain)
         if self.structured:
-            self.broadcast(prepared([line for run in stretch for line in run.jsons()]), connections=self.structured)
+            self.broadcast(prepared(joined([run.jsons() for run in stretch])), connections=self.structured)
         stretch.clear()
 
     def deliver_event(self, event: Event) -> None:
@@ -230,6 +230,11 @@ class LocalRoom:
         joiner = self.members.get(event.get("_from", ""))
         public = encode({key: value for key, value in event.items() if not key.startswith("_")})
         self.broadcast(public, connections=self.structured, exclude=joiner.conn if joiner else None)
+
+
+def joined(lists: list[list[bytes]]) -> list[bytes]:
+    """One list of several: the usual one as it is, not copied item by item."""
+    return lists[0] if len(lists) == 1 else [item for items in lists for item in items]
 
 
 def prepared(payloads: list[bytes]) -> PreparedMessage:
