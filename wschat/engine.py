@@ -42,8 +42,6 @@ JOINED = "joined"  # the nickname is new to the room: a join to announce
 ADDED = "added"  # one more connection of the user who holds it
 TAKEN = "taken"  # someone else holds it
 
-
-
 Kept = TypeVar("Kept", Event, bytes)
 
 
@@ -116,7 +114,8 @@ class Records(Messages[Event]):
 
 
 class Lines(Messages[bytes]):
-    """Messages as their JSON lines, as another process published them."""
+    """Messages as the JSON lines Redis carries, whichever process (this one
+    included) published them."""
 
     __slots__ = ()
 

@@ -130,7 +130,8 @@ def frame_header(opcode: int, size: int, *, fin: bool = True, rsv: int = 0, mask
 
 
 def frame_texts_python(payloads: list[bytes]) -> bytes:
-    """Text messages (UTF-8 payloads) as final, unmasked frames, joined."""
+    """Text messages (UTF-8 payloads) as final, unmasked frames, joined
+    (a small payload's two-byte header made inline: the usual case)."""
     return b"".join([(bytes((0x81, len(payload))) if len(payload) < 126 else frame_header(Opcode.TEXT, len(payload)))
                      + payload for payload in payloads])
 

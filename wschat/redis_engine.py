@@ -500,15 +500,16 @@ class RedisEngine:
         them).  A message's line is kept as it is (see ``engine.Messages``):
         only its number is read, from the end the script gave it."""
         if b"\nE" not in data:  # messages only, the common case: numbered one after another
-            epoch, *lines = data.split(b"\nM")
-            self._received_messages(room, Lines(epoch.decode(), seq_of(lines[0]), lines), batch)
+            first, *lines = data.split(b"\nM")
+            self._received_messages(room, Lines(first.decode(), seq_of(lines[0]), lines), batch)
             return
-        epoch, *lines = data.split(b"\n")
+        first, *lines = data.split(b"\n")
+        epoch = first.decode()
         for line in lines:
             if line[:1] == b"E":
                 batch.append(json.loads(line[1:]))
             else:
-                self._received_messages(room, Lines(epoch.decode(), seq_of(line), [line[1:]]), batch)
+                self._received_messages(room, Lines(epoch, seq_of(line), [line[1:]]), batch)
 
     def _received_messages(self, room: str, run: Lines, batch: list[Delivery]) -> None:
         """A run of ``room``'s messages, added to ``batch``: those not

@@ -117,8 +117,7 @@ class LocalRoom:
 
     name: str
     broadcast: Broadcast
-    recent: deque[tuple[int, Event | bytes]]  # the last messages delivered here, (seq, as kept): they complete
-    # a newcomer's history (see ``catch_up``)
+    recent: deque[tuple[int, Event | bytes]]  # the last messages delivered here: they complete a newcomer's history
     members: dict[str, Member] = field(default_factory=dict)  # holder -> Member
     plain: dict[Connection, None] = field(default_factory=dict)  # insertion-ordered sets,
     structured: dict[Connection, None] = field(default_factory=dict)  # updated in O(1) on join and leave
