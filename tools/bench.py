@@ -4,6 +4,7 @@
     python tools/bench.py --rounds 5 --scenarios fanout,large-64k
     python tools/bench.py --servers wschat,wschat-pure --quick
     python tools/bench.py --servers wschat,wschat-redis,wschat-redis-2p --scenarios fanout --reference wschat
+    python tools/bench.py --servers wschat-redis,wschat-redis-normal --scenarios fanout --reference wschat-redis-normal
 
 Each round starts every server under test afresh for every scenario, in turn
 (A B C A B C ...), the server pinned to CPU 0 and this load generator to CPU 1.
@@ -610,6 +611,11 @@ SERVERS = {
     "wschat-pure": (WSCHAT + ["--port", "{port}"], {"WSCHAT_NO_SPEEDUPS": "1"}),
     "wschat-redis": (WSCHAT + ["--port", "{port}", "--redis", "{redis}"], {}),
     "wschat-redis-2p": (WSCHAT + ["--port", "{port}", "--redis", "{redis}", "--processes", "2"], {}),
+    # the same under the system's scheduling policy rather than SCHED_BATCH (see --scheduling)
+    "wschat-normal": (WSCHAT + ["--port", "{port}", "--scheduling", "normal"], {}),
+    "wschat-redis-normal": (WSCHAT + ["--port", "{port}", "--redis", "{redis}", "--scheduling", "normal"], {}),
+    "wschat-redis-2p-normal": (WSCHAT + ["--port", "{port}", "--redis", "{redis}", "--processes", "2",
+                                         "--scheduling", "normal"], {}),
     "ws-threading": ([sys.executable, os.path.join(HERE, "bench_servers.py"), "threading", "{port}"], {}),
     "ws-asyncio": ([sys.executable, os.path.join(HERE, "bench_servers.py"), "asyncio", "{port}"], {}),
 }
