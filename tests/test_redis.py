@@ -289,6 +289,28 @@ def test_any_text_crosses_redis_as_sent_and_a_foreign_publication_is_ignored(cha
     assert caplog.text.count("ignored a publication on its channel that is not wschat's") >= 2
 
 
+def test_a_history_since_reads_only_the_newest_entries(chats):
+    """A join reads the history after what its client saw (a plain client:
+    after its handshake), never the whole history: an older entry is not
+    even read (here, one no JSON parser could read)."""
+    a = chats(history=10)
+    for i in range(1, 7):
+        a.post(f"m{i}")
+    store = a.engine.store
+    epoch, seq = store.position("main")
+    store.redis.lpush(store.key("history", "main"), "not JSON")  # the oldest entry
+    with pytest.raises(ValueError):
+        store.history("main")  # the whole history: every entry decoded
+    history = store.history("main", 3, epoch)
+    assert [record["text"] for record in history.records] == ["m4", "m5", "m6"] and not history.missed
+    assert store.history("main", seq, epoch).records == []
+    with pytest.raises(ValueError):
+        store.history("main", 3, "another epoch")  # another sequence: the whole history, read again
+    with connect(a.url) as plain:  # a plain client's join reads only what was said since its handshake
+        a.post("m7")
+        assert plain.recv(timeout=5) == "m7"
+
+
 def test_a_subscriber_that_missed_messages_fills_the_gap(chats):
     """Messages published while a process was not subscribed (its subscription
     connection dropped) are delivered from the history, in order, once."""

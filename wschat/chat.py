@@ -221,7 +221,12 @@ class Chat:
             if claim is not None:
                 self.engine.subscribe(name)
                 subscribed = True
-                since, epoch = returning_from(conn.target or "") if structured else (None, None)
+                if structured:
+                    since, epoch = returning_from(conn.target or "")
+                elif arrival.position is not None:  # a plain client gets only what was said since its handshake
+                    epoch, since = arrival.position
+                else:
+                    since, epoch = None, None
                 history = self.engine.history(name, since, epoch)
                 users = self.engine.users(name) if structured else None  # O(members): for those who get it
         except EngineUnavailable as exc:
@@ -239,7 +244,7 @@ class Chat:
         member = Member(conn, local, nick, holder, structured, identified, tokens=float(self.limits.burst))
         with self._lock:
             conn.context = member
-            local.greet(member, self.welcome, history, users, arrival, returning=since is not None,
+            local.greet(member, self.welcome, history, users, arrival, returning=structured and since is not None,
                         max_history_bytes=self.max_history_bytes)
             if problem and structured:
                 self._notify(member, "nick_refused", f"{problem}; you are {nick}")

@@ -89,12 +89,22 @@ redis.call(ARGV[5], ARGV[2], table.concat(lines, '\\n'))
 return first
 """
 
-# A room's position, and with ARGV[3] = "1" its history: KEYS seq, epoch,
-# history; ARGV an epoch for a new room, the keys' TTL, whether to read the history.
+# A room's position, and its history when asked: KEYS seq, epoch, history;
+# ARGV an epoch for a new room, the keys' TTL, which history ("": none, "all",
+# or the sequence number a client saw up to in the epoch ARGV[4]).  For the
+# last, only the newest entries that can be later than it are read: each has a
+# number of its own, so seq - since of them hold every one (see history below).
 POSITION = """
 redis.call('SET', KEYS[2], ARGV[1], 'NX', 'EX', ARGV[2])
-local found = {redis.call('GET', KEYS[1]) or '0', redis.call('GET', KEYS[2])}
-if ARGV[3] == '1' then found[3] = redis.call('LRANGE', KEYS[3], 0, -1) end
+local seq, epoch = redis.call('GET', KEYS[1]) or '0', redis.call('GET', KEYS[2])
+local found = {seq, epoch}
+local want = ARGV[3]
+if want == 'all' or (want ~= '' and (ARGV[4] ~= epoch or tonumber(want) > tonumber(seq))) then
+  found[3] = redis.call('LRANGE', KEYS[3], 0, -1)
+elseif want ~= '' then
+  local count = tonumber(seq) - tonumber(want)
+  found[3] = count > 0 and redis.call('LRANGE', KEYS[3], -count, -1) or {}
+end
 return found
 """
 
@@ -262,18 +272,20 @@ class RedisStore:
                 self.room_ttl, self.publish_command, *items)
 
     def history(self, room: str, since: int | None = None, epoch: str | None = None) -> History:
-        seq, kept_epoch, kept = self._position(room, True)
+        """The room's history after ``since`` (of ``epoch``): only those
+        entries are read and decoded, not the whole history at every join."""
+        seq, kept_epoch, kept = self._position(room, "all" if since is None else str(since), epoch or "")
         records, missed = select_history([json.loads(text) for text in kept], seq, since, epoch == kept_epoch)
         return History(kept_epoch, seq, records, missed)
 
     def position(self, room: str) -> tuple[str, int]:
-        seq, epoch = self._position(room, False)
+        seq, epoch = self._position(room, "", "")
         return epoch, seq
 
-    def _position(self, room: str, with_history: bool) -> list[Any]:
+    def _position(self, room: str, want: str, epoch: str) -> list[Any]:
         found: list[Any] = self._scripts["position"](
             keys=[self.key("seq", room), self.key("epoch", room), self.key("history", room)],
-            args=[self._new_epoch(), self.room_ttl, "1" if with_history else "0"])
+            args=[self._new_epoch(), self.room_ttl, want, epoch])
         found[0] = int(found[0])
         return found
 
