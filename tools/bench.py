@@ -611,14 +611,12 @@ SERVERS = {
     "wschat-pure": (WSCHAT + ["--port", "{port}"], {"WSCHAT_NO_SPEEDUPS": "1"}),
     "wschat-redis": (WSCHAT + ["--port", "{port}", "--redis", "{redis}"], {}),
     "wschat-redis-2p": (WSCHAT + ["--port", "{port}", "--redis", "{redis}", "--processes", "2"], {}),
-    # the same under the system's scheduling policy rather than SCHED_BATCH (see --scheduling)
-    "wschat-normal": (WSCHAT + ["--port", "{port}", "--scheduling", "normal"], {}),
-    "wschat-redis-normal": (WSCHAT + ["--port", "{port}", "--redis", "{redis}", "--scheduling", "normal"], {}),
-    "wschat-redis-2p-normal": (WSCHAT + ["--port", "{port}", "--redis", "{redis}", "--processes", "2",
-                                         "--scheduling", "normal"], {}),
     "ws-threading": ([sys.executable, os.path.join(HERE, "bench_servers.py"), "threading", "{port}"], {}),
     "ws-asyncio": ([sys.executable, os.path.join(HERE, "bench_servers.py"), "asyncio", "{port}"], {}),
 }
+VARIED = ("wschat", "wschat-redis", "wschat-redis-2p")  # the wschat servers that have variants:
+for _name in VARIED:  # the same under the system's scheduling policy (not SCHED_BATCH), and --baseline's
+    SERVERS[_name + "-normal"] = (SERVERS[_name][0] + ["--scheduling", "normal"], {})
 REFERENCE = "ws-threading"
 
 
@@ -772,7 +770,7 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
     for number, baseline in enumerate(args.baseline, 1):
-        for name in ("wschat", "wschat-redis", "wschat-redis-2p"):
+        for name in VARIED:
             command, env = SERVERS[name][:2]
             base = "wschat-base" if number == 1 else f"wschat-base{number}"
             SERVERS[name.replace("wschat", base, 1)] = (command, env, os.path.abspath(baseline))
