@@ -1,4 +1,5 @@
-"""What a process does with the messages its engine delivers: runs of
+"""What a process does with the messages its engine delivers: a published
+batch split into its messages' lines (``redis_store.message_lines``), runs of
 messages (``engine.Messages``), read from their JSON without decoding it
 (``dialect.text_of``), framed in one pass (``frames.frame_texts``), and
 delivered by a ``LocalRoom`` to its plain and wschat.v1 members."""
@@ -13,6 +14,7 @@ from wschat import dialect, frames
 from wschat.dialect import encode, message_record, text_of, texts_of
 from wschat.engine import Lines, Records, record_of
 from wschat.frames import Opcode, frame_header
+from wschat.redis_store import message_lines_python
 from wschat.rooms import LocalRoom
 
 from .conftest import _speedups
@@ -61,6 +63,27 @@ def test_c_json_texts_falls_back_line_by_line_and_checks_its_arguments():
         _speedups.json_texts((b"{}",), fallback)
     with pytest.raises(TypeError):
         _speedups.json_texts(["text"], fallback)
+
+
+AWKWARD_LINES = [line_of(text, seq=seq) for seq, text in enumerate(AWKWARD, 1)]
+BATCHES = [b"e1\nM" + b"\nM".join(AWKWARD_LINES),
+           b"e1\nMa\nEb\nMc", b"e1", b"e1\n", b"e1\nM", b"\nM", b"e1\nMa\n\nE", b"e1\nX\nMa", b"e1\nM\nMb\n",
+           b"e1\nMa\nE", b"\n", b""]
+
+
+def test_a_batch_of_messages_splits_into_its_first_line_and_messages():
+    assert message_lines_python(BATCHES[0]) == (b"e1", AWKWARD_LINES)  # JSON has no raw line break
+    assert message_lines_python(b"e1\nMa\nEb\nMc") is None  # an event: read line by line
+
+
+@pytest.mark.skipif(_speedups is None, reason="C accelerator not built")
+def test_c_message_lines_splits_as_python_does():
+    noise = random.Random(19)
+    shuffled = [bytes(noise.choice(b"\nME{x") for _ in range(noise.randrange(12))) for _ in range(2000)]
+    for batch in BATCHES + shuffled:
+        assert _speedups.message_lines(batch) == message_lines_python(batch), batch
+    with pytest.raises(TypeError):
+        _speedups.message_lines(bytearray(b"e1\nMa"))
 
 
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])

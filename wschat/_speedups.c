@@ -13,6 +13,10 @@
  *     Each chat message's text from its JSON line, without decoding the
  *     JSON where no escape is in the text; fallback(line) for the others
  *     (wschat.dialect.text_of, line by line).
+ *
+ * message_lines(batch) -> (first, lines) or None
+ *     A published batch split at each "\nM" in one pass, or None when a
+ *     "\nE" is in it (wschat.redis_store.message_lines_python).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -189,6 +193,63 @@ json_texts(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return result;
 }
 
+/* A batch's bytes from start to stop: its first line, then each message's. */
+static int
+add_part(PyObject **first, PyObject *lines, const char *start, const char *stop)
+{
+    PyObject *part = PyBytes_FromStringAndSize(start, stop - start);
+    int status;
+
+    if (part == NULL)
+        return -1;
+    if (*first == NULL) {
+        *first = part;
+        return 0;
+    }
+    status = PyList_Append(lines, part);
+    Py_DECREF(part);
+    return status;
+}
+
+static PyObject *
+message_lines(PyObject *module, PyObject *batch)
+{
+    const char *start, *scan, *end, *newline;
+    PyObject *lines, *first = NULL;
+
+    if (!PyBytes_Check(batch)) {
+        PyErr_SetString(PyExc_TypeError, "message_lines() takes bytes");
+        return NULL;
+    }
+    start = scan = PyBytes_AS_STRING(batch);
+    end = start + PyBytes_GET_SIZE(batch);
+    lines = PyList_New(0);
+    if (lines == NULL)
+        return NULL;
+    /* A newline that is the last byte is a line's content, as it is to split. */
+    while ((newline = memchr(scan, '\n', end - scan)) != NULL && newline + 1 < end) {
+        scan = newline + 1;
+        if (*scan == 'E') {  /* an event: the caller reads the batch line by line */
+            Py_XDECREF(first);
+            Py_DECREF(lines);
+            Py_RETURN_NONE;
+        }
+        if (*scan != 'M')
+            continue;
+        if (add_part(&first, lines, start, newline) < 0)
+            goto error;
+        start = ++scan;
+    }
+    if (add_part(&first, lines, start, end) < 0)
+        goto error;
+    return Py_BuildValue("(NN)", first, lines);
+
+error:
+    Py_XDECREF(first);
+    Py_DECREF(lines);
+    return NULL;
+}
+
 static PyMethodDef speedups_methods[] = {
     {"apply_mask", (PyCFunction)(void (*)(void))apply_mask, METH_FASTCALL,
      "apply_mask(data, mask) -> bytes: XOR data with the 4-byte mask repeated."},
@@ -196,6 +257,8 @@ static PyMethodDef speedups_methods[] = {
      "frame_texts(payloads) -> bytes: UTF-8 payloads as final text frames, joined."},
     {"json_texts", (PyCFunction)(void (*)(void))json_texts, METH_FASTCALL,
      "json_texts(lines, fallback) -> list: each JSON line's text, fallback(line) where it must be decoded."},
+    {"message_lines", (PyCFunction)message_lines, METH_O,
+     "message_lines(batch) -> (first, lines), or None where an event is in it."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -10,3 +10,6 @@ def frame_texts(payloads: list[bytes]) -> bytes:
 
 def json_texts(lines: list[bytes], fallback: Callable[[bytes], bytes]) -> list[bytes]:
     """Each JSON line's text (``dialect.text_of``), ``fallback(line)`` where it must be decoded."""
+
+def message_lines(batch: bytes) -> tuple[bytes, list[bytes]] | None:
+    """A batch split at each ``\\nM``, or None when a ``\\nE`` is in it."""

@@ -4,7 +4,8 @@ It is built at install time when a compiler is there, and used unless
 ``WSCHAT_NO_SPEEDUPS`` is set.  Each of its functions stands in for a
 pure-Python one that gives the same result (the tests check one against the
 other): unmasking in ``frames``, framing a batch of texts in ``frames``,
-reading chat messages' texts from their JSON in ``dialect``.
+reading chat messages' texts from their JSON in ``dialect``, splitting a
+published batch in ``redis_store``.
 """
 
 from __future__ import annotations

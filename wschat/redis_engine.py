@@ -51,7 +51,7 @@ from .engine import ADDED, JOINED, TAKEN, Claim, Deliver, Delivery, EngineUnavai
 from .logsafe import quoted, without_password
 from .redis_nodes import Address, Nodes
 from .redis_publisher import Publisher, Waiter
-from .redis_store import RedisStore, seq_of
+from .redis_store import RedisStore, message_lines, seq_of
 from .resp import ReplyError, RespConnection, pack
 
 log = logging.getLogger("wschat")
@@ -499,8 +499,9 @@ class RedisEngine:
         line), added to ``batch`` in order (with any messages missed before
         them).  A message's line is kept as it is (see ``engine.Messages``):
         only its number is read, from the end the script gave it."""
-        if b"\nE" not in data:  # messages only, the common case: numbered one after another
-            first, *lines = data.split(b"\nM")
+        split = message_lines(data)
+        if split is not None:  # messages only, the common case: numbered one after another
+            first, lines = split
             self._received_messages(room, Lines(first.decode(), seq_of(lines[0]), lines), batch)
             return
         first, *lines = data.split(b"\n")
