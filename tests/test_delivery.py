@@ -120,6 +120,7 @@ def test_lines_give_texts_jsons_and_records_as_they_were_published():
     kept = list(run.after(7).kept())
     assert [seq for seq, _ in kept] == [8, 9]
     assert [record_of(line)["text"] for _, line in kept] == ['two "2"', "three"]
+    assert list(run.kept(2)) == [(8, lines[1]), (9, lines[2])] and list(run.kept(5)) == list(run.kept())
     assert record_of({"seq": 1}) == {"seq": 1}
 
 
@@ -169,6 +170,8 @@ def test_a_room_delivers_runs_from_both_engines_once_in_order_and_keeps_the_last
     assert [(event["type"], event.get("seq")) for event in structured] == [
         ("message", 1), ("message", 2), ("message", 3), ("join", None), ("message", 4), ("message", 5)]
     assert local.seq == 5 and [seq for seq, _ in local.recent] == [1, 2, 3, 4, 5]
+    local.deliver([Lines("e1", 6, [line_of(f"m{seq}", seq=seq) for seq in range(6, 13)])])  # more than it keeps
+    assert [(seq, record_of(kept)["text"]) for seq, kept in local.recent] == [(seq, f"m{seq}") for seq in range(8, 13)]
 
 
 def test_a_newcomers_catch_up_decodes_only_what_was_delivered_after_its_history(room):

@@ -77,9 +77,11 @@ class Messages(Generic[Kept]):
         skip = max(0, seq + 1 - self.first)
         return type(self)(self.epoch, self.first + skip, self.items[skip:])
 
-    def kept(self) -> Iterable[tuple[int, Kept]]:
-        """Each message as ``(seq, what it is kept as)`` (see ``record_of``)."""
-        return zip(itertools.count(self.first), self.items)
+    def kept(self, most: int | None = None) -> Iterable[tuple[int, Kept]]:
+        """Each message as ``(seq, what it is kept as)`` (see ``record_of``);
+        only the last ``most`` when given."""
+        skip = 0 if most is None else max(0, len(self.items) - most)
+        return zip(itertools.count(self.first + skip), self.items[skip:] if skip else self.items)
 
     def texts(self) -> list[bytes]:
         """What a plain client receives: each message's text, in UTF-8."""

@@ -208,7 +208,7 @@ class LocalRoom:
                 if not run:
                     continue
             self.seq = run.last
-            self.recent.extend(run.kept())
+            self.recent.extend(run.kept(self.recent.maxlen))  # (no more than it holds)
             stretch.append(run)
         self._queue_messages(stretch)
 
