@@ -37,6 +37,14 @@ def test_smoke_run_of_every_scenario(bench, chat_port):
     assert bench.run_churn(chat_port, total=10, concurrency=3)["connections/s"] > 0
 
 
+def test_ratios_pair_up_round_by_round(bench):
+    """A slow round slows every server in it: its ratios still count, the
+    medians of each server's figures alone would not line up."""
+    assert bench.paired_ratio([10, 1, 1], [5, 1, 0.25]) == 2  # the ratio of the medians: 1
+    assert bench.paired_ratio([3], [1, 2, 3]) == 3  # failed after round 1
+    assert bench.paired_ratio([1], [0]) is None
+
+
 @pytest.mark.parametrize("size", [64, 70000])
 def test_a_dropped_message_fails_the_run(bench, size):
     server = start_server(max_message_size=2 << 20)

@@ -786,8 +786,9 @@ def main(argv=None) -> int:
     results: dict = {}
     failed: set = set()
     for round_number in range(args.rounds):
+        order = servers if round_number % 2 == 0 else servers[::-1]  # A B C, C B A, ...: drift in a round cancels
         for scenario in chosen:
-            for name in servers:  # interleaved: A B C A B C ...
+            for name in order:
                 if (scenario, name) in failed:
                     continue
                 server = RunningServer(name, deflate=scenario.endswith("-deflate"))
@@ -823,12 +824,23 @@ def print_table(results: dict, servers: list[str], failed: set, reference: str =
         line = f"{scenario:10} {figure:13}" + "".join(
             f"{medians[s]:{width[s]},.{2 if medians[s] < 10 else 1}f}" if s in medians
             else f"{'failed' if (scenario, s) in failed else '-':>{width[s]}}" for s in servers)
-        if medians.get(reference):
-            line += "".join(f"{medians[s] / medians[reference]:{width[s] + 3}.2f}x" if s in medians
+        if reference in medians:
+            ratios = {s: paired_ratio(by_server[s], by_server[reference]) for s in others if s in medians}
+            line += "".join(f"{ratios[s]:{width[s] + 3}.2f}x" if ratios.get(s) is not None
                             else " " * (width[s] + 4) for s in others)
         print(line)
     if reference:
-        print(f"(medians; ref = {reference}; for ms, KiB/conn and CPU, lower is better)")
+        print(f"(medians; each ratio is the median of the rounds' own ratios to ref = {reference}; "
+              "for ms, KiB/conn and CPU, lower is better)")
+
+
+def paired_ratio(values: list[float], reference: list[float]) -> float | None:
+    """The median of each round's ratio of ``values`` to ``reference``: the
+    servers of a round run back to back, so a change in the machine's load
+    between rounds cancels out (the ``values`` of a server that failed stop
+    at the round before: rounds pair up from the first)."""
+    ratios = [value / base for value, base in zip(values, reference) if base]
+    return statistics.median(ratios) if ratios else None
 
 
 def print_costs(results: dict, servers: list[str]) -> None:
