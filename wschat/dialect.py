@@ -24,9 +24,12 @@ MAX_REQUEST = 64 * 1024  # characters in one request when chat messages have no 
 FIELDS = {"message": "text", "nick": "nick", "users": None}  # request type -> the string it carries
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # json.dumps would make one a call
+
+
 def encode(event: Event) -> str:
     """One event as JSON: compact, non-ASCII left as it is."""
-    return json.dumps(event, ensure_ascii=False, separators=(",", ":"))
+    return _ENCODER.encode(event)
 
 
 def now_ms() -> int:
