@@ -217,6 +217,7 @@ end
 return 0
 """
 
+
 def message_lines_python(batch: bytes) -> tuple[bytes, list[bytes]] | None:
     """A published batch of messages only, as its first line (the epoch) and
     its messages' JSON lines; None when an event is in it (a line that starts
