@@ -171,6 +171,25 @@ def test_structured_join_message_and_leave(make_chat):
         assert chat.users("lobby") == ["alice"]  # the notice goes out once the room changed
 
 
+def test_with_workers_only_what_asks_the_engine_leaves_the_loop_thread(make_chat):
+    """A chat message is queued for the engine, which never waits: it is
+    handled inline; a user list or a rename waits for the engine, on a worker."""
+    chat = make_chat(workers=2, welcome="")
+    on_worker = []
+    handle = chat.resource.on_message
+    chat.resource.on_message = lambda conn, message: (on_worker.append(json.loads(message)["type"]),
+                                                      handle(conn, message))
+    with structured(chat, "/lobby", "alice") as alice:
+        recv_json(alice, "welcome")
+        wait_until(lambda: chat.server.connections()[0].link.calls is None, what="the join to finish")
+        for request in ({"type": "message", "text": "hi"}, {"type": "users"}, {"type": "nick", "nick": "ann"}):
+            alice.send(json.dumps(request))
+        assert recv_json(alice, "message")["text"] == "hi"
+        assert recv_json(alice, "users")["users"] == ["alice"]
+        assert recv_json(alice, "nick")["nick"] == "ann"
+    assert on_worker == ["users", "nick"]
+
+
 def test_plain_and_structured_clients_share_a_room(make_chat):
     chat = make_chat(welcome="")
     with plain(chat) as old, structured(chat, nick="carol") as new:

@@ -5,6 +5,7 @@ import socket
 import threading
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from wschat import files, transport
@@ -255,3 +256,49 @@ def test_broadcast_excludes_one_or_several_connections():
                     received[conn].append(message)
             assert [received[conn] for conn in conns] == [
                 ["all but two"], ["all but one"], ["all but one"], ["all but one", "all but two"]]
+
+
+def test_a_message_taken_inline_never_overtakes_its_connections_handler_calls():
+    """With workers, ``on_message_inline`` runs on the loop thread, and only
+    for a connection with no call waiting or running: a message sent while
+    ``on_open`` still runs waits its turn on a worker."""
+    opened = threading.Event()
+    handled, conns = [], []
+
+    def on_open(conn):
+        conns.append(conn)
+        opened.wait(10)
+
+    def idle():  # its worker is done: the next message may be taken inline
+        wait_until(lambda: conns[0].link.calls is None, what="the worker to finish")
+
+    def on_message_inline(conn, message):
+        handled.append(("inline", message, threading.current_thread().name))
+        if message == "fail":
+            raise ValueError("inline handler failed")
+        return message != "pass"
+
+    def on_message(conn, message):
+        handled.append(("worker", message, threading.current_thread().name))
+        conn.send(f"echo {message}")
+
+    with start_server(workers=2) as server:
+        server.resource("/chat", on_open=on_open, on_message=on_message, on_message_inline=on_message_inline)
+        with connect(f"ws://127.0.0.1:{server.port}/chat") as client:
+            client.send("early")
+            wait_until(lambda: conns and conns[0].link.calls, what="early to wait for on_open")
+            opened.set()
+            assert client.recv(10) == "echo early"
+            idle()
+            client.send("quick")
+            client.send("pass")  # the inline handler hands it on
+            assert client.recv(10) == "echo pass"
+            idle()
+            client.send("fail")
+            with pytest.raises(ConnectionClosed) as closed:
+                client.recv(10)
+            assert closed.value.rcvd.code == 1011
+    assert [(where, message) for where, message, _ in handled] == [
+        ("worker", "early"), ("inline", "quick"), ("inline", "pass"), ("worker", "pass"), ("inline", "fail")]
+    assert {thread for where, _, thread in handled if where == "inline"} == {"wschat-loop"}
+    assert all(thread.startswith("wschat-handler") for where, _, thread in handled if where == "worker")

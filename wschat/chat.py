@@ -113,6 +113,7 @@ class Chat:
             path,
             on_open=self.on_open,
             on_message=self.on_message,
+            on_message_inline=self.on_message_inline,  # a chat message never waits: no hand-off to a worker
             on_close=self.on_close,
             on_error=self.on_error,
             subprotocols=[SUBPROTOCOL],
@@ -299,21 +300,32 @@ class Chat:
     # -- what clients say ----------------------------------------------------------
 
     def on_message(self, conn: Connection, message: str | bytes) -> None:
+        self._handle(conn, message, may_wait=True)
+
+    def on_message_inline(self, conn: Connection, message: str | bytes) -> bool:
+        """``on_message`` on the loop thread (see ``Resource``): a chat message
+        is only queued for the engine, which never waits; a rename or a user
+        list asks the engine and waits for it, so False sends it to a worker."""
+        return self._handle(conn, message, may_wait=False)
+
+    def _handle(self, conn: Connection, message: str | bytes, may_wait: bool) -> bool:
+        """A client's message; False (only when not ``may_wait``) when it would wait for the engine."""
         member = conn.context
         if not isinstance(member, Member):
-            return
+            return True
         if isinstance(message, bytes):
             conn.close(CloseCode.UNSUPPORTED_DATA, "binary messages are not supported")
-            return
+            return True
+        request, problem = parse_chat_request(message, self.limits.max_length) if member.structured else (None, None)
+        if not may_wait and request is not None and request["type"] != "message":
+            return False
         # %r and a cut: a message can neither flood the log nor forge lines in it.
         log.debug("Received message %r from %s", message[:200], conn.key)
         if not self._within_rate(member):
-            return
+            return True
         if not member.structured:
             self._say(member, message)
-            return
-        request, problem = parse_chat_request(message, self.limits.max_length)
-        if request is None:
+        elif request is None:
             self._notify(member, "bad_request", problem or "")
         elif request["type"] == "message":
             self._say(member, request["text"], request.get("id"))
@@ -324,8 +336,9 @@ class Chat:
                 users = self.engine.users(member.room.name)
             except EngineUnavailable:
                 self._notify(member, "unavailable", "the chat cannot reach its engine; try again later")
-                return
+                return True
             conn.send(encode({"type": "users", "room": member.room.name, "users": users}))
+        return True
 
     def _say(self, member: Member, text: str, message_id: str | None = None) -> None:
         limit = self.limits.max_length

@@ -27,6 +27,7 @@ from .handoff import Handoff
 from .metrics import Metrics
 from .protocol import (
     CLOSING,
+    OPEN,
     BinaryMessage,
     CloseReceived,
     ConnectionFailed,
@@ -51,11 +52,11 @@ class Reading(Protocol):
     def resume_reading(self, conn: Connection) -> None: ...
 
 
-def run_handler(conn: Connection, handler: Handler, args: tuple[Any, ...], metrics: Metrics) -> None:
-    """Call one handler; a failure is logged, given to ``on_error``, and
-    closes the connection with 1011."""
+def run_handler(conn: Connection, handler: Handler, args: tuple[Any, ...], metrics: Metrics) -> object:
+    """Call one handler and return what it returns; a failure is logged,
+    given to ``on_error``, and closes the connection with 1011 (None then)."""
     try:
-        handler(*args)
+        return handler(*args)
     except ConnectionClosed:
         log.debug("%s: a handler sent on a closed connection", conn.key)
     except Exception as exc:
@@ -68,6 +69,7 @@ def run_handler(conn: Connection, handler: Handler, args: tuple[Any, ...], metri
             except Exception:
                 log.exception("%s: error handler failed", conn.key)
         conn.close(CloseCode.INTERNAL_ERROR, "internal server error")
+    return None
 
 
 def call_cost(args: tuple[Any, ...]) -> int:
@@ -90,6 +92,8 @@ def record_pong(conn: Connection, payload: bytes) -> None:
 class InlineDispatcher:
     """Handlers run at once, on the loop thread: they must not block."""
 
+    pooled = False  # on_message_inline is for pools: here every handler runs inline
+
     def __init__(self, reading: Reading, handoff: Handoff[Connection], metrics: Metrics):
         self._reading = reading
         self._handoff = handoff
@@ -105,7 +109,9 @@ class InlineDispatcher:
         protocol = link.protocol
         submit = self.submit
         # Once per call, not per message: the resource is set by the upgrade, which a head event stops for.
-        on_message = conn.resource.on_message if conn.resource is not None else None
+        resource = conn.resource
+        on_message = resource.on_message if resource is not None else None
+        inline = resource.on_message_inline if resource is not None and self.pooled else None
         head: RequestReceived | RequestRefused | None = None
         while not link.paused:
             with link.lock:
@@ -116,6 +122,9 @@ class InlineDispatcher:
                 metrics.messages_received += 1
                 if protocol.state is CLOSING:
                     continue  # sent before the peer saw our close: not handled (RFC 6455 1.4), and it can tell
+                if inline is not None and link.calls is None:  # none waits or runs (only this thread adds them)
+                    if run_handler(conn, inline, (conn, event.data), metrics) is True or protocol.state is not OPEN:
+                        continue  # handled, or it failed and the connection is closing
                 if on_message is not None:
                     submit(conn, on_message, conn, event.data)
             elif isinstance(event, CloseReceived):
@@ -170,7 +179,10 @@ class InlineDispatcher:
 
 
 class PoolDispatcher(InlineDispatcher):
-    """Handlers run on ``workers`` threads, one at a time per connection, in order."""
+    """Handlers run on ``workers`` threads, one at a time per connection, in
+    order; a message that ``on_message_inline`` takes, on the loop thread."""
+
+    pooled = True
 
     def __init__(self, reading: Reading, handoff: Handoff[Connection], metrics: Metrics, budget: Budget,
                  workers: int, max_pending: int):

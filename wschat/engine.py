@@ -174,7 +174,8 @@ class Engine(Protocol):
     def subscribe(self, room: str) -> None: ...  # once per member: counted, like unsubscribe
     def unsubscribe(self, room: str) -> None: ...
     # Without ``failed`` these wait, and raise EngineUnavailable; with it they
-    # may return at once, and ``failed`` is called (on any thread) on failure.
+    # return at once (the chat publishes from the loop thread, which must not
+    # wait), and ``failed`` is called (on any thread) on failure.
     def publish_message(self, room: str, record: Event, failed: Failed | None = None) -> None: ...
     def publish(self, room: str, event: Event, failed: Failed | None = None) -> None: ...
     def flush(self, timeout: float) -> None: ...  # wait (up to timeout) until what was published is kept

@@ -28,6 +28,13 @@ class Resource:
     message that ``Server.broadcast`` sends to everyone (the chat's
     ``wschat.v1`` clients expect a JSON event, not bare text).
 
+    ``on_message_inline(conn, message)`` (optional) is tried first with
+    ``Server(workers=...)``, on the loop thread, for a message of a connection
+    that has no handler call waiting or running (so each connection's order
+    holds): it must not block, and returns True when it handled the message,
+    False to hand it to ``on_message`` on a worker as usual.  A message that
+    only needs queueing is then handled without passing between threads.
+
     ``on_drain(timeout)`` (optional) is called when the server stops, once
     every message it read has been handled and before any client is closed
     (clients are not read meanwhile): the moment to make sure what the
@@ -42,6 +49,7 @@ class Resource:
         *,
         on_open: Callable[..., object] | None = None,
         on_message: Callable[..., object] | None = None,
+        on_message_inline: Callable[..., bool] | None = None,
         on_close: Callable[..., object] | None = None,
         on_error: Callable[..., object] | None = None,
         subprotocols: Sequence[str] = (),
@@ -53,6 +61,7 @@ class Resource:
         self.authorize = authorize
         self.on_open = on_open
         self.on_message = on_message
+        self.on_message_inline = on_message_inline
         self.on_close = on_close
         self.on_error = on_error
         self.subprotocols = tuple(subprotocols)
