@@ -6,7 +6,10 @@ Every call that a connection's events cause (``on_open``, ``on_message``,
 is handled before the closing frame is queued.
 
 With a pool, a connection whose handler calls pile up past ``max_pending``
-is paused: the loop stops reading it until its backlog is down to half.
+is paused: the loop stops reading it until its backlog is down to half; and
+a message of a connection with no call waiting or running is offered first
+to the resource's ``on_message_inline``, on the loop thread, which either
+handles it there or hands it on (then it is submitted like any other).
 """
 
 from __future__ import annotations
