@@ -81,7 +81,7 @@ class Messages(Generic[Kept]):
         """Each message as ``(seq, what it is kept as)`` (see ``record_of``);
         only the last ``most`` when given."""
         skip = 0 if most is None else max(0, len(self.items) - most)
-        return zip(itertools.count(self.first + skip), self.items[skip:] if skip else self.items)
+        return zip(itertools.count(self.first + skip), itertools.islice(self.items, skip, None))
 
     def texts(self) -> list[bytes]:
         """What a plain client receives: each message's text, in UTF-8."""
