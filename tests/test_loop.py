@@ -302,3 +302,53 @@ def test_a_message_taken_inline_never_overtakes_its_connections_handler_calls():
         ("worker", "early"), ("inline", "quick"), ("inline", "pass"), ("worker", "pass"), ("inline", "fail")]
     assert {thread for where, _, thread in handled if where == "inline"} == {"wschat-loop"}
     assert all(thread.startswith("wschat-handler") for where, _, thread in handled if where == "worker")
+
+
+def test_idle_hooks_run_on_the_loop_every_pass_and_before_it_sleeps():
+    calls = []
+    called = threading.Condition()
+
+    def hook(idle):
+        with called:
+            calls.append((threading.current_thread().name, idle))
+            called.notify_all()
+
+    server = start_server()
+    try:
+        server.on_idle(hook)  # while running: from the loop's next pass
+        with RawClient(server.port, handshake=False) as client:  # a pass with work in it
+            client.sock.sendall(b"GET /nothing HTTP/1.1\r\n\r\n")
+            assert client.sock.recv(100).startswith(b"HTTP/1.1 404")
+        with called:
+            assert called.wait_for(lambda: (("wschat-loop", True) in calls and ("wschat-loop", False) in calls), 10)
+        assert {thread for thread, _ in calls} == {"wschat-loop"}
+        server.remove_idle_hook(hook)
+        server.stop()
+        count = len(calls)
+        server.start()  # a later run: the hook was removed, so not called
+        with RawClient(server.port, handshake=False) as client:
+            client.sock.sendall(b"GET /nothing HTTP/1.1\r\n\r\n")
+            assert client.sock.recv(100).startswith(b"HTTP/1.1 404")
+        assert len(calls) == count
+    finally:
+        server.stop()
+
+
+def test_a_hook_added_before_the_server_runs_is_called_in_every_run_and_a_failing_one_is_logged(caplog):
+    runs = []
+
+    def hook(idle):
+        runs.append(idle)
+        raise RuntimeError("boom")
+
+    server = Server("127.0.0.1", 0, ping_interval=0)
+    server.on_idle(hook)
+    try:
+        for _ in range(2):
+            runs.clear()
+            server.start()
+            wait_until(lambda: True in runs, what="the hook to run before the loop sleeps")
+            server.stop()
+    finally:
+        server.stop()
+    assert "unexpected error in" in caplog.text and "boom" in caplog.text

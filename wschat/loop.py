@@ -69,6 +69,7 @@ class Loop:
         self._stop_deadline = 0.0
         self._release_port = False
         self._held_open: set[Connection] = set()  # the open connections when the shutdown began
+        self._idle_hooks: list[Callable[[bool], object]] = []  # see Server.on_idle
         self.dispatcher = (PoolDispatcher(self, self.handoff, metrics, self.budget, settings.workers,
                                           settings.max_pending_calls)
                            if settings.workers else InlineDispatcher(self, self.handoff, metrics))
@@ -164,7 +165,8 @@ class Loop:
         shutting_down = draining = False
         while True:
             # Never sleep on dirty connections: a flush can make more (on_close handlers, close_notify).
-            for key, events in select(0 if handoff.has_dirty else 0.25 if self._timed else 1.0):
+            timeout = 0 if handoff.has_dirty else 0.25 if self._timed else 1.0
+            for key, events in self._select_or_idle(timeout) if self._idle_hooks and timeout else select(timeout):
                 conn = key.data
                 if conn is None:
                     if self._acceptor is not None:
@@ -180,6 +182,8 @@ class Loop:
                     except Exception:  # a bug must not take the loop down
                         log.exception("%s: unexpected error", conn.key)
                         self._close_socket(conn)
+            if self._idle_hooks:
+                self._call_idle_hooks(False)
             self._flush_dirty()
             now = time.monotonic()
             if now >= next_check:
@@ -198,6 +202,29 @@ class Loop:
                     self._flush_dirty()
                 if not draining and (now >= self._stop_deadline or self._all_gone()):
                     return
+
+    def _select_or_idle(self, timeout: float) -> list[tuple[selectors.SelectorKey, int]]:
+        """What is ready now; if nothing is, the idle hooks run before the loop sleeps."""
+        ready = self._selector.select(0)
+        if not ready:
+            self._call_idle_hooks(True)
+            ready = self._selector.select(0 if self.handoff.has_dirty else timeout)
+        return ready
+
+    def _call_idle_hooks(self, idle: bool) -> None:
+        for hook in self._idle_hooks:
+            try:
+                hook(idle)
+            except Exception:  # a bug must not take the loop down
+                log.exception("unexpected error in %r", hook)
+
+    def add_idle_hook(self, hook: Callable[[bool], object]) -> None:
+        """On the loop thread (or before it runs): see ``Server.on_idle``."""
+        self._idle_hooks.append(hook)
+
+    def remove_idle_hook(self, hook: Callable[[bool], object]) -> None:
+        if hook in self._idle_hooks:
+            self._idle_hooks.remove(hook)
 
     def _flush_dirty(self) -> None:
         """Run what other threads asked of the loop, then write every dirty

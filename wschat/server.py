@@ -170,6 +170,7 @@ class Server:
         self._loop: Loop | None = None
         self._thread: threading.Thread | None = None
         self._run_lock = threading.Lock()
+        self._idle_hooks: list[Callable[[bool], object]] = []  # every run's loop calls them (see on_idle)
 
     # -- resources --------------------------------------------------------------------
 
@@ -221,6 +222,27 @@ class Server:
             max_header_size=self.max_header_size, max_buffered=self.max_buffered, workers=self.workers,
             max_pending_calls=self.max_pending_calls, ping_interval=self.ping_interval,
             ping_timeout=self.ping_timeout, ssl_context=self.ssl_context)
+
+    def on_idle(self, hook: Callable[[bool], object]) -> None:
+        """Have the loop call ``hook(idle)`` on its thread, in this run and
+        every later one: at the end of every pass (``idle`` False), and when
+        it is about to sleep (True).  For work that gathers what a pass's
+        handlers did and is best done in one go, such as a Redis engine's
+        batch of publications.  It must be quick and never block."""
+        with self._run_lock:
+            self._idle_hooks.append(hook)
+            loop = self._loop
+        if loop is not None:
+            loop.call_soon(loop.add_idle_hook, hook)
+
+    def remove_idle_hook(self, hook: Callable[[bool], object]) -> None:
+        """The loop calls ``hook`` no more (from its next pass)."""
+        with self._run_lock:
+            if hook in self._idle_hooks:
+                self._idle_hooks.remove(hook)
+            loop = self._loop
+        if loop is not None:
+            loop.call_soon(loop.remove_idle_hook, hook)
 
     # -- life cycle ------------------------------------------------------------------
 
@@ -294,8 +316,10 @@ class Server:
         with self._run_lock:
             if self._loop is not None:
                 return None
-            self._loop = Loop(self.settings(), self._admission, self.metrics, self._listener)
-            return self._loop
+            loop = self._loop = Loop(self.settings(), self._admission, self.metrics, self._listener)
+            for hook in self._idle_hooks:
+                loop.add_idle_hook(hook)
+            return loop
 
     def _serve(self, loop: Loop) -> None:
         log.debug("listening on %s", self.url or "no port: connections are handed over")
