@@ -342,6 +342,48 @@ def test_the_backlog_counts_what_redis_has_not_confirmed_and_flush_waits_for_it(
         assert collect(bob, 5) == [1, 2, 3, 4, 5]
 
 
+def test_the_loop_sends_what_its_handlers_published_before_it_sleeps(chats, monkeypatch):
+    """Chat messages are handled on the loop; it sends them to Redis itself,
+    all those of its passes in one batch, without waking the engine's thread
+    (which sends what other threads publish, such as joins)."""
+    from wschat.redis_publisher import Publisher
+
+    senders = []
+    send = Publisher.send
+
+    def recorded(publisher, connect=True):
+        senders.append((threading.current_thread().name, publisher.queued))
+        return send(publisher, connect)
+
+    monkeypatch.setattr(Publisher, "send", recorded)
+    a, b = chats(), chats()
+    with join(a, "alice") as alice, join(b, "bob") as bob:
+        recv_json(alice, "welcome")
+        recv_json(bob, "welcome")
+        for i in range(1, 31):
+            say(alice, str(i))
+        assert collect(bob, 30) == list(range(1, 31))
+    assert any(thread == "wschat-loop" and queued for thread, queued in senders)
+
+
+def test_a_server_that_stops_publishes_what_its_loop_took_in(chats, caplog):
+    """Stopping drains on the loop thread (Resource.on_drain: the engine's
+    flush, which wakes the engine's thread for what the loop has not sent):
+    every message is confirmed before the clients are closed."""
+    a, b = chats(), chats()
+    with join(a, "alice") as alice, join(b, "bob") as bob:
+        recv_json(alice, "welcome")
+        recv_json(bob, "welcome")
+        wait_until(lambda: a.engine.backlog() == 0, what="the joins to be published")
+        a.engine.redis.execute_command("CLIENT", "PAUSE", "300", "WRITE")
+        for i in range(5):
+            say(alice, str(i))
+        wait_until(lambda: a.engine.backlog() >= 5, what="the messages to wait for Redis")
+        a.server.stop(timeout=1)
+        assert collect(bob, 5) == [1, 2, 3, 4, 5]
+    assert "not confirmed" not in caplog.text
+
+
 def test_a_redis_with_a_password_and_another_database(tmp_path):
     """What the URL says (docs/deploying.rst: ``redis://:PASSWORD@HOST:6379/0``)
     holds for every connection of the engine, its own pipelined ones included."""

@@ -126,6 +126,9 @@ class Chat:
         server.add_gauge("wschat_engine_backlog", "Chat events published and not yet kept by the engine (Redis); "
                          "one that keeps growing means the engine is the limit.", self.engine.backlog)
         self.engine.start(self._deliver)
+        on_loop = getattr(self.engine, "on_loop", None)
+        if on_loop is not None:  # the Redis engine: what the loop publishes, the loop sends when it is idle
+            server.on_idle(on_loop)
 
     @property
     def history_size(self) -> int:
@@ -134,6 +137,9 @@ class Chat:
     def close(self) -> None:
         """Stop the engine (after the server stopped): a Redis engine leaves
         Redis, and this process's members leave the presence lists at once."""
+        on_loop = getattr(self.engine, "on_loop", None)
+        if on_loop is not None:
+            self.server.remove_idle_hook(on_loop)
         self.engine.stop()
 
     # -- the public API, for embedding applications -----------------------------

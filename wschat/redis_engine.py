@@ -12,7 +12,10 @@ room is ``redis_nodes``'.  This module makes them an engine (see
   engine's thread sends them in batches, one script call per room, and
   settles them as the replies come; a failure reaches the sender through
   its ``failed`` callback.  Each room's order is the queue's, and its
-  sequence numbers are Redis's;
+  sequence numbers are Redis's.  What a server's loop publishes (a chat's
+  messages, handled there) the loop sends itself when it is about to sleep
+  (``on_loop``): a batch holds all that its passes took in, and no thread
+  is woken for it;
 * a process subscribes to the rooms it has members in, and only those;
 * one thread (``wschat-redis``) does that publishing and owns the
   subscriptions (one connection per node for each): it delivers each read's
@@ -51,7 +54,7 @@ from .engine import ADDED, JOINED, TAKEN, Claim, Deliver, Delivery, EngineUnavai
 from .logsafe import quoted, without_password
 from .redis_nodes import Address, Nodes
 from .redis_publisher import Publisher, Waiter
-from .redis_store import RedisStore, message_lines, seq_of
+from .redis_store import MAX_BATCH, RedisStore, message_lines, seq_of
 from .resp import ReplyError, RespConnection, pack
 
 log = logging.getLogger("wschat")
@@ -107,6 +110,7 @@ class RedisEngine:
         self._pending_releases: list[tuple[str, str, str]] = []  # (room, nick, holder)
         self._down_since: float | None = None
         self._deliver: Deliver | None = None
+        self._send_failed: Exception | None = None  # a send on the loop failed: the engine's thread raises it
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._wake_reader, self._wake_writer = socket.socketpair()  # wakes the engine's thread
@@ -156,6 +160,7 @@ class RedisEngine:
     def flush(self, timeout: float) -> None:
         """Wait up to ``timeout`` until everything published so far is in
         Redis, or has failed (and its sender was told)."""
+        self._wake()  # first: what a loop put and has not sent (it may be the caller) goes now
         if not self.publisher.drained(timeout):
             log.warning("Redis: some published events were not confirmed within %g s", timeout)
 
@@ -386,11 +391,29 @@ class RedisEngine:
             events = self._selector.select(max(0.0, min(interval, next_beat - now, self.timeout)))
             if self._down_since is not None:  # a call on another thread failed
                 raise ConnectionError("reconnecting to check")
+            failed, self._send_failed = self._send_failed, None
+            if failed is not None:
+                raise failed
             for key, _ in events:
                 key.data()
             self.publisher.send()
             if self.publisher.overdue(time.monotonic()):
                 raise TimeoutError(f"Redis did not answer in {self.timeout:g} s")
+
+    def on_loop(self, idle: bool) -> None:
+        """For ``Server.on_idle``: on a server's loop, send what it published,
+        when it is about to sleep (or a batch is full).  A node to connect to
+        first, or a failure, is left to the engine's thread."""
+        publisher = self.publisher
+        publisher.loop_thread = threading.get_ident()
+        if not publisher.queued or not (idle or publisher.queued >= MAX_BATCH) or self._down_since is not None:
+            return
+        try:
+            if publisher.send(connect=False):
+                return
+        except Exception as exc:  # (what it was meant for has failed, and its senders were told)
+            self._send_failed = exc
+        self._wake()
 
     def _drain_wake(self) -> None:
         try:

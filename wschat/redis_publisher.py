@@ -56,6 +56,8 @@ class Publisher:
         self.timeout = timeout
         self._wake = wake
         self._lock = threading.Lock()
+        self._sending = threading.Lock()  # the connections and what they await: the engine's thread, or the loop
+        self.loop_thread: int | None = None  # a server loop's, which sends what it puts (see send)
         self._queue: list[Entry] = []
         self._woken = False  # a wake-up is on its way
         self._unsettled = 0  # events put and not yet answered nor failed
@@ -71,10 +73,15 @@ class Publisher:
                 raise EngineUnavailable(f"Redis is not keeping up ({self._unsettled} events wait for it)")
             self._queue.append(entry)
             self._unsettled += 1
-            if self._woken:
-                return
+            if self._woken or (threading.get_ident() == self.loop_thread and entry[3] is None):
+                return  # a wake-up is on its way, or the loop sends this before it sleeps
             self._woken = True
         self._wake()
+
+    @property
+    def queued(self) -> int:
+        """Events put and not yet sent."""
+        return len(self._queue)
 
     @property
     def unsettled(self) -> int:
@@ -95,14 +102,21 @@ class Publisher:
 
     # -- on the engine's thread ---------------------------------------------------------
 
-    def send(self) -> None:
-        """Send what is queued.  A node that cannot be reached raises, after
-        failing what was meant for it."""
+    def send(self, connect: bool = True) -> bool:
+        """Send what is queued (on the engine's thread, or on a loop about to
+        sleep: ``loop_thread``).  A node that cannot be reached raises, after
+        failing what was meant for it.  Without ``connect`` (the loop, which
+        must not wait) nothing is sent, and False returned, while a node has
+        no connection yet."""
+        with self._sending:
+            return self._send(connect)
+
+    def _send(self, connect: bool) -> bool:
         with self._lock:
             queued, self._queue = self._queue, []
             self._woken = False
         if not queued:
-            return
+            return True
         by_room: dict[str, list[Entry]] = defaultdict(list)
         for entry in queued:
             by_room[entry[0]].append(entry)
@@ -111,6 +125,10 @@ class Publisher:
             calls = by_node[self.nodes.node_of(self.store.channel(room))]
             for start in range(0, len(entries), MAX_BATCH):
                 calls.append((room, entries[start : start + MAX_BATCH]))
+        if not connect and not self._links.keys() >= by_node.keys():
+            with self._lock:
+                self._queue[:0] = queued
+            return False
         now = time.monotonic()
         nodes = list(by_node.items())
         for index, (node, calls) in enumerate(nodes):
@@ -126,6 +144,7 @@ class Publisher:
                 self._settle(len(unsent))
                 raise
             self._sent[link].extend((now, entries) for _, entries in calls)
+        return True
 
     def _connect(self, node: Address) -> RespConnection:
         link = self.nodes.connect(node)
@@ -137,7 +156,13 @@ class Publisher:
 
     def answered(self, link: RespConnection) -> None:
         """``link`` is readable: settle the calls its replies answer."""
-        sent = self._sent[link]
+        with self._sending:
+            self._answered(link)
+
+    def _answered(self, link: RespConnection) -> None:
+        sent = self._sent.get(link)
+        if sent is None:
+            return  # dropped since the selector saw it (by a send on the loop)
         try:
             replies = link.pending()
         except OSError as exc:  # this connection is gone (if Redis is too, the subscriptions say so)
@@ -161,13 +186,15 @@ class Publisher:
 
     def overdue(self, now: float) -> bool:
         """Whether some call has waited for its reply longer than ``timeout``."""
-        return any(sent and now - sent[0][0] > self.timeout for sent in self._sent.values())
+        with self._sending:
+            return any(sent and now - sent[0][0] > self.timeout for sent in self._sent.values())
 
     def close(self, error: EngineUnavailable) -> None:
         """The connections are gone (an outage, or the engine stopping):
         every call not answered, and every event queued, fails with ``error``."""
-        for link in list(self._sent):
-            self._drop(link, error)
+        with self._sending:
+            for link in list(self._sent):
+                self._drop(link, error)
         with self._lock:
             queued, self._queue = self._queue, []
             self._woken = False
