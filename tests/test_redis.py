@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -33,9 +34,9 @@ def chats(redis_server):
 
     made = []
 
-    def make(presence_timeout=10.0, **kwargs):
+    def make(presence_timeout=10.0, timeout=2.0, **kwargs):
         server = start_server(workers=2)
-        engine = RedisEngine(redis_server.url, presence_timeout=presence_timeout)
+        engine = RedisEngine(redis_server.url, presence_timeout=presence_timeout, timeout=timeout)
         kwargs.setdefault("welcome", "")
         chat = Chat(server, engine=engine, limits=ChatLimits.off(), **kwargs)
         chat.closed = threading.Semaphore(0)  # released after each on_close: tests wait on it
@@ -351,9 +352,9 @@ def test_the_loop_sends_what_its_handlers_published_before_it_sleeps(chats, monk
     senders = []
     send = Publisher.send
 
-    def recorded(publisher, connect=True):
-        senders.append((threading.current_thread().name, publisher.queued))
-        return send(publisher, connect)
+    def recorded(publisher, wait=True):
+        senders.append((threading.current_thread().name, wait, publisher.queued))
+        return send(publisher, wait)
 
     monkeypatch.setattr(Publisher, "send", recorded)
     a, b = chats(), chats()
@@ -363,7 +364,41 @@ def test_the_loop_sends_what_its_handlers_published_before_it_sleeps(chats, monk
         for i in range(1, 31):
             say(alice, str(i))
         assert collect(bob, 30) == list(range(1, 31))
-    assert any(thread == "wschat-loop" and queued for thread, queued in senders)
+    assert any(thread == "wschat-loop" and queued for thread, _, queued in senders)
+    assert all(not wait for thread, wait, _ in senders if thread == "wschat-loop")  # the loop never waits
+
+
+def test_a_redis_that_stops_reading_never_stalls_the_loop(chats, redis_server, monkeypatch):
+    """What the kernel does not take at once for a Redis that stopped reading
+    is left to the engine's thread: the loop goes on serving meanwhile, and
+    every message arrives once Redis reads again."""
+    from wschat.resp import RespConnection
+
+    left = []
+    send_nowait = RespConnection.send_nowait
+
+    def recorded(conn, data):
+        written = send_nowait(conn, data)
+        left.append(not written)
+        return written
+
+    monkeypatch.setattr(RespConnection, "send_nowait", recorded)
+    a, b = (chats(presence_timeout=60, timeout=20) for _ in range(2))  # Redis stopped is not an outage yet
+    with join(a, "alice") as alice, join(b, "bob") as bob:
+        recv_json(alice, "welcome")
+        recv_json(bob, "welcome")
+        wait_until(lambda: a.engine.backlog() == 0, what="the joins to be published")
+        os.kill(redis_server.process.pid, signal.SIGSTOP)  # (briefly: past the engine's timeout it is an outage)
+        try:
+            for _ in range(400):
+                say(alice, "x" * 60_000)  # 24 MB: more than the kernel holds for a reader that stopped
+            wait_until(lambda: any(left), what="the kernel to push back")
+            with socket.create_connection(("127.0.0.1", a.server.port), timeout=5) as probe:
+                probe.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert probe.recv(100).startswith(b"HTTP/1.1 200")  # the loop answers
+        finally:
+            os.kill(redis_server.process.pid, signal.SIGCONT)
+        assert collect(bob, 400) == list(range(1, 401))
 
 
 def test_a_server_that_stops_publishes_what_its_loop_took_in(chats, caplog):

@@ -402,14 +402,15 @@ class RedisEngine:
 
     def on_loop(self, idle: bool) -> None:
         """For ``Server.on_idle``: on a server's loop, send what it published,
-        when it is about to sleep (or a batch is full).  A node to connect to
-        first, or a failure, is left to the engine's thread."""
+        when it is about to sleep (or a batch is full).  What would wait (a
+        node to connect to, bytes the kernel does not take now) or fails is
+        left to the engine's thread: a Redis that stops reading never stalls the loop."""
         publisher = self.publisher
         publisher.loop_thread = threading.get_ident()
         if not publisher.queued or not (idle or publisher.queued >= MAX_BATCH) or self._down_since is not None:
             return
         try:
-            if publisher.send(connect=False):
+            if publisher.send(wait=False):
                 return
         except Exception as exc:  # (what it was meant for has failed, and its senders were told)
             self._send_failed = exc

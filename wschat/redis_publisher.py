@@ -1,5 +1,5 @@
 """Publishing to Redis without waiting: events queued by any thread, sent
-and answered on the Redis engine's own thread.
+by the Redis engine's own thread (or a server's loop) and answered on the former.
 
 A chat message must not wait for another sender's round trip, nor hold a
 handler thread while Redis answers.  So ``put`` only queues (and wakes the
@@ -7,7 +7,10 @@ engine's thread, once however many are queued before it wakes), and that
 thread, between reading its subscriptions, sends everything queued: one
 ``PUBLISH_BATCH`` script call per room (in chunks of ``MAX_BATCH``), the calls
 for one node in one write, on one connection per node, without waiting for
-the replies of earlier writes (pipelining).  Replies come back in order on
+the replies of earlier writes (pipelining).  What a server's loop puts it
+sends itself when it is about to sleep, without waiting: what the kernel
+does not take at once, or a node to connect to, is left to the engine's
+thread (``send(wait=False)``).  Replies come back in order on
 each connection and settle their calls: a sender that waits is woken, a
 sender that gave a ``failed`` callback hears of a failure.  Each room's
 order is the queue's, since a room is served by one node and a connection's
@@ -100,18 +103,26 @@ class Publisher:
                 if not self._unsettled:
                     self._settled.notify_all()
 
-    # -- on the engine's thread ---------------------------------------------------------
+    # -- on the engine's thread (or the loop, for send without wait) -----------------------
 
-    def send(self, connect: bool = True) -> bool:
-        """Send what is queued (on the engine's thread, or on a loop about to
-        sleep: ``loop_thread``).  A node that cannot be reached raises, after
-        failing what was meant for it.  Without ``connect`` (the loop, which
-        must not wait) nothing is sent, and False returned, while a node has
-        no connection yet."""
-        with self._sending:
-            return self._send(connect)
+    def send(self, wait: bool = True) -> bool:
+        """Send what is queued: on the engine's thread, or without ``wait``
+        on a loop about to sleep (``loop_thread``), which must not wait: then
+        False says the engine's thread is needed, to connect to a node first
+        (nothing is sent) or to write what the kernel did not take at once.
+        A node that cannot be reached raises, after failing what was meant for it."""
+        if not self._sending.acquire(blocking=wait):
+            return False  # the engine's thread is sending (maybe waiting for Redis): it sends these too
+        try:
+            if wait:
+                for link in self._links.values():
+                    if link.unsent:
+                        link.send(b"")
+            return self._send(wait)
+        finally:
+            self._sending.release()
 
-    def _send(self, connect: bool) -> bool:
+    def _send(self, wait: bool) -> bool:
         with self._lock:
             queued, self._queue = self._queue, []
             self._woken = False
@@ -125,16 +136,21 @@ class Publisher:
             calls = by_node[self.nodes.node_of(self.store.channel(room))]
             for start in range(0, len(entries), MAX_BATCH):
                 calls.append((room, entries[start : start + MAX_BATCH]))
-        if not connect and not self._links.keys() >= by_node.keys():
+        if not wait and not self._links.keys() >= by_node.keys():
             with self._lock:
                 self._queue[:0] = queued
             return False
         now = time.monotonic()
         nodes = list(by_node.items())
+        written = True
         for index, (node, calls) in enumerate(nodes):
             try:
                 link = self._links.get(node) or self._connect(node)
-                link.send(pack_all(self.store.batch(room, [entry[1] for entry in entries]) for room, entries in calls))
+                data = pack_all(self.store.batch(room, [entry[1] for entry in entries]) for room, entries in calls)
+                if wait:
+                    link.send(data)
+                else:
+                    written = link.send_nowait(data) and written
             except (OSError, ReplyError) as exc:  # unreachable, or refused (a password that changed)
                 error = EngineUnavailable(f"Redis is unreachable ({exc})")
                 if node in self._links:
@@ -144,7 +160,7 @@ class Publisher:
                 self._settle(len(unsent))
                 raise
             self._sent[link].extend((now, entries) for _, entries in calls)
-        return True
+        return written
 
     def _connect(self, node: Address) -> RespConnection:
         link = self.nodes.connect(node)

@@ -10,6 +10,7 @@ no retries, no threads, no state beyond the socket and its parser.
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 from typing import Any, Iterable
@@ -46,13 +47,29 @@ class RespConnection:
                 sock.close()
                 raise
         self.sock = sock
+        self.tls = tls
         self.reader = hiredis.Reader() if raw else hiredis.Reader(encoding="utf-8")  # raw: bytes
+        self.unsent = b""  # what send_nowait could not write: it goes first with the next send
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def send(self, data: bytes) -> None:
+        """Write ``data`` (after what ``send_nowait`` left), waiting up to the timeout."""
+        if self.unsent:
+            data, self.unsent = self.unsent + data, b""
         self.sock.sendall(data)
+
+    def send_nowait(self, data: bytes) -> bool:
+        """Write what the kernel takes at once, for a thread that must not
+        wait; False when some is left in ``unsent`` (always under TLS)."""
+        if not self.unsent and not self.tls:
+            try:  # (a socket with a timeout is non-blocking underneath: its sendall would wait, this does not)
+                data = data[os.write(self.sock.fileno(), data):]
+            except BlockingIOError:
+                pass
+        self.unsent += data
+        return not self.unsent
 
     def call(self, *args: str | bytes | int) -> Any:
         """One command and its reply; an error reply is raised."""
