@@ -4,8 +4,10 @@ into one write, replies read in order by hiredis's parser.
 redis-py sends one command and waits for its reply; the Redis engine's hot
 paths need more: many commands in one write (``pack``), the replies to them
 read back together, and pub/sub pushes from several nodes waited for in one
-``select`` (``RespConnection.fileno``).  This module is that and no more:
-no retries, no threads, no state beyond the socket and its parser.
+``select`` (``RespConnection.fileno``), and a write that never waits for a
+thread that must not (``send_nowait``).  This module is that and no more: no
+retries, no threads, no state beyond the socket, its parser and what a
+``send_nowait`` left to write.
 """
 
 from __future__ import annotations
