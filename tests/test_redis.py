@@ -55,6 +55,15 @@ def join(chat, nick, query=""):
     return connect(f"{chat.url}?nick={nick}{query}", subprotocols=["wschat.v1"], max_queue=None)
 
 
+@contextlib.contextmanager
+def alice_and_bob(a, b):
+    """alice on chat ``a`` and bob on chat ``b``, both welcomed."""
+    with join(a, "alice") as alice, join(b, "bob") as bob:
+        recv_json(alice, "welcome")
+        recv_json(bob, "welcome")
+        yield alice, bob
+
+
 def say(ws, text):
     ws.send(json.dumps({"type": "message", "text": text}))
 
@@ -252,9 +261,7 @@ def test_numbering_never_goes_back_after_redis_lost_the_last_messages(chats, red
     messages; the next ones must not take their numbers, or members who saw
     them would drop the new ones as repeats."""
     a, b = chats(), chats()
-    with join(a, "alice") as alice, join(b, "bob") as bob:
-        recv_json(alice, "welcome")
-        recv_json(bob, "welcome")
+    with alice_and_bob(a, b) as (alice, bob):
         for i in range(1, 4):
             say(alice, str(i))
         assert collect(bob, 3) == [1, 2, 3] and collect(alice, 3) == [1, 2, 3]
@@ -316,9 +323,7 @@ def test_a_subscriber_that_missed_messages_fills_the_gap(chats):
     """Messages published while a process was not subscribed (its subscription
     connection dropped) are delivered from the history, in order, once."""
     a, b = chats(), chats()
-    with join(a, "alice") as alice, join(b, "bob") as bob:
-        recv_json(alice, "welcome")
-        recv_json(bob, "welcome")
+    with alice_and_bob(a, b) as (alice, bob):
         say(alice, "1")
         assert collect(bob, 1) == [1]
         b.engine.redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # every subscriber drops
@@ -330,9 +335,7 @@ def test_a_subscriber_that_missed_messages_fills_the_gap(chats):
 
 def test_the_backlog_counts_what_redis_has_not_confirmed_and_flush_waits_for_it(chats, redis_server):
     a, b = chats(), chats()
-    with join(a, "alice") as alice, join(b, "bob") as bob:
-        recv_json(alice, "welcome")
-        recv_json(bob, "welcome")
+    with alice_and_bob(a, b) as (alice, bob):
         wait_until(lambda: a.engine.backlog() == 0, what="the joins to be published")
         a.engine.redis.execute_command("CLIENT", "PAUSE", "1000", "WRITE")  # Redis holds every write a second
         for i in range(5):
@@ -358,9 +361,7 @@ def test_the_loop_sends_what_its_handlers_published_before_it_sleeps(chats, monk
 
     monkeypatch.setattr(Publisher, "send", recorded)
     a, b = chats(), chats()
-    with join(a, "alice") as alice, join(b, "bob") as bob:
-        recv_json(alice, "welcome")
-        recv_json(bob, "welcome")
+    with alice_and_bob(a, b) as (alice, bob):
         for i in range(1, 31):
             say(alice, str(i))
         assert collect(bob, 30) == list(range(1, 31))
@@ -384,9 +385,7 @@ def test_a_redis_that_stops_reading_never_stalls_the_loop(chats, redis_server, m
 
     monkeypatch.setattr(RespConnection, "send_nowait", recorded)
     a, b = (chats(presence_timeout=60, timeout=20) for _ in range(2))  # Redis stopped is not an outage yet
-    with join(a, "alice") as alice, join(b, "bob") as bob:
-        recv_json(alice, "welcome")
-        recv_json(bob, "welcome")
+    with alice_and_bob(a, b) as (alice, bob):
         wait_until(lambda: a.engine.backlog() == 0, what="the joins to be published")
         os.kill(redis_server.process.pid, signal.SIGSTOP)  # (briefly: past the engine's timeout it is an outage)
         try:
@@ -406,9 +405,7 @@ def test_a_server_that_stops_publishes_what_its_loop_took_in(chats, caplog):
     flush, which wakes the engine's thread for what the loop has not sent):
     every message is confirmed before the clients are closed."""
     a, b = chats(), chats()
-    with join(a, "alice") as alice, join(b, "bob") as bob:
-        recv_json(alice, "welcome")
-        recv_json(bob, "welcome")
+    with alice_and_bob(a, b) as (alice, bob):
         wait_until(lambda: a.engine.backlog() == 0, what="the joins to be published")
         a.engine.redis.execute_command("CLIENT", "PAUSE", "300", "WRITE")
         for i in range(5):

@@ -126,9 +126,10 @@ class Chat:
         server.add_gauge("wschat_engine_backlog", "Chat events published and not yet kept by the engine (Redis); "
                          "one that keeps growing means the engine is the limit.", self.engine.backlog)
         self.engine.start(self._deliver)
-        on_loop = getattr(self.engine, "on_loop", None)
-        if on_loop is not None:  # the Redis engine: what the loop publishes, the loop sends when it is idle
-            server.on_idle(on_loop)
+        # The Redis engine's: what the loop publishes, the loop sends when it is about to sleep.
+        self._on_idle: Callable[[bool], None] | None = getattr(self.engine, "on_loop", None)
+        if self._on_idle is not None:
+            server.on_idle(self._on_idle)
 
     @property
     def history_size(self) -> int:
@@ -137,9 +138,8 @@ class Chat:
     def close(self) -> None:
         """Stop the engine (after the server stopped): a Redis engine leaves
         Redis, and this process's members leave the presence lists at once."""
-        on_loop = getattr(self.engine, "on_loop", None)
-        if on_loop is not None:
-            self.server.remove_idle_hook(on_loop)
+        if self._on_idle is not None:
+            self.server.remove_idle_hook(self._on_idle)
         self.engine.stop()
 
     # -- the public API, for embedding applications -----------------------------
