@@ -51,7 +51,7 @@ class RespConnection:
         self.sock = sock
         self.tls = tls
         self.reader = hiredis.Reader() if raw else hiredis.Reader(encoding="utf-8")  # raw: bytes
-        self.unsent = b""  # what send_nowait could not write: it goes first with the next send
+        self.unsent = bytearray()  # what send_nowait could not write: it goes first with the next send
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -59,7 +59,8 @@ class RespConnection:
     def send(self, data: bytes) -> None:
         """Write ``data`` (after what ``send_nowait`` left), waiting up to the timeout."""
         if self.unsent:
-            data, self.unsent = self.unsent + data, b""
+            self.unsent += data
+            data, self.unsent = self.unsent, bytearray()
         self.sock.sendall(data)
 
     def send_nowait(self, data: bytes) -> bool:
@@ -67,10 +68,10 @@ class RespConnection:
         wait; False when some is left in ``unsent`` (always under TLS)."""
         if not self.unsent and not self.tls:
             try:  # (a socket with a timeout is non-blocking underneath: its sendall would wait, this does not)
-                data = data[os.write(self.sock.fileno(), data):]
+                data = memoryview(data)[os.write(self.sock.fileno(), data):]
             except BlockingIOError:
                 pass
-        self.unsent += data
+        self.unsent += data  # (a bytearray: a Redis that stopped reading costs no copying of all it holds)
         return not self.unsent
 
     def call(self, *args: str | bytes | int) -> Any:
