@@ -369,6 +369,38 @@ def test_the_loop_sends_what_its_handlers_published_before_it_sleeps(chats, monk
     assert all(not wait for thread, wait, _ in senders if thread == "wschat-loop")  # the loop never waits
 
 
+def test_a_busy_loop_holds_at_most_a_mebibyte_of_its_publications(redis_server, monkeypatch):
+    """A loop that never sleeps sends what it published once 500 events or
+    ``LOOP_BATCH_BYTES`` wait, not only when it is about to sleep."""
+    from wschat.redis_engine import LOOP_BATCH_BYTES, RedisEngine
+    from wschat.redis_publisher import Publisher
+
+    sends = []
+    send = Publisher.send
+
+    def recorded(publisher, wait=True):
+        if threading.current_thread() is threading.main_thread():
+            sends.append((wait, publisher.queued_bytes))
+        return send(publisher, wait)
+
+    monkeypatch.setattr(Publisher, "send", recorded)
+    engine = RedisEngine(redis_server.url)
+    engine.start(lambda room, deliveries: None)
+    failures = []
+    try:
+        engine.on_loop(False)  # this thread is the loop's now: what it publishes waits for it
+        for size in (1000, 1000, LOOP_BATCH_BYTES):
+            engine.publish_message("r", {"type": "message", "text": "x" * size}, failures.append)
+            engine.on_loop(False)
+        assert [wait for wait, _ in sends] == [False]  # sent once, on the loop, when past the mark
+        assert sends[0][1] > LOOP_BATCH_BYTES
+        engine.flush(5)
+        assert [len(record["text"]) for record in engine.history("r").records] == [1000, 1000, LOOP_BATCH_BYTES]
+        assert not failures
+    finally:
+        engine.stop()
+
+
 def test_a_redis_that_stops_reading_never_stalls_the_loop(chats, redis_server, monkeypatch):
     """What the kernel does not take at once for a Redis that stopped reading
     is left to the engine's thread: the loop goes on serving meanwhile, and
@@ -454,16 +486,20 @@ def test_a_redis_with_a_password_and_another_database(tmp_path):
         server.kill()
 
 
-def test_what_waits_for_a_stalled_redis_is_bounded_and_the_senders_are_told(chats, redis_server):
+@pytest.mark.parametrize("bound, filler, waiting", [
+    ("max_unsettled", "", (4, 5)),  # five events: alice's join may be one of them
+    ("max_unsettled_bytes", "é" * 500, (3,)),  # 3500 bytes: three messages of 1000 in UTF-8 (and the join)
+])
+def test_what_waits_for_a_stalled_redis_is_bounded_and_the_senders_are_told(chats, bound, filler, waiting):
     a = chats()
-    a.engine.publisher.max_unsettled = 5
+    setattr(a.engine.publisher, bound, 5 if bound == "max_unsettled" else 3500)
+    texts = [str(i) + filler for i in range(8)]
     with join(a, "alice") as alice:
         recv_json(alice, "welcome")
         wait_until(lambda: a.engine.backlog() == 0, what="the join to be published")
         a.engine.redis.execute_command("CLIENT", "PAUSE", "1500", "WRITE")
-        for i in range(8):
-            alice.send(json.dumps({"type": "message", "text": str(i), "id": str(i)}))
-        assert a.engine.backlog() <= 5
+        for i, text in enumerate(texts):
+            alice.send(json.dumps({"type": "message", "text": text, "id": str(i)}))
         delivered, refused = [], []
         while len(delivered) + len(refused) < 8:  # each message's outcome: refused at once, or delivered later
             event = json.loads(alice.recv(timeout=10))
@@ -471,10 +507,12 @@ def test_what_waits_for_a_stalled_redis_is_bounded_and_the_senders_are_told(chat
                 delivered.append(event["text"])
             elif event["type"] == "error":
                 assert event["code"] == "not_sent"
-                refused.append(event["id"])
-        # The first ones wait for Redis (five, or four beside alice's join event, which
-        # may still be waiting too); the rest are refused at once, and told which.
-        assert len(delivered) in (4, 5) and delivered + refused == [str(i) for i in range(8)]
+                refused.append(texts[int(event["id"])])
+        # The first ones wait for Redis; the rest are refused at once, and told which.
+        assert len(delivered) in waiting and delivered + refused == texts
+        wait_until(lambda: a.engine.backlog() == 0, what="Redis to answer")
+        alice.send(json.dumps({"type": "message", "text": texts[0]}))  # what was counted is counted no more
+        assert recv_json(alice, "message")["text"] == texts[0]
 
 
 # -- the command line ------------------------------------------------------------------

@@ -87,7 +87,7 @@ def test_redis_engine_checks_its_settings_before_connecting():
     from wschat.redis_engine import RedisEngine
 
     for settings in ({"presence_timeout": -1}, {"presence_timeout": 0}, {"history": -5}, {"room_ttl": 0},
-                     {"prefix": "chat{1}"}, {"max_backlog": 0}):
+                     {"prefix": "chat{1}"}, {"max_backlog": 0}, {"max_backlog_bytes": 0}):
         with pytest.raises(ValueError, match=rf"^{next(iter(settings))} must be "):
             RedisEngine("redis://127.0.0.1:1/0", **settings)
 

@@ -14,8 +14,8 @@ room is ``redis_nodes``'.  This module makes them an engine (see
   its ``failed`` callback.  Each room's order is the queue's, and its
   sequence numbers are Redis's.  What a server's loop publishes (a chat's
   messages, handled there) the loop sends itself when it is about to sleep
-  (``on_loop``): a batch holds all that its passes took in, and no thread
-  is woken for it;
+  (``on_loop``): a batch holds all that its passes took in (at most 500
+  events or 1 MiB), and no thread is woken for it;
 * a process subscribes to the rooms it has members in, and only those;
 * one thread (``wschat-redis``) does that publishing and owns the
   subscriptions (one connection per node for each): it delivers each read's
@@ -58,6 +58,7 @@ from .redis_store import MAX_BATCH, RedisStore, message_lines, seq_of
 from .resp import ReplyError, RespConnection, pack
 
 log = logging.getLogger("wschat")
+LOOP_BATCH_BYTES = 2**20  # what a busy loop holds of its publications before it sends them
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -65,8 +66,9 @@ T = TypeVar("T")
 class RedisEngine:
     """Rooms, history and presence in the Redis at ``url``
     (``redis://HOST:PORT/DB``, or any node of a Redis Cluster); see the module
-    docstring.  ``max_backlog`` bounds the events waiting for Redis: past it
-    a sender is told its message was not sent."""
+    docstring.  ``max_backlog`` bounds the events waiting for Redis, and
+    ``max_backlog_bytes`` their size: past either, a sender is told its
+    message was not sent."""
 
     def __init__(
         self,
@@ -78,9 +80,11 @@ class RedisEngine:
         prefix: str = "wschat",
         timeout: float = 2.0,
         max_backlog: int = 10_000,
+        max_backlog_bytes: int = 32 * 2**20,
     ):
         checks.whole("history", history, 0, " (0: none kept)")
         checks.whole("max_backlog", max_backlog, 1)
+        checks.whole("max_backlog_bytes", max_backlog_bytes, 1)
         checks.seconds("presence_timeout", presence_timeout, positive=True)
         checks.whole("room_ttl", room_ttl, 1)
         if "{" in prefix or "}" in prefix:
@@ -117,7 +121,8 @@ class RedisEngine:
         self._wake_writer.setblocking(False)
         self._selector = selectors.DefaultSelector()  # the engine thread's: wake-ups, subscriptions, publishing
         self._selector.register(self._wake_reader, selectors.EVENT_READ, self._drain_wake)
-        self.publisher = Publisher(self.nodes, self.store, self._wake, timeout, self._selector, max_backlog)
+        self.publisher = Publisher(self.nodes, self.store, self._wake, timeout, self._selector, max_backlog,
+                                   max_backlog_bytes)
 
     @property
     def reachable(self) -> bool:
@@ -402,12 +407,15 @@ class RedisEngine:
 
     def on_loop(self, idle: bool) -> None:
         """For ``Server.on_idle``: on a server's loop, send what it published,
-        when it is about to sleep (or a batch is full).  What would wait (a
+        when it is about to sleep (or a batch is full, in events or in
+        ``LOOP_BATCH_BYTES``: a loop that never sleeps holds no more).  What would wait (a
         node to connect to, bytes the kernel does not take now) or fails is
         left to the engine's thread: a Redis that stops reading never stalls the loop."""
         publisher = self.publisher
         publisher.loop_thread = threading.get_ident()
-        if not publisher.queued or not (idle or publisher.queued >= MAX_BATCH) or self._down_since is not None:
+        if not publisher.queued or self._down_since is not None:
+            return
+        if not (idle or publisher.queued >= MAX_BATCH or publisher.queued_bytes >= LOOP_BATCH_BYTES):
             return
         try:
             if publisher.send(wait=False):

@@ -51,9 +51,10 @@ class Publisher:
     """The queue, and the connections that send it (see the module docstring)."""
 
     def __init__(self, nodes: Nodes, store: RedisStore, wake: Callable[[], None], timeout: float,
-                 selector: selectors.BaseSelector, max_unsettled: int):
+                 selector: selectors.BaseSelector, max_unsettled: int, max_unsettled_bytes: int):
         self.nodes = nodes
-        self.max_unsettled = max_unsettled  # past it, put refuses: what waits for Redis is bounded
+        self.max_unsettled = max_unsettled  # past it, put refuses: what waits for Redis is bounded,
+        self.max_unsettled_bytes = max_unsettled_bytes  # in events and in bytes
         self.selector = selector  # the engine thread's, which calls ``answered`` when a connection is readable
         self.store = store
         self.timeout = timeout
@@ -62,20 +63,28 @@ class Publisher:
         self._sending = threading.Lock()  # the connections and what they await: the engine's thread, or the loop
         self.loop_thread: int | None = None  # a server loop's, which sends what it puts (see send)
         self._queue: list[Entry] = []
+        self._queued_bytes = 0  # the size of the events in _queue
         self._woken = False  # a wake-up is on its way
         self._unsettled = 0  # events put and not yet answered nor failed
+        self._unsettled_bytes = 0  # their size
         self._settled = threading.Condition(self._lock)
         self._links: dict[Address, RespConnection] = {}
         self._sent: dict[RespConnection, deque[tuple[float, list[Entry]]]] = {}  # awaiting replies, in order
 
     def put(self, entry: Entry) -> None:
         """Queue one event (any thread); the engine's thread sends it.
-        Raises ``EngineUnavailable`` when ``max_unsettled`` events wait already."""
+        Raises ``EngineUnavailable`` when ``max_unsettled`` events wait
+        already, or some do and with this one they would pass ``max_unsettled_bytes``."""
+        size = size_of(entry)
         with self._lock:
-            if self._unsettled >= self.max_unsettled:
-                raise EngineUnavailable(f"Redis is not keeping up ({self._unsettled} events wait for it)")
+            if self._unsettled >= self.max_unsettled or (
+                    self._unsettled_bytes and self._unsettled_bytes + size > self.max_unsettled_bytes):
+                raise EngineUnavailable(f"Redis is not keeping up ({self._unsettled} events, "
+                                        f"{self._unsettled_bytes} bytes wait for it)")
             self._queue.append(entry)
+            self._queued_bytes += size
             self._unsettled += 1
+            self._unsettled_bytes += size
             if self._woken or (threading.get_ident() == self.loop_thread and entry[3] is None):
                 return  # a wake-up is on its way, or the loop sends this before it sleeps
             self._woken = True
@@ -87,6 +96,11 @@ class Publisher:
         return len(self._queue)
 
     @property
+    def queued_bytes(self) -> int:
+        """Their size."""
+        return self._queued_bytes
+
+    @property
     def unsettled(self) -> int:
         """Events put and not yet answered nor failed."""
         return self._unsettled
@@ -96,10 +110,11 @@ class Publisher:
         with self._settled:
             return self._settled.wait_for(lambda: not self._unsettled, timeout)
 
-    def _settle(self, count: int) -> None:
-        if count:
+    def _settle(self, entries: list[Entry]) -> None:
+        if entries:
             with self._settled:
-                self._unsettled -= count
+                self._unsettled -= len(entries)
+                self._unsettled_bytes -= sum(map(size_of, entries))
                 if not self._unsettled:
                     self._settled.notify_all()
 
@@ -124,7 +139,7 @@ class Publisher:
 
     def _send(self, wait: bool) -> bool:
         with self._lock:
-            queued, self._queue = self._queue, []
+            queued, self._queue, queued_bytes, self._queued_bytes = self._queue, [], self._queued_bytes, 0
             self._woken = False
         if not queued:
             return True
@@ -139,6 +154,7 @@ class Publisher:
         if not wait and not self._links.keys() >= by_node.keys():
             with self._lock:
                 self._queue[:0] = queued
+                self._queued_bytes += queued_bytes
             return False
         now = time.monotonic()
         nodes = list(by_node.items())
@@ -157,7 +173,7 @@ class Publisher:
                     self._drop(self._links[node], error)
                 unsent = [entry for _, calls_left in nodes[index:] for _, entries in calls_left for entry in entries]
                 fail(unsent, error)
-                self._settle(len(unsent))
+                self._settle(unsent)
                 raise
             self._sent[link].extend((now, entries) for _, entries in calls)
         return written
@@ -185,10 +201,10 @@ class Publisher:
             log.info("Redis: a publishing connection dropped (%s)", exc)
             self._drop(link, EngineUnavailable(f"the connection to Redis dropped ({exc})"))
             return
-        settled = 0
+        settled: list[Entry] = []
         for reply in replies:
             _, entries = sent.popleft()
-            settled += len(entries)
+            settled += entries
             if not isinstance(reply, ReplyError):
                 for entry in entries:
                     if entry[3] is not None:
@@ -212,10 +228,10 @@ class Publisher:
             for link in list(self._sent):
                 self._drop(link, error)
         with self._lock:
-            queued, self._queue = self._queue, []
+            queued, self._queue, self._queued_bytes = self._queue, [], 0
             self._woken = False
         fail(queued, error)
-        self._settle(len(queued))
+        self._settle(queued)
 
     def _drop(self, link: RespConnection, error: EngineUnavailable) -> None:
         """Close ``link``; the calls it has not answered fail with ``error``."""
@@ -224,7 +240,13 @@ class Publisher:
         del self._links[link.address]
         unanswered = [entry for _, entries in self._sent.pop(link) for entry in entries]
         fail(unanswered, error)
-        self._settle(len(unanswered))
+        self._settle(unanswered)
+
+
+def size_of(entry: Entry) -> int:
+    """An event's size in UTF-8 (its JSON's length, when it is ASCII, as most are)."""
+    item = entry[1]
+    return len(item) if item.isascii() else len(item.encode("utf-8", "surrogatepass"))
 
 
 def fail(entries: list[Entry], error: EngineUnavailable) -> None:
