@@ -60,18 +60,21 @@ class RespConnection:
         """Write ``data`` (after what ``send_nowait`` left), waiting up to the timeout."""
         if self.unsent:
             self.unsent += data
-            data, self.unsent = self.unsent, bytearray()
+            self.sock.sendall(self.unsent)
+            self.unsent = bytearray()
+            return
         self.sock.sendall(data)
 
     def send_nowait(self, data: bytes) -> bool:
         """Write what the kernel takes at once, for a thread that must not
         wait; False when some is left in ``unsent`` (always under TLS)."""
+        written = 0
         if not self.unsent and not self.tls:
             try:  # (a socket with a timeout is non-blocking underneath: its sendall would wait, this does not)
-                data = memoryview(data)[os.write(self.sock.fileno(), data):]
+                written = os.write(self.sock.fileno(), data)
             except BlockingIOError:
                 pass
-        self.unsent += data  # (a bytearray: a Redis that stopped reading costs no copying of all it holds)
+        self.unsent += memoryview(data)[written:]  # (a bytearray: no copying of all a stalled Redis holds)
         return not self.unsent
 
     def call(self, *args: str | bytes | int) -> Any:
