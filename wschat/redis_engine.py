@@ -80,7 +80,7 @@ class RedisEngine:
         prefix: str = "wschat",
         timeout: float = 2.0,
         max_backlog: int = 10_000,
-        max_backlog_bytes: int = 32 * 2**20,
+        max_backlog_bytes: int = 16 * 2**20,  # (sent at once, half what Redis lets a subscriber fall behind)
     ):
         checks.whole("history", history, 0, " (0: none kept)")
         checks.whole("max_backlog", max_backlog, 1)
