@@ -41,6 +41,27 @@ def redis_server(tmp_path):
 
 
 @pytest.fixture
+def tls_redis_server(tmp_path, monkeypatch):
+    """A redis-server that speaks only TLS (``rediss://``), with a self-signed
+    certificate that this test's processes trust (SSL_CERT_FILE); skipped like ``redis_server``."""
+    import importlib.util
+    import os
+    import shutil
+
+    from .helpers import RedisServer
+
+    if not os.environ.get("WSCHAT_REQUIRE_SERVICES"):
+        if not os.path.exists(RedisServer.BINARY) or not shutil.which("openssl"):
+            pytest.skip(f"redis-server ({RedisServer.BINARY}) or openssl is not installed")
+        if importlib.util.find_spec("redis") is None:
+            pytest.skip("redis-py is not installed (pip install -e '.[test]')")
+    server = RedisServer(tmp_path, tls=True).start()
+    monkeypatch.setenv("SSL_CERT_FILE", server.certificate)
+    yield server
+    server.kill()
+
+
+@pytest.fixture
 def redis_cluster(tmp_path):
     """A real Redis Cluster of our own, 3 masters and 3 replicas (see
     ``helpers.RedisCluster``); skipped like ``redis_server``."""

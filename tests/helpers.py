@@ -224,16 +224,18 @@ class RedisServer:
 
     BINARY = "/usr/bin/redis-server"
 
-    def __init__(self, directory, persistent: bool = True, password: str | None = None):
+    def __init__(self, directory, persistent: bool = True, password: str | None = None, tls: bool = False):
         self.port = free_port()
         self.directory = directory
         self.persistent = persistent
         self.password = password  # requirepass
+        self.certificate = os.path.join(directory, "redis.crt") if tls else None  # self-signed, for 127.0.0.1
         self.process = None
 
     @property
     def url(self) -> str:
-        return f"redis://{f':{self.password}@' if self.password else ''}127.0.0.1:{self.port}/0"
+        scheme = "rediss" if self.certificate else "redis"
+        return f"{scheme}://{f':{self.password}@' if self.password else ''}127.0.0.1:{self.port}/0"
 
     def start(self) -> RedisServer:
         import subprocess
@@ -241,12 +243,21 @@ class RedisServer:
         import redis
 
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
+        listen = ["--port", str(self.port)]
+        if self.certificate:  # TLS only (rediss://), with a certificate made here
+            key = os.path.join(self.directory, "redis.key")
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                            "-keyout", key, "-out", self.certificate], check=True, capture_output=True)
+            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.certificate,
+                      "--tls-key-file", key, "--tls-ca-cert-file", self.certificate, "--tls-auth-clients", "no"]
         self.process = subprocess.Popen(
-            [self.BINARY, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence,
+            [self.BINARY, *listen, "--bind", "127.0.0.1", "--save", "", *persistence,
              "--dir", str(self.directory), "--protected-mode", "no",
              *(["--requirepass", self.password] if self.password else [])],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=1, password=self.password)
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=1, password=self.password,
+                             ssl=bool(self.certificate), ssl_ca_certs=self.certificate)
         try:
             wait_until(lambda: self._answers(client), what="redis-server to answer")
         finally:

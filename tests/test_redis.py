@@ -9,6 +9,7 @@ and subscriptions, and all they share is Redis.
 
 import contextlib
 import json
+import logging
 import os
 import re
 import signal
@@ -29,14 +30,16 @@ from .test_delivery import AWKWARD
 
 
 @pytest.fixture
-def chats(redis_server):
+def chats(request):
+    """Chat servers on one Redis: the ``redis_server`` fixture's, unless ``url`` names another."""
     from wschat.redis_engine import RedisEngine
 
     made = []
 
-    def make(presence_timeout=10.0, timeout=2.0, **kwargs):
+    def make(presence_timeout=10.0, timeout=2.0, url=None, **kwargs):
         server = start_server(workers=2)
-        engine = RedisEngine(redis_server.url, presence_timeout=presence_timeout, timeout=timeout)
+        url = url or request.getfixturevalue("redis_server").url
+        engine = RedisEngine(url, presence_timeout=presence_timeout, timeout=timeout)
         kwargs.setdefault("welcome", "")
         chat = Chat(server, engine=engine, limits=ChatLimits.off(), **kwargs)
         chat.closed = threading.Semaphore(0)  # released after each on_close: tests wait on it
@@ -446,6 +449,21 @@ def test_a_server_that_stops_publishes_what_its_loop_took_in(chats, caplog):
         a.server.stop(timeout=1)
         assert collect(bob, 5) == [1, 2, 3, 4, 5]
     assert "not confirmed" not in caplog.text
+
+
+def test_over_tls(chats, tls_redis_server, caplog):
+    """``rediss://``: the engine's own connections (pub/sub and publishing)
+    read only what is there, never waiting on a TLS record with no data in
+    it, such as the session tickets TLS 1.3 sends after the handshake."""
+    caplog.set_level(logging.INFO, logger="wschat")
+    a, b = chats(url=tls_redis_server.url), chats(url=tls_redis_server.url)
+    with alice_and_bob(a, b) as (alice, bob):
+        for i in range(1, 31):
+            say(alice, str(i))
+        assert collect(bob, 30) == collect(alice, 30) == list(range(1, 31))
+        say(bob, "back")
+        assert recv_json(alice, "message")["text"] == "back"
+    assert "dropped" not in caplog.text and "unreachable" not in caplog.text
 
 
 def test_a_redis_with_a_password_and_another_database(tmp_path):

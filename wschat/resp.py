@@ -88,7 +88,10 @@ class RespConnection:
 
     def pending(self) -> list[Any]:
         """What one read brings (the socket is readable): every complete reply or push."""
-        self._fill()
+        if self.tls:
+            self._fill_tls()
+        else:
+            self._fill()
         found = []
         while (reply := self.reader.gets()) is not False:
             found.append(reply)
@@ -99,6 +102,28 @@ class RespConnection:
         if not data:
             raise ConnectionError(f"Redis at {self.address[0]}:{self.address[1]} closed the connection")
         self.reader.feed(data)
+
+    def _fill_tls(self) -> None:
+        """Under TLS a readable socket may hold no data yet (a session ticket,
+        part of a record), and the TLS layer may hold more than the socket
+        shows: read without waiting, until it holds no more."""
+        sock = self.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        timeout = sock.gettimeout()
+        sock.settimeout(0)
+        try:
+            while True:
+                try:
+                    data = sock.recv(1 << 16)
+                except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    return  # the rest of a record is still on its way
+                if not data:
+                    raise ConnectionError(f"Redis at {self.address[0]}:{self.address[1]} closed the connection")
+                self.reader.feed(data)
+                if not sock.pending():
+                    return
+        finally:
+            sock.settimeout(timeout)
 
     def close(self) -> None:
         self.sock.close()
