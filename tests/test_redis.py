@@ -404,10 +404,13 @@ def test_a_busy_loop_holds_at_most_a_mebibyte_of_its_publications(redis_server, 
         engine.stop()
 
 
-def test_a_redis_that_stops_reading_never_stalls_the_loop(chats, redis_server, monkeypatch):
+@pytest.mark.parametrize("redis", ["redis_server", "tls_redis_server"])
+def test_a_redis_that_stops_reading_never_stalls_the_loop(chats, redis, request, monkeypatch):
     """What the kernel does not take at once for a Redis that stopped reading
     is left to the engine's thread: the loop goes on serving meanwhile, and
-    every message arrives once Redis reads again."""
+    every message arrives once Redis reads again.  Over TLS too, where the
+    engine's thread must write again what the loop's write began."""
+    redis_server = request.getfixturevalue(redis)
     from wschat.resp import RespConnection
 
     left = []
@@ -419,7 +422,7 @@ def test_a_redis_that_stops_reading_never_stalls_the_loop(chats, redis_server, m
         return written
 
     monkeypatch.setattr(RespConnection, "send_nowait", recorded)
-    a, b = (chats(presence_timeout=60, timeout=20) for _ in range(2))  # Redis stopped is not an outage yet
+    a, b = (chats(presence_timeout=60, timeout=20, url=redis_server.url) for _ in range(2))  # not an outage yet
     with alice_and_bob(a, b) as (alice, bob):
         wait_until(lambda: a.engine.backlog() == 0, what="the joins to be published")
         os.kill(redis_server.process.pid, signal.SIGSTOP)  # (briefly: past the engine's timeout it is an outage)
@@ -427,6 +430,7 @@ def test_a_redis_that_stops_reading_never_stalls_the_loop(chats, redis_server, m
             for _ in range(250):  # 15 MB: more than the kernel holds for a reader that stopped, within max_backlog_bytes
                 say(alice, "x" * 60_000)
             wait_until(lambda: any(left), what="the kernel to push back")
+            assert not all(left)  # before it did, the loop wrote its publications itself
             with socket.create_connection(("127.0.0.1", a.server.port), timeout=5) as probe:
                 probe.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
                 assert probe.recv(100).startswith(b"HTTP/1.1 200")  # the loop answers

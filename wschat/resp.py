@@ -5,7 +5,7 @@ redis-py sends one command and waits for its reply; the Redis engine's hot
 paths need more: many commands in one write (``pack``), the replies to them
 read back together, and pub/sub pushes from several nodes waited for in one
 ``select`` (``RespConnection.fileno``), and a write that never waits for a
-thread that must not (``send_nowait``).  This module is that and no more: no
+thread that must not (``send_nowait``), over TCP or TLS.  This module is that and no more: no
 retries, no threads, no state beyond the socket, its parser and what a
 ``send_nowait`` left to write.
 """
@@ -67,15 +67,25 @@ class RespConnection:
 
     def send_nowait(self, data: bytes) -> bool:
         """Write what the kernel takes at once, for a thread that must not
-        wait; False when some is left in ``unsent`` (always under TLS)."""
+        wait; False when some is left in ``unsent``."""
         written = 0
-        if not self.unsent and not self.tls:
-            try:  # (a socket with a timeout is non-blocking underneath: its sendall would wait, this does not)
-                written = os.write(self.sock.fileno(), data)
-            except BlockingIOError:
-                pass
+        if not self.unsent:
+            try:
+                written = self._write_now(data)
+            except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                pass  # (under TLS the next write must begin with the same bytes: unsent does)
         self.unsent += memoryview(data)[written:]  # (a bytearray: no copying of all a stalled Redis holds)
         return not self.unsent
+
+    def _write_now(self, data: bytes) -> int:
+        if not self.tls:  # (a socket with a timeout is non-blocking underneath: its sendall would wait, this does not)
+            return os.write(self.sock.fileno(), data)
+        timeout = self.sock.gettimeout()
+        self.sock.settimeout(0)
+        try:
+            return self.sock.send(data)
+        finally:
+            self.sock.settimeout(timeout)
 
     def call(self, *args: str | bytes | int) -> Any:
         """One command and its reply; an error reply is raised."""
