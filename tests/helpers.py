@@ -260,6 +260,9 @@ class RedisServer:
                              ssl=bool(self.certificate), ssl_ca_certs=self.certificate)
         try:
             wait_until(lambda: self._answers(client), what="redis-server to answer")
+        except BaseException:
+            self.kill()  # (the fixture that started it never gets to)
+            raise
         finally:
             client.close()
         return self
