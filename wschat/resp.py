@@ -5,17 +5,18 @@ redis-py sends one command and waits for its reply; the Redis engine's hot
 paths need more: many commands in one write (``pack``), the replies to them
 read back together, and pub/sub pushes from several nodes waited for in one
 ``select`` (``RespConnection.fileno``), and a write that never waits for a
-thread that must not (``send_nowait``), over TCP or TLS.  This module is that and no more: no
-retries, no threads, no state beyond the socket, its parser and what a
-``send_nowait`` left to write.
+thread that must not (``send_nowait``), over TCP or TLS.  This module is
+that and no more: no retries, no threads, no state beyond the socket, its
+parser and what a ``send_nowait`` left to write.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import ssl
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import hiredis
 
@@ -80,10 +81,17 @@ class RespConnection:
     def _write_now(self, data: bytes) -> int:
         if not self.tls:  # (a socket with a timeout is non-blocking underneath: its sendall would wait, this does not)
             return os.write(self.sock.fileno(), data)
+        with self._not_waiting():
+            return self.sock.send(data)
+
+    @contextlib.contextmanager
+    def _not_waiting(self) -> Iterator[None]:
+        """The TLS socket non-blocking for a moment (both the loop's thread
+        and the engine's use it, one at a time: under the publisher's lock)."""
         timeout = self.sock.gettimeout()
         self.sock.settimeout(0)
         try:
-            return self.sock.send(data)
+            yield
         finally:
             self.sock.settimeout(timeout)
 
@@ -108,10 +116,7 @@ class RespConnection:
         return found
 
     def _fill(self) -> None:
-        data = self.sock.recv(1 << 16)
-        if not data:
-            raise ConnectionError(f"Redis at {self.address[0]}:{self.address[1]} closed the connection")
-        self.reader.feed(data)
+        self._feed(self.sock.recv(1 << 16))
 
     def _fill_tls(self) -> None:
         """Under TLS a readable socket may hold no data yet (a session ticket,
@@ -119,21 +124,19 @@ class RespConnection:
         shows: read without waiting, until it holds no more."""
         sock = self.sock
         assert isinstance(sock, ssl.SSLSocket)
-        timeout = sock.gettimeout()
-        sock.settimeout(0)
-        try:
+        with self._not_waiting():
             while True:
                 try:
-                    data = sock.recv(1 << 16)
+                    self._feed(sock.recv(1 << 16))
                 except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
                     return  # the rest of a record is still on its way
-                if not data:
-                    raise ConnectionError(f"Redis at {self.address[0]}:{self.address[1]} closed the connection")
-                self.reader.feed(data)
                 if not sock.pending():
                     return
-        finally:
-            sock.settimeout(timeout)
+
+    def _feed(self, data: bytes) -> None:
+        if not data:
+            raise ConnectionError(f"Redis at {self.address[0]}:{self.address[1]} closed the connection")
+        self.reader.feed(data)
 
     def close(self) -> None:
         self.sock.close()
