@@ -96,3 +96,25 @@ def test_the_reference_servers_carry_a_fanout(bench, kind):
         assert bench.run_fanout(port, clients=1, messages=20, size=64, window=2)["deliveries/s"] > 0
     finally:
         stop_process(process, timeout=10)
+
+
+@pytest.mark.parametrize("name", ["wschat-redis", "wschat-redis-tls"])
+def test_the_redis_variants_carry_a_fanout(bench, name):
+    """The benchmark's own redis-server, over TCP and over TLS (rediss://, with
+    a certificate it makes and the server trusts), as ``--servers`` runs them."""
+    import shutil
+
+    if not os.environ.get("WSCHAT_REQUIRE_SERVICES"):
+        if not os.path.exists(bench.BenchRedis.BINARY) or not shutil.which("openssl"):
+            pytest.skip(f"redis-server ({bench.BenchRedis.BINARY}) or openssl is not installed")
+        if importlib.util.find_spec("redis") is None:
+            pytest.skip("redis-py is not installed (pip install -e '.[test]')")
+    server = bench.RunningServer(name)
+    try:
+        figures = bench.run_fanout(server.port, clients=3, messages=20, size=64, window=2,
+                                   pid=server.process.pid, broker=server.broker)
+        assert figures["deliveries/s"] > 0  # (every message checked: once each, in order)
+    finally:
+        server.stop()
+        bench.REDIS.stop()
+        bench.REDIS = None

@@ -10,7 +10,8 @@ Each round starts every server under test afresh for every scenario, in turn
 (A B C A B C ...), the server pinned to CPU 0 and this load generator to CPU 1.
 The table gives medians over the rounds and each figure as a ratio to the
 python-websockets threading server measured in the same run.  The Redis
-variants (``--redis``, one process or ``--processes 2``) use a redis-server
+variants (``--redis``, one process or ``--processes 2``, and
+``wschat-redis-tls`` over ``rediss://``) use a redis-server
 that the benchmark starts on a free port (Debian's /usr/bin/redis-server, no
 persistence), emptied before each server starts; it and every server process
 share the server's CPU.
@@ -611,6 +612,7 @@ SERVERS = {
     "wschat-pure": (WSCHAT + ["--port", "{port}"], {"WSCHAT_NO_SPEEDUPS": "1"}),
     "wschat-redis": (WSCHAT + ["--port", "{port}", "--redis", "{redis}"], {}),
     "wschat-redis-2p": (WSCHAT + ["--port", "{port}", "--redis", "{redis}", "--processes", "2"], {}),
+    "wschat-redis-tls": (WSCHAT + ["--port", "{port}", "--redis", "{rediss}"], {}),  # rediss://, the same Redis
     "ws-threading": ([sys.executable, os.path.join(HERE, "bench_servers.py"), "threading", "{port}"], {}),
     "ws-asyncio": ([sys.executable, os.path.join(HERE, "bench_servers.py"), "asyncio", "{port}"], {}),
 }
@@ -634,7 +636,9 @@ def _server_process_setup() -> None:
 
 
 class BenchRedis:
-    """A redis-server of the benchmark's own, for the ``--redis`` variants."""
+    """A redis-server of the benchmark's own, for the ``--redis`` variants:
+    on a plain port (``url``) and, where openssl can make it a certificate,
+    on a TLS port too (``tls_url``; its clients trust ``certificate``)."""
 
     BINARY = "/usr/bin/redis-server"
 
@@ -643,8 +647,23 @@ class BenchRedis:
             raise BenchError(f"the Redis variants need {self.BINARY} (apt-get install redis-server)")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._folder = tempfile.TemporaryDirectory()
+        self.certificate = os.path.join(self._folder.name, "redis.crt")
+        key = os.path.join(self._folder.name, "redis.key")
+        try:
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                            "-keyout", key, "-out", self.certificate], check=True, capture_output=True)
+        except (OSError, subprocess.CalledProcessError):
+            self.tls_url, tls = None, []
+        else:
+            tls_port = free_port()
+            self.tls_url = f"rediss://127.0.0.1:{tls_port}/0"
+            tls = ["--tls-port", str(tls_port), "--tls-cert-file", self.certificate, "--tls-key-file", key,
+                   "--tls-ca-cert-file", self.certificate, "--tls-auth-clients", "no"]
         self.process = subprocess.Popen(
-            [self.BINARY, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            [self.BINARY, "--port", str(self.port), *tls, "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no"],
             preexec_fn=_server_process_setup, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 20
         while not self.flush():
@@ -664,6 +683,7 @@ class BenchRedis:
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(10)
+        self._folder.cleanup()
 
 
 REDIS: BenchRedis | None = None
@@ -673,10 +693,15 @@ class RunningServer:
     def __init__(self, name: str, deflate: bool = False):
         command, env, *cwd = SERVERS[name]
         self.broker: int | None = None  # the redis-server it uses, whose CPU counts as its own
-        if "{redis}" in command:
+        if "{redis}" in command or "{rediss}" in command:
             global REDIS
             REDIS = REDIS or BenchRedis()
             REDIS.flush()
+            if "{rediss}" in command:
+                if REDIS.tls_url is None:
+                    raise BenchError(f"{name} needs openssl, to make redis-server a certificate")
+                command = [part.replace("{rediss}", REDIS.tls_url) for part in command]
+                env = {**env, "SSL_CERT_FILE": REDIS.certificate}
             command = [part.replace("{redis}", REDIS.url) for part in command]
             self.broker = REDIS.process.pid
         if deflate and name.startswith("ws-"):
