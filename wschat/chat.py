@@ -125,6 +125,10 @@ class Chat:
             server.http_route(page_config, self._page_config)
         server.add_gauge("wschat_engine_backlog", "Chat events published and not yet kept by the engine (Redis); "
                          "one that keeps growing means the engine is the limit.", self.engine.backlog)
+        backlog_bytes: Callable[[], int] | None = getattr(self.engine, "backlog_bytes", None)  # (Redis's)
+        if backlog_bytes is not None:
+            server.add_gauge("wschat_engine_backlog_bytes", "The size of wschat_engine_backlog's events; "
+                             "past max_backlog_bytes (16 MiB) senders are told not_sent.", backlog_bytes)
         self.engine.start(self._deliver)
         # The Redis engine's: what the loop publishes, the loop sends when it is about to sleep.
         self._on_idle: Callable[[bool], None] | None = getattr(self.engine, "on_loop", None)

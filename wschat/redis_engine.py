@@ -173,6 +173,10 @@ class RedisEngine:
         """Events published and not yet confirmed by Redis."""
         return self.publisher.unsettled
 
+    def backlog_bytes(self) -> int:
+        """Their size in UTF-8 (``max_backlog_bytes`` bounds it)."""
+        return self.publisher.unsettled_bytes
+
     def stop(self) -> None:
         """Publish what is queued, and stop delivering; this process's
         members that are still held leave every room now (not after ``presence_timeout``)."""

@@ -105,6 +105,11 @@ class Publisher:
         """Events put and not yet answered nor failed."""
         return self._unsettled
 
+    @property
+    def unsettled_bytes(self) -> int:
+        """Their size (see ``size_of``)."""
+        return self._unsettled_bytes
+
     def drained(self, timeout: float) -> bool:
         """Wait up to ``timeout`` until every event put so far is settled."""
         with self._settled:
