@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -46,6 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The loop runs on its own thread; this one waits for a signal and stops it.
     if args.supervised_by is not None:
         watch_parent(args.supervised_by)
+    # What start-up made lives as long as the process: frozen, the collector's
+    # full passes no longer scan it (over Redis, where each batch read makes
+    # containers, 5-7% less CPU a message; see the README's "Embedding").
+    gc.freeze()
     server.start()
     print(ready_line(str(server.url), args.path), flush=True)
     while signal.sigwait(STOP_SIGNALS | {signal.SIGHUP}) == signal.SIGHUP:  # (systemctl reload)
