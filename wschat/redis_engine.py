@@ -53,7 +53,7 @@ from .dialect import Event, encode, now_ms
 from .engine import ADDED, JOINED, TAKEN, Claim, Deliver, Delivery, EngineUnavailable, Failed, History, Lines, Records
 from .logsafe import quoted, without_password
 from .redis_nodes import Address, Nodes
-from .redis_publisher import Publisher, Waiter
+from .redis_publisher import Publisher, Waiter, utf8_size
 from .redis_store import MAX_BATCH, RedisStore, message_lines, seq_of
 from .resp import ReplyError, RespConnection, pack
 
@@ -272,7 +272,7 @@ class RedisEngine:
         if self._down_since is not None:
             raise EngineUnavailable("Redis is unreachable")
         waiter = Waiter() if failed is None else None
-        self.publisher.put((room, item, failed, waiter))
+        self.publisher.put((room, item, failed, waiter, utf8_size(item)))
         if waiter is not None:
             if not waiter.wait(self.timeout * 2 + 1):
                 raise EngineUnavailable("Redis did not answer in time")

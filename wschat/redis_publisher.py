@@ -44,7 +44,7 @@ class Waiter(threading.Event):
         self.set()
 
 
-Entry = tuple[str, str, Failed | None, Waiter | None]  # (room, "M..." or "E...", failed, waiter)
+Entry = tuple[str, str, Failed | None, Waiter | None, int]  # (room, "M..." or "E...", failed, waiter, utf8_size)
 
 
 class Publisher:
@@ -75,7 +75,7 @@ class Publisher:
         """Queue one event (any thread); the engine's thread sends it.
         Raises ``EngineUnavailable`` when ``max_unsettled`` events wait
         already, or some do and with this one they would pass ``max_unsettled_bytes``."""
-        size = size_of(entry)
+        size = entry[4]
         with self._lock:
             if self._unsettled >= self.max_unsettled or (
                     self._unsettled_bytes and self._unsettled_bytes + size > self.max_unsettled_bytes):
@@ -107,7 +107,7 @@ class Publisher:
 
     @property
     def unsettled_bytes(self) -> int:
-        """Their size (see ``size_of``)."""
+        """Their size (see ``utf8_size``)."""
         return self._unsettled_bytes
 
     def drained(self, timeout: float) -> bool:
@@ -119,7 +119,7 @@ class Publisher:
         if entries:
             with self._settled:
                 self._unsettled -= len(entries)
-                self._unsettled_bytes -= sum(map(size_of, entries))
+                self._unsettled_bytes -= sum(entry[4] for entry in entries)
                 if not self._unsettled:
                     self._settled.notify_all()
 
@@ -248,15 +248,15 @@ class Publisher:
         self._settle(unanswered)
 
 
-def size_of(entry: Entry) -> int:
-    """An event's size in UTF-8 (its JSON's length, when it is ASCII, as most are)."""
-    item = entry[1]
+def utf8_size(item: str) -> int:
+    """An event's size in UTF-8 (its JSON's length, when it is ASCII, as most
+    are), counted once, when it is published."""
     return len(item) if item.isascii() else len(item.encode("utf-8", "surrogatepass"))
 
 
 def fail(entries: list[Entry], error: EngineUnavailable) -> None:
     """Tell each sender its event was not published."""
-    for _, _, failed, waiter in entries:
+    for _, _, failed, waiter, _ in entries:
         if waiter is not None:
             waiter.failed(error)
         elif failed is not None:
