@@ -114,6 +114,7 @@ def test_the_redis_variants_carry_a_fanout(bench, name):
         figures = bench.run_fanout(server.port, clients=3, messages=20, size=64, window=2,
                                    pid=server.process.pid, broker=server.broker)
         assert figures["deliveries/s"] > 0  # (every message checked: once each, in order)
+        assert figures["CPU/redis CPU"] >= 0  # (0 when redis-server used less than a clock tick)
     finally:
         server.stop()
         bench.REDIS.stop()
