@@ -36,8 +36,8 @@ def chats(request):
 
     made = []
 
-    def make(presence_timeout=10.0, timeout=2.0, url=None, **kwargs):
-        server = start_server(workers=2)
+    def make(presence_timeout=10.0, timeout=2.0, url=None, metrics_path=None, **kwargs):
+        server = start_server(workers=2, metrics_path=metrics_path)
         url = url or request.getfixturevalue("redis_server").url
         engine = RedisEngine(url, presence_timeout=presence_timeout, timeout=timeout)
         kwargs.setdefault("welcome", "")
@@ -349,30 +349,23 @@ def test_the_backlog_counts_what_redis_has_not_confirmed_and_flush_waits_for_it(
         assert collect(bob, 5) == [1, 2, 3, 4, 5]
 
 
-def test_metrics_show_the_backlog_in_events_and_in_bytes(redis_server):
-    from wschat.redis_engine import RedisEngine
-
+def test_metrics_show_the_backlog_in_events_and_in_bytes(chats):
     from .test_operations import metrics
 
-    server = start_server(workers=2, metrics_path="/metrics")
-    chat = Chat(server, engine=RedisEngine(redis_server.url), welcome="", limits=ChatLimits.off())
-    try:
-        with connect(f"ws://127.0.0.1:{server.port}/chat?nick=alice", subprotocols=["wschat.v1"]) as alice:
-            recv_json(alice, "welcome")
-            wait_until(lambda: chat.engine.backlog() == 0, what="the join to be published")
-            chat.engine.redis.execute_command("CLIENT", "PAUSE", "1000", "WRITE")
-            for _ in range(5):
-                say(alice, "é" * 1000)
-            wait_until(lambda: chat.engine.backlog() >= 5, what="the messages to wait for Redis")
-            during = metrics(server.port)
-            assert during[("wschat_engine_backlog", ())] >= 5
-            assert during[("wschat_engine_backlog_bytes", ())] >= 5 * 2000  # UTF-8: two bytes each
-            chat.engine.flush(10)
-            after = metrics(server.port)
-            assert after[("wschat_engine_backlog", ())] == after[("wschat_engine_backlog_bytes", ())] == 0
-    finally:
-        server.stop()
-        chat.close()
+    chat = chats(metrics_path="/metrics")
+    with join(chat, "alice") as alice:
+        recv_json(alice, "welcome")
+        wait_until(lambda: chat.engine.backlog() == 0, what="the join to be published")
+        chat.engine.redis.execute_command("CLIENT", "PAUSE", "1000", "WRITE")
+        for _ in range(5):
+            say(alice, "é" * 1000)
+        wait_until(lambda: chat.engine.backlog() >= 5, what="the messages to wait for Redis")
+        during = metrics(chat.server.port)
+        assert during[("wschat_engine_backlog", ())] >= 5
+        assert during[("wschat_engine_backlog_bytes", ())] >= 5 * 2000  # UTF-8: two bytes each
+        chat.engine.flush(10)
+        after = metrics(chat.server.port)
+        assert after[("wschat_engine_backlog", ())] == after[("wschat_engine_backlog_bytes", ())] == 0
 
 
 def test_the_loop_sends_what_its_handlers_published_before_it_sleeps(chats, monkeypatch):
