@@ -12,7 +12,7 @@ from websockets.sync.client import connect
 
 from wschat import HandshakeError
 from wschat.chat import DEFAULT_WELCOME, Chat, ChatLimits
-from wschat.engine import MemoryEngine
+from wschat.engine import MemoryEngine, Messages
 from wschat.frames import Opcode, encode_frame
 
 from .helpers import RawClient, start_server, wait_until
@@ -645,3 +645,80 @@ def test_a_plain_client_gets_what_was_said_while_it_joined(make_chat):
         assert ws.recv(timeout=5) == "said while joining"
         chat.post("said after", nick="ci")
         assert ws.recv(timeout=5) == "said after"
+
+
+# -- the memory engine delivers a loop pass's messages as one batch -----------------------
+
+
+def on_a_loop(engine, *calls):
+    """Run ``calls`` on a thread that is the engine's loop (``on_loop`` told it so)."""
+    def run():
+        engine.on_loop(False)
+        for call in calls:
+            call()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(5)
+    assert not thread.is_alive()
+
+
+def message(text):
+    return {"type": "message", "nick": "n", "text": text}
+
+
+def test_what_the_loop_publishes_is_delivered_once_a_pass_in_order():
+    engine = MemoryEngine()
+    delivered = []
+    engine.start(lambda room, batch: delivered.append((room, batch)))
+    join = {"type": "join", "room": "a", "nick": "n"}
+    on_a_loop(engine, lambda: engine.publish_message("a", message("1")), lambda: engine.publish_message("b", message("x")),
+              lambda: engine.publish_message("a", message("2")), lambda: engine.publish("a", join),
+              lambda: engine.publish_message("a", message("3")))
+    assert delivered == []  # until the pass ends...
+    assert [record["text"] for record in engine.history("a").records] == ["1", "2", "3"]  # (numbered, kept)
+    engine.on_loop(True)
+    assert [room for room, _ in delivered] == ["a", "b"]
+    first, event, last = delivered[0][1]
+    assert (first.first, [record["text"] for record in first.items]) == (1, ["1", "2"])  # one run: framed once
+    assert event is join and (last.first, last.items[0]["text"]) == (3, "3")
+    engine.on_loop(True)
+    assert len(delivered) == 2  # each once
+
+
+def test_another_thread_s_event_comes_after_what_the_loop_published_before_it():
+    engine = MemoryEngine()
+    delivered = []
+    engine.start(lambda room, batch: delivered.append((threading.current_thread(), batch)))
+    on_a_loop(engine, lambda: engine.publish_message("a", message("by the loop")))
+    engine.publish_message("a", message("by the app"))  # (this thread is not the loop)
+    engine.on_loop(True)
+    assert [(thread, batch[0].first) for thread, batch in delivered] == [
+        (threading.current_thread(), 1), (threading.current_thread(), 2)]
+
+
+def test_flush_delivers_what_the_loop_published_and_stop_drops_it():
+    engine = MemoryEngine()
+    delivered = []
+    engine.start(lambda room, batch: delivered.append(batch))
+    on_a_loop(engine, lambda: engine.publish_message("a", message("1")))
+    engine.flush(1.0)  # (what a stopping server calls before it closes the clients)
+    assert [batch[0].first for batch in delivered] == [1]
+    on_a_loop(engine, lambda: engine.publish_message("a", message("2")))
+    engine.stop()
+    engine.on_loop(True)
+    assert len(delivered) == 1
+
+
+def test_a_burst_read_in_one_pass_reaches_every_member_in_one_batch(make_chat):
+    chat = make_chat(welcome="", limits=ChatLimits.off())
+    batches = []
+    deliver = chat.engine._deliver
+    chat.engine._deliver = lambda room, batch: (batches.extend(len(run) for run in batch if isinstance(run, Messages)),
+                                                deliver(room, batch))
+    with plain(chat) as listener, RawClient(chat.server.port) as sender:
+        texts = [f"burst {index}" for index in range(20)]
+        sender.sock.sendall(b"".join(encode_frame(Opcode.TEXT, text.encode(), mask=os.urandom(4)) for text in texts))
+        assert [listener.recv(timeout=5) for _ in texts] == texts
+        assert [sender.recv_frame().payload.decode() for _ in texts] == texts
+    assert sum(batches) == 20 and len(batches) < 20  # (one, unless the kernel split the write)

@@ -195,8 +195,9 @@ def test_no_data_frame_ever_follows_our_close_frame(closer):
     (masked(Opcode.TEXT, b"\xff\xfe"), 1007),
     (masked(Opcode.CLOSE, struct.pack("!H", 1000)), 1000),
 ], ids=["protocol-error", "invalid-utf8", "close"])
-def test_a_message_before_an_error_or_close_still_gets_its_answer(bad, code):
-    server = start_server()
+@pytest.mark.parametrize("workers", [0, 4], ids=["inline", "pool"])
+def test_a_message_before_an_error_or_close_still_gets_its_answer(bad, code, workers):
+    server = start_server(workers=workers)
     Chat(server, welcome="", limits=ChatLimits.off())
     try:
         with RawClient(server.port) as raw:

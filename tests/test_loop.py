@@ -128,6 +128,9 @@ class Reading:
     def resume_reading(self, conn):
         raise AssertionError("not paused: nothing to resume")
 
+    def deliver_published(self):
+        raise AssertionError("no events read: nothing published")
+
 
 def test_a_static_file_over_the_size_limit_is_a_500(tmp_path, monkeypatch):
     (tmp_path / "big.txt").write_bytes(b"x" * 100)

@@ -130,7 +130,7 @@ class Chat:
             server.add_gauge("wschat_engine_backlog_bytes", "The size of wschat_engine_backlog's events; "
                              "past max_backlog_bytes (16 MiB) senders are told not_sent.", backlog_bytes)
         self.engine.start(self._deliver)
-        # The Redis engine's: what the loop publishes, the loop sends when it is about to sleep.
+        # What the loop publishes goes out once a pass: delivered (memory), sent when about to sleep (Redis).
         self._on_idle: Callable[[bool], None] | None = getattr(self.engine, "on_loop", None)
         if self._on_idle is not None:
             server.on_idle(self._on_idle)

@@ -48,11 +48,15 @@ Handler = Callable[..., Any]
 
 class Reading(Protocol):
     """What the dispatcher asks of the loop: to watch a connection again
-    (paused or not), and to resume a paused one, on the loop thread."""
+    (paused or not), to resume a paused one, on the loop thread, and to
+    deliver what this pass's handlers published (an engine delivers a pass's
+    messages together) before a closing frame is queued behind them."""
 
     def watch(self, conn: Connection) -> None: ...
 
     def resume_reading(self, conn: Connection) -> None: ...
+
+    def deliver_published(self) -> None: ...
 
 
 def run_handler(conn: Connection, handler: Handler, args: tuple[Any, ...], metrics: Metrics) -> object:
@@ -131,8 +135,10 @@ class InlineDispatcher:
                 if on_message is not None:
                     submit(conn, on_message, conn, event.data)
             elif isinstance(event, CloseReceived):
+                self._reading.deliver_published()
                 submit(conn, self._acknowledge_close, conn)
             elif isinstance(event, ConnectionFailed):
+                self._reading.deliver_published()
                 self.fail(conn, event.error)
             elif isinstance(event, Pong):
                 record_pong(conn, event.payload)

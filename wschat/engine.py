@@ -217,6 +217,10 @@ class _Room:
 class MemoryEngine:
     """Everything in this process's memory: one process is the whole chat.
 
+    What a server's loop publishes (its inline handlers' messages) is
+    delivered once a pass (``on_loop``), each room's as one batch, as Redis
+    delivers; what other threads publish, at once, after the loop's.
+
     Rooms come and go with their members; an empty room keeps its history
     for newcomers, but only the ``max_idle_rooms`` most recently left do
     (clients choose room names: they must not be able to fill memory).
@@ -231,12 +235,52 @@ class MemoryEngine:
         self._idle: dict[str, None] = {}  # empty rooms with history, oldest first
         self._lock = threading.RLock()  # delivering may call back in (an eviction's rename)
         self._deliver: Deliver | None = None
+        self._loop: threading.Thread | None = None  # a server's loop: what it publishes waits for on_loop
+        self._pending: dict[str, list[Delivery]] = {}  # room -> what the loop published since on_loop
 
     def start(self, deliver: Deliver) -> None:
         self._deliver = deliver
 
     def stop(self) -> None:
         self._deliver = None
+        self._pending.clear()
+
+    def on_loop(self, idle: bool) -> None:
+        """For ``Server.on_idle``: on a server's loop, after each pass's reads,
+        deliver what the pass published, each room's as one batch, so that
+        its members get the pass's messages framed once and queued once,
+        not message by message (the loop writes them at the end of the same pass)."""
+        self._loop = threading.current_thread()
+        if self._pending:
+            with self._lock:
+                self._deliver_pending()
+
+    def _deliver_pending(self, room: str | None = None) -> None:
+        """(Lock held.)  Deliver what the loop published: in ``room``, or in every room."""
+        while self._pending:  # (what delivering publishes, an eviction's rename, is delivered too)
+            name = next(iter(self._pending)) if room is None else room
+            batch = self._pending.pop(name, None)
+            if batch is None:
+                return
+            if self._deliver is not None:
+                self._deliver(name, batch)
+
+    def _publish(self, room: str, delivery: Delivery) -> None:
+        """(Lock held.)  Deliver now, or with the rest of the pass when on the loop."""
+        if self._deliver is None:
+            return
+        if threading.current_thread() is not self._loop:
+            if self._pending:
+                self._deliver_pending(room)  # first: what the loop published before this
+            self._deliver(room, [delivery])
+            return
+        batch = self._pending.setdefault(room, [])
+        if batch and isinstance(delivery, Records):
+            run = batch[-1]
+            if isinstance(run, Records) and run.epoch == delivery.epoch and run.last + 1 == delivery.first:
+                run.items += delivery.items
+                return
+        batch.append(delivery)
 
     def subscribe(self, room: str) -> None:
         pass  # one process: every room's events are delivered here
@@ -257,16 +301,16 @@ class MemoryEngine:
             record["seq"] = target.seq
             target.history.append(record)
             self._forget_if_idle(room)
-            if self._deliver is not None:
-                self._deliver(room, [Records(target.epoch, target.seq, [record])])
+            self._publish(room, Records(target.epoch, target.seq, [record]))
 
     def publish(self, room: str, event: Event, failed: Failed | None = None) -> None:
         with self._lock:
-            if self._deliver is not None:
-                self._deliver(room, [event])
+            self._publish(room, event)
 
     def flush(self, timeout: float) -> None:
-        pass  # published as it is called
+        """Deliver what the loop published and has not delivered yet."""
+        with self._lock:
+            self._deliver_pending()
 
     def backlog(self) -> int:
         return 0

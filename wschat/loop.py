@@ -218,6 +218,12 @@ class Loop:
             except Exception:  # a bug must not take the loop down
                 log.exception("unexpected error in %r", hook)
 
+    def deliver_published(self) -> None:
+        """Run the idle hooks now (not idle): what handlers published in this
+        pass is delivered before a closing frame queued next (see ``Reading``)."""
+        if self._idle_hooks:
+            self._call_idle_hooks(False)
+
     def add_idle_hook(self, hook: Callable[[bool], object]) -> None:
         """On the loop thread (or before it runs): see ``Server.on_idle``."""
         self._idle_hooks.append(hook)
