@@ -39,6 +39,31 @@ def test_text_of_is_the_decoded_text_for_any_text_and_any_nick():
     assert texts_of(lines) == expected  # the accelerator's path where it is built
 
 
+def test_a_message_is_encoded_as_the_json_encoder_writes_it_whatever_its_shape():
+    """``encode`` writes chat messages itself (a third of the encoder's
+    time): the same text for any text, nick, id and seq, and the encoder's
+    for any other shape."""
+    rng = random.Random(6455)
+    strings = AWKWARD + ["\ud800 lone surrogate", "\udfff"] + [
+        "".join(rng.choice('ab"\\\n\x01 é🎉,:{}\ud83d') for _ in range(rng.randrange(0, 30))) for _ in range(200)]
+    records = []
+    for text in strings:
+        record = message_record(rng.choice(strings), rng.choice(strings), text, rng.choice([None, *strings]))
+        if rng.random() < 0.5:
+            record["seq"] = rng.randrange(1, 2**53)
+        records.append(record)
+    first = message_record("r", "n", "t")
+    records += [
+        {**first, "seq": True}, {**first, "time": 1.5}, {**first, "seq": 1, "id": "after"}, {**first, "extra": 1},
+        {"type": "message", "nick": "server", "text": "t", "time": 1},  # an announcement: no room
+        {"room": "r", "type": "message", "nick": "n", "text": "t", "time": 1},  # another order
+        {**first, "nick": None}, {**first, "text": ["not", "a", "str"]}, {**first, "id": 7},
+    ]
+    expected = [json.dumps(record, ensure_ascii=False, separators=(",", ":")) for record in records]
+    assert [encode(record) for record in records] == expected
+    assert json.loads(encode(records[0])) == records[0]
+
+
 def test_text_of_decodes_what_is_not_wschats_own_shape():
     """No "text" after a comma (a foreign or reordered record): decoded the long way."""
     assert text_of(b'{"text":"first","type":"message"}') == b"first"

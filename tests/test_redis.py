@@ -322,6 +322,25 @@ def test_a_history_since_reads_only_the_newest_entries(chats):
         assert plain.recv(timeout=5) == "m7"
 
 
+def test_a_batch_longer_than_the_history_keeps_its_newest_messages_in_order(chats):
+    from wschat.dialect import encode, message_record
+    from wschat.redis_store import RedisStore
+
+    a = chats()
+    a.post("m0")  # (its publisher has loaded the script)
+    store = RedisStore(a.engine.redis, "batch-test:", "test", history=5, room_ttl=60, presence_timeout=10)
+
+    def publish_batch(texts):
+        items = ["M" + encode(message_record("main", "n", text)) for text in texts]
+        return store.redis.execute_command(*store.batch("main", items))
+
+    assert publish_batch([f"b{i}" for i in range(12)]) == 1
+    assert [(record["seq"], record["text"]) for record in store.history("main").records] == [
+        (8, "b7"), (9, "b8"), (10, "b9"), (11, "b10"), (12, "b11")]
+    assert publish_batch(["c0", "c1", "c2"]) == 13
+    assert [record["text"] for record in store.history("main").records] == ["b10", "b11", "c0", "c1", "c2"]
+
+
 def test_a_subscriber_that_missed_messages_fills_the_gap(chats):
     """Messages published while a process was not subscribed (its subscription
     connection dropped) are delivered from the history, in order, once."""

@@ -25,11 +25,39 @@ FIELDS = {"message": "text", "nick": "nick", "users": None}  # request type -> t
 
 
 _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # json.dumps would make one a call
+_string = json.encoder.encode_basestring  # a str as _ENCODER writes it: quoted, escaped, non-ASCII left as it is
+_MESSAGE_KEYS = ("type", "room", "nick", "text", "time")  # message_record's, in its order
 
 
 def encode(event: Event) -> str:
     """One event as JSON: compact, non-ASCII left as it is."""
+    if event.get("type") == "message":
+        return _encode_message(event)
     return _ENCODER.encode(event)
+
+
+def _encode_message(record: Event) -> str:
+    """``encode`` of a chat message as ``message_record`` makes it (with an
+    ``id``, a ``seq``): the same text, written directly in a third of the
+    time (a message is encoded once per message, on every engine's hot
+    path); any other shape goes to the encoder."""
+    keys = tuple(record)
+    tail = ""
+    try:
+        if keys[:5] != _MESSAGE_KEYS or type(record["time"]) is not int:
+            raise TypeError
+        for key in keys[5:]:
+            value = record[key]
+            if key == "id" and type(value) is str:
+                tail += ',"id":' + _string(value)
+            elif key == "seq" and type(value) is int:
+                tail += f',"seq":{value}'
+            else:
+                raise TypeError
+        return (f'{{"type":"message","room":{_string(record["room"])},"nick":{_string(record["nick"])},'
+                f'"text":{_string(record["text"])},"time":{record["time"]}{tail}}}')
+    except TypeError:  # (also from _string: a value that is not a str)
+        return _ENCODER.encode(record)
 
 
 def now_ms() -> int:

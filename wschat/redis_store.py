@@ -77,7 +77,7 @@ if #kept > 0 then
   end
   local size = tonumber(ARGV[1])
   if size > 0 then
-    redis.call('RPUSH', KEYS[3], unpack(texts))
+    redis.call('RPUSH', KEYS[3], unpack(texts, math.max(1, #texts - size + 1)))  -- (only what LTRIM keeps)
     redis.call('LTRIM', KEYS[3], -size, -1)
     redis.call('EXPIRE', KEYS[3], ARGV[4])
   end
