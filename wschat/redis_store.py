@@ -49,44 +49,46 @@ if TYPE_CHECKING:
 # command, then the events ("M" + a message's JSON without its seq, or "E" +
 # an event's JSON).  Returns the first message's sequence number (0: none).
 PUBLISH_BATCH = """
-local lines, kept, first = {''}, {}, 0
+local pieces, first, count = {}, 0, 0
 for i = 6, #ARGV do
-  if string.byte(ARGV[i], 1) == 77 then kept[#kept + 1] = i end
+  if string.byte(ARGV[i], 1) == 77 then count = count + 1 end
 end
-if #kept > 0 then
+if count > 0 then
   local epoch = redis.call('GET', KEYS[2])
   if not epoch then
     epoch = ARGV[3]
     redis.call('SET', KEYS[2], epoch)
     redis.call('DEL', KEYS[3])
   end
-  lines[1] = epoch
-  local seq = redis.call('INCRBY', KEYS[1], #kept) - #kept
+  pieces[1] = epoch
+  local seq = redis.call('INCRBY', KEYS[1], count) - count
   first = seq + 1
-  local texts = {}
+  local size = tonumber(ARGV[1])
+  local kept_after, texts, n = seq + count - size, {}, 1
   for i = 6, #ARGV do
     local item = ARGV[i]
     if string.byte(item, 1) == 77 then
       seq = seq + 1
-      local text = string.sub(item, 2, -2) .. ',"seq":' .. seq .. '}'
-      texts[#texts + 1] = text
-      lines[#lines + 1] = 'M' .. text
+      local head = string.sub(item, 1, -2)  -- (without its closing brace: the seq goes there)
+      pieces[n + 1], pieces[n + 2], pieces[n + 3], pieces[n + 4], pieces[n + 5] = '\\n', head, ',"seq":', seq, '}'
+      n = n + 5
+      if seq > kept_after then texts[#texts + 1] = string.sub(head, 2) .. ',"seq":' .. seq .. '}' end
     else
-      lines[#lines + 1] = item
+      pieces[n + 1], pieces[n + 2] = '\\n', item
+      n = n + 2
     end
   end
-  local size = tonumber(ARGV[1])
   if size > 0 then
-    redis.call('RPUSH', KEYS[3], unpack(texts, math.max(1, #texts - size + 1)))  -- (only what LTRIM keeps)
+    redis.call('RPUSH', KEYS[3], unpack(texts))  -- only what LTRIM keeps
     redis.call('LTRIM', KEYS[3], -size, -1)
     redis.call('EXPIRE', KEYS[3], ARGV[4])
   end
   redis.call('EXPIRE', KEYS[1], ARGV[4])
   redis.call('EXPIRE', KEYS[2], ARGV[4])
+  redis.call(ARGV[5], ARGV[2], table.concat(pieces))
 else
-  for i = 6, #ARGV do lines[#lines + 1] = ARGV[i] end
+  redis.call(ARGV[5], ARGV[2], '\\n' .. table.concat(ARGV, '\\n', 6))
 end
-redis.call(ARGV[5], ARGV[2], table.concat(lines, '\\n'))
 return first
 """
 
