@@ -226,9 +226,11 @@ class Server:
     def on_idle(self, hook: Callable[[bool], object]) -> None:
         """Have the loop call ``hook(idle)`` on its thread, in this run and
         every later one: at the end of every pass (``idle`` False), and when
-        it is about to sleep (True).  For work that gathers what a pass's
-        handlers did and is best done in one go, such as a Redis engine's
-        batch of publications.  It must be quick and never block."""
+        it is about to sleep (True); and before it queues a closing frame
+        behind messages it read in the pass (False).  For work that gathers
+        what a pass's handlers did and is best done in one go, such as an
+        engine's batch of publications (the memory engine delivers it, the
+        Redis engine sends it).  It must be quick and never block."""
         with self._run_lock:
             self._idle_hooks.append(hook)
             loop = self._loop
