@@ -341,6 +341,39 @@ def test_a_batch_longer_than_the_history_keeps_its_newest_messages_in_order(chat
     assert [record["text"] for record in store.history("main").records] == ["b10", "b11", "c0", "c1", "c2"]
 
 
+def test_a_room_subscribed_again_gets_what_was_published_while_it_was_not(redis_server):
+    """The last member here leaves: the room is unsubscribed, but a batch
+    Redis sent before the unsubscription took effect is delivered here
+    after it (its number is the last this process saw).  Messages published
+    next reach no one here; when a member comes back, the subscription
+    first delivers them from the history, not only when the room's next
+    message shows the gap (before, a joiner's history stopped at that batch)."""
+    from wschat.redis_engine import RedisEngine
+
+    delivered = []
+    engine = RedisEngine(redis_server.url)
+    engine.start(lambda room, batch: delivered.extend(seq for run in batch if hasattr(run, "kept")
+                                                      for seq, _ in run.kept()))
+    try:
+        engine.subscribe("r")
+        for text in ("1", "2"):
+            engine.publish_message("r", {"type": "message", "room": "r", "nick": "n", "text": text, "time": 1})
+        wait_until(lambda: delivered == [1, 2], what="the first two messages")
+        epoch, _ = engine.position("r")
+        engine.unsubscribe("r")
+        channel = engine.store.channel("r")
+        wait_until(lambda: "r" not in engine._confirmed and engine.redis.pubsub_numsub(channel)[0][1] == 0,
+                   what="the unsubscription")
+        engine._last["r"] = (epoch, 2)  # the batch read after the unsubscription was sent (see the docstring)
+        for text in ("3", "4", "5"):
+            engine.publish_message("r", {"type": "message", "room": "r", "nick": "n", "text": text, "time": 1})
+        assert delivered == [1, 2]
+        engine.subscribe("r")  # returns once subscribed: what was missed is delivered by then
+        assert delivered == [1, 2, 3, 4, 5]
+    finally:
+        engine.stop()
+
+
 def test_a_subscriber_that_missed_messages_fills_the_gap(chats):
     """Messages published while a process was not subscribed (its subscription
     connection dropped) are delivered from the history, in order, once."""

@@ -467,17 +467,19 @@ class RedisEngine:
     def _subscribed(self, room: str, requested: dict[str, RespConnection], again: set[str]) -> None:
         if room not in requested:
             return
+        # Subscribed again (after a drop or an outage, or after the room's
+        # last member here left, when a batch read before the unsubscription
+        # took effect was delivered here): the messages published while
+        # unsubscribed, from the history, before a joiner reads it.
+        if room in self._last:
+            self._fill(room, *self._last[room])
         with self._changed:
             self._confirmed.add(room)
             self._changed.notify_all()
         if room not in again:
             return
-        # Subscribed again after a drop or an outage: the messages missed
-        # meanwhile from the history, and the user list as it is now (joins
-        # and leaves are not kept anywhere to be replayed).
+        # And the user list as it is now (joins and leaves are not kept anywhere to be replayed).
         again.discard(room)
-        if room in self._last:
-            self._fill(room, *self._last[room])
         if self._deliver is not None:
             self._deliver(room, [{"type": "users", "room": room, "users": self.users(room)}])
 
