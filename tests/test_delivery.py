@@ -40,7 +40,7 @@ def test_text_of_is_the_decoded_text_for_any_text_and_any_nick():
 
 
 def test_a_message_is_encoded_as_the_json_encoder_writes_it_whatever_its_shape():
-    """``encode`` writes chat messages itself (a third of the encoder's
+    """``encode`` writes chat messages itself (half the encoder's
     time): the same text for any text, nick, id and seq, and the encoder's
     for any other shape."""
     rng = random.Random(6455)

@@ -38,9 +38,9 @@ def encode(event: Event) -> str:
 
 def _encode_message(record: Event) -> str:
     """``encode`` of a chat message as ``message_record`` makes it (with an
-    ``id``, a ``seq``): the same text, written directly in a third of the
-    time (a message is encoded once per message, on every engine's hot
-    path); any other shape goes to the encoder."""
+    ``id``, a ``seq``): the same text, written directly in half the time
+    (over Redis every message is encoded once, on the loop); any other
+    shape goes to the encoder."""
     keys = tuple(record)
     tail = ""
     try:
