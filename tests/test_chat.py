@@ -722,3 +722,22 @@ def test_a_burst_read_in_one_pass_reaches_every_member_in_one_batch(make_chat):
         assert [listener.recv(timeout=5) for _ in texts] == texts
         assert [sender.recv_frame().payload.decode() for _ in texts] == texts
     assert sum(batches) == 20 and len(batches) < 20  # (one, unless the kernel split the write)
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["inline", "pool"])
+def test_a_client_gets_its_message_echoed_before_the_answers_to_its_later_requests(make_chat, workers):
+    """Read in one pass, a chat message (delivered with the pass's batch)
+    still comes back before the answers to the requests that follow it."""
+    chat = make_chat(workers=workers, welcome="", limits=ChatLimits(max_length=10))
+    with RawClient(chat.server.port, "/chat?nick=ann", headers=["Sec-WebSocket-Protocol: wschat.v1"]) as raw:
+        assert json.loads(raw.recv_frame().payload)["type"] == "welcome"
+        wait_until(lambda: chat.server.connections()[0].link.calls is None, what="the join to finish")
+        requests = [{"type": "message", "text": "hi"}, {"type": "users"}, {"type": "message", "text": "x" * 11},
+                    {"type": "message", "text": "again"}, "not JSON", {"type": "nick", "nick": "bob"}]
+        raw.sock.sendall(b"".join(encode_frame(Opcode.TEXT, (r if isinstance(r, str) else json.dumps(r)).encode(),
+                                               mask=os.urandom(4)) for r in requests))
+        answers = []
+        while len(answers) < 6:
+            event = json.loads(raw.recv_frame().payload)
+            answers.append(event["code"] if event["type"] == "error" else event.get("text", event["type"]))
+    assert answers == ["hi", "users", "too_long", "again", "bad_request", "nick"]

@@ -324,6 +324,7 @@ class Chat:
         if not isinstance(member, Member):
             return True
         if isinstance(message, bytes):
+            self.server.deliver_published()
             conn.close(CloseCode.UNSUPPORTED_DATA, "binary messages are not supported")
             return True
         request, problem = parse_chat_request(message, self.limits.max_length) if member.structured else (None, None)
@@ -335,10 +336,13 @@ class Chat:
             return True
         if not member.structured:
             self._say(member, message)
-        elif request is None:
-            self._notify(member, "bad_request", problem or "")
-        elif request["type"] == "message":
+            return True
+        if request is not None and request["type"] == "message":
             self._say(member, request["text"], request.get("id"))
+            return True
+        self.server.deliver_published()  # (on the loop) first: the echoes of what this pass published
+        if request is None:
+            self._notify(member, "bad_request", problem or "")
         elif request["type"] == "nick":
             self._rename(member, normalize(request["nick"].strip()))
         else:
@@ -353,12 +357,14 @@ class Chat:
     def _say(self, member: Member, text: str, message_id: str | None = None) -> None:
         limit = self.limits.max_length
         if limit and len(text) > limit:
+            self.server.deliver_published()
             self._notify(member, "too_long", f"message longer than {limit} characters; not sent")
             return
         room = member.room.name
 
         def not_sent(_: EngineUnavailable) -> None:
             extra = {"id": message_id} if message_id is not None else {}  # which one: the client may try again
+            self.server.deliver_published()
             self._notify(member, "not_sent", "the chat cannot reach its engine; message not sent", **extra)
 
         try:  # returns at once: a sender never waits for another's round trip to the engine
@@ -475,6 +481,8 @@ class Chat:
         if not member.conn.is_open:
             return False  # closed already (its handler calls left run still): one warning was enough
         allowed = member.take_token(self.limits)
+        if allowed is not True:
+            self.server.deliver_published()  # (on the loop) first: the echoes of what this pass published
         if allowed is None:
             log.warning("%s: rate limit exceeded again and again, closing", member.conn.key)
             member.conn.close(CloseCode.POLICY_VIOLATION, "rate limit exceeded")

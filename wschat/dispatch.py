@@ -133,6 +133,8 @@ class InlineDispatcher:
                     if run_handler(conn, inline, (conn, event.data), metrics) is True or protocol.state is not OPEN:
                         continue  # handled, or it failed and the connection is closing
                 if on_message is not None:
+                    if self.pooled:  # what this pass published goes before this call's replies (a worker's)
+                        self._reading.deliver_published()
                     submit(conn, on_message, conn, event.data)
             elif isinstance(event, CloseReceived):
                 self._reading.deliver_published()

@@ -237,6 +237,16 @@ class Server:
         if loop is not None:
             loop.call_soon(loop.add_idle_hook, hook)
 
+    def deliver_published(self) -> None:
+        """On the loop thread, in a handler: run the ``on_idle`` hooks now, so
+        that what this pass published (an engine's batch) is queued before a
+        reply the handler sends next; a client then sees the echoes of its
+        earlier messages before the answer to a later request.  Elsewhere,
+        nothing (a worker's calls come after that already)."""
+        loop = self._loop
+        if loop is not None and loop.on_loop_thread():
+            loop.deliver_published()
+
     def remove_idle_hook(self, hook: Callable[[bool], object]) -> None:
         """The loop calls ``hook`` no more (from its next pass)."""
         with self._run_lock:
