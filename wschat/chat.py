@@ -364,7 +364,6 @@ class Chat:
 
         def not_sent(_: EngineUnavailable) -> None:
             extra = {"id": message_id} if message_id is not None else {}  # which one: the client may try again
-            self.server.deliver_published()
             self._notify(member, "not_sent", "the chat cannot reach its engine; message not sent", **extra)
 
         try:  # returns at once: a sender never waits for another's round trip to the engine
