@@ -647,6 +647,50 @@ def test_a_plain_client_gets_what_was_said_while_it_joined(make_chat):
         assert ws.recv(timeout=5) == "said after"
 
 
+def test_a_newcomer_whose_history_is_older_than_an_earlier_greeting_reads_it_again(make_chat):
+    """Two newcomers join a room new here at once, and the one whose history
+    was read first is greeted last, after the other's newer history set
+    where the room stands and before the message between them is delivered
+    here: it reads the history again rather than miss that message (as
+    processes that a rolling restart starts see: wschat.v1 clients coming
+    back all at once, with the other processes still publishing)."""
+
+    class Staggered(MemoryEngine):
+        def __init__(self):
+            super().__init__()
+            self.reads, self.first_read, self.go_on = 0, threading.Event(), threading.Event()
+            self.held = None  # deliveries kept back, while a list
+
+        def history(self, room, since=None, epoch=None):
+            self.reads += 1
+            history = super().history(room, since, epoch)
+            if self.reads == 1:  # the first newcomer's, read before m2 is said
+                self.first_read.set()
+                assert self.go_on.wait(5)
+            return history
+
+        def start(self, deliver):
+            super().start(lambda *delivery: deliver(*delivery) if self.held is None else self.held.append(delivery))
+
+    chat = make_chat(welcome="", engine=Staggered(), workers=2)
+    engine = chat.engine
+    chat.post("m1", nick="ci")
+    with structured(chat, nick="first") as first:
+        assert engine.first_read.wait(5)
+        engine.held = []
+        chat.post("m2", nick="ci")  # in the history, not yet delivered here
+        with structured(chat, nick="second") as second:
+            assert [record["seq"] for record in recv_json(second, "welcome")["history"]] == [1, 2]
+            engine.go_on.set()
+            assert [record["seq"] for record in recv_json(first, "welcome")["history"]] == [1, 2]
+            held, engine.held = engine.held, None
+            for delivery in held:
+                chat._deliver(*delivery)
+            chat.post("m3", nick="ci")
+            assert recv_json(first, "message")["seq"] == recv_json(second, "message")["seq"] == 3
+        assert engine.reads == 3
+
+
 # -- the memory engine delivers a loop pass's messages as one batch -----------------------
 
 

@@ -55,6 +55,7 @@ log = logging.getLogger("wschat")
 DEFAULT_WELCOME = "Welcome to Corvusoft Chat!"
 DEFAULT_ROOM = "main"
 GUEST_TRIES = 1000  # guest names tried before a newcomer is told to come back later
+GREET_TRIES = 3  # history reads before a newcomer is greeted with what there is (see LocalRoom.catch_up)
 DEFAULT_MAX_HISTORY_BYTES = 32 << 10  # 50 typical messages fit 3 times over; long ones are cut to the newest
 TRY_AGAIN_LATER = 1013  # close code (IANA registry): the chat's engine cannot be reached
 
@@ -238,8 +239,18 @@ class Chat:
                     epoch, since = arrival.position
                 else:
                     since, epoch = None, None
-                history = self.engine.history(name, since, epoch)
-                users = self.engine.users(name) if structured else None  # O(members): for those who get it
+                member = Member(conn, local, nick, holder, structured, identified, tokens=float(self.limits.burst))
+                for tries_left in reversed(range(GREET_TRIES)):
+                    history = self.engine.history(name, since, epoch)
+                    users = self.engine.users(name) if structured else None  # O(members): for those who get it
+                    with self._lock:
+                        if local.greet(member, self.welcome, history, users, arrival,
+                                       returning=structured and since is not None,
+                                       max_history_bytes=self.max_history_bytes, whole=bool(tries_left)):
+                            conn.context = member
+                            if problem and structured:
+                                self._notify(member, "nick_refused", f"{problem}; you are {nick}")
+                            break
         except EngineUnavailable as exc:
             log.warning("%s: cannot join room %s: %s", conn.key, quoted(name), exc)
             conn.close(TRY_AGAIN_LATER, "chat unavailable, try again later")
@@ -252,13 +263,6 @@ class Chat:
                 conn.close(TRY_AGAIN_LATER, "no guest nickname is free in this room")
             self._give_up_joining(local, False, None)
             return
-        member = Member(conn, local, nick, holder, structured, identified, tokens=float(self.limits.burst))
-        with self._lock:
-            conn.context = member
-            local.greet(member, self.welcome, history, users, arrival, returning=structured and since is not None,
-                        max_history_bytes=self.max_history_bytes)
-            if problem and structured:
-                self._notify(member, "nick_refused", f"{problem}; you are {nick}")
         if claim.evicted:
             self._publish(name, {"type": "evict", "nick": nick, "_holders": claim.evicted})
         if claim.outcome == JOINED:

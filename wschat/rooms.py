@@ -11,17 +11,21 @@ duplicate.  Every method runs under the chat's lock.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import checks
+from .logsafe import quoted
 from .connection import Connection
 from .dialect import Event, encode
 from .engine import Delivery, History, Messages, record_of
 from .frames import Opcode
 from .outbound import PreparedBatch, PreparedMessage
+
+log = logging.getLogger("wschat")
 
 Broadcast = Callable[..., int]  # Server.broadcast: (message, connections=..., exclude=...) -> how many
 
@@ -138,15 +142,19 @@ class LocalRoom:
         return not self.members and not self.joining
 
     def greet(self, member: Member, welcome: str, history: History, users: list[str] | None,
-              arrival: Arrival, returning: bool, max_history_bytes: int = 0) -> None:
+              arrival: Arrival, returning: bool, max_history_bytes: int = 0, whole: bool = True) -> bool:
         """Welcome a member that finished joining, and count it in: in
         wschat.v1 with the room's ``users`` and its history (or what it
         missed, when ``returning``), the newest within ``max_history_bytes``;
         plain, with the welcome text and any message said since its handshake
         was answered.  Nothing is lost or doubled between that and the live
-        messages that follow."""
+        messages that follow.  False (and nothing done) when ``history`` is
+        too old for that (see ``catch_up``): the member reads it again; with
+        ``whole`` False, it is greeted with what there is."""
+        records = self.catch_up(history, whole)
+        if records is None:
+            return False
         self.joining -= 1
-        records = self.catch_up(history)
         conn = member.conn
         if member.structured:
             kept, cut = newest_within(records, max_history_bytes)
@@ -163,16 +171,26 @@ class LocalRoom:
             for record in arrival.said_since(history.epoch, records):
                 conn.send(record["text"])
         self.add(member)
+        return True
 
-    def catch_up(self, history: History) -> list[Event]:
+    def catch_up(self, history: History, whole: bool = True) -> list[Event] | None:
         """A newcomer's history, seamless with what is delivered here next:
         the engine's records, then the messages delivered here since it read
-        them, cut where delivery stands (the rest comes live)."""
+        them, cut where delivery stands (the rest comes live).  None when the
+        room stands past ``history`` by messages it does not hold: more than
+        ``recent`` keeps, or ones it never delivered, since an earlier
+        newcomer's newer history set where it stands (newcomers read the
+        history at once, and are greeted in turn)."""
         self.follow_epoch(history.epoch)
         limit = self.seq if self.seq is not None else history.seq
+        later = [kept for seq, kept in self.recent if history.seq < seq <= limit]
+        if len(later) < limit - history.seq:
+            if whole:
+                return None
+            log.warning("room %s: a newcomer's history ends at %d, and messages up to %d are not kept here; "
+                        "it misses %d", quoted(self.name), history.seq, limit, limit - history.seq - len(later))
         self.seq = limit
-        later = [record_of(kept) for seq, kept in self.recent if history.seq < seq <= limit]
-        return [record for record in history.records if record["seq"] <= limit] + later
+        return [record for record in history.records if record["seq"] <= limit] + [*map(record_of, later)]
 
     def follow_epoch(self, epoch: str) -> None:
         """The room's sequence of messages began anew (its engine lost it, as
