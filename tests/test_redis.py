@@ -323,15 +323,15 @@ def test_a_history_since_reads_only_the_newest_entries(chats):
 
 
 def test_a_batch_longer_than_the_history_keeps_its_newest_messages_in_order(chats):
-    from wschat.dialect import encode, message_record
-    from wschat.redis_store import RedisStore
+    from wschat.dialect import message_record
+    from wschat.redis_store import RedisStore, message_item
 
     a = chats()
     a.post("m0")  # (its publisher has loaded the script)
     store = RedisStore(a.engine.redis, "batch-test:", "test", history=5, room_ttl=60, presence_timeout=10)
 
     def publish_batch(texts):
-        items = ["M" + encode(message_record("main", "n", text)) for text in texts]
+        items = [message_item(message_record("main", "n", text)) for text in texts]
         return store.redis.execute_command(*store.batch("main", items))
 
     assert publish_batch([f"b{i}" for i in range(12)]) == 1
@@ -339,6 +339,42 @@ def test_a_batch_longer_than_the_history_keeps_its_newest_messages_in_order(chat
         (8, "b7"), (9, "b8"), (10, "b9"), (11, "b10"), (12, "b11")]
     assert publish_batch(["c0", "c1", "c2"]) == 13
     assert [record["text"] for record in store.history("main").records] == ["b10", "b11", "c0", "c1", "c2"]
+
+
+def test_what_a_batch_publishes_and_keeps_is_what_every_version_reads(chats):
+    """The published lines and the history entries, byte for byte as the
+    processes of earlier versions wrote and read them: in a rolling restart
+    old and new processes share one Redis."""
+    from wschat.redis_store import RedisStore, event_item, message_item
+
+    a = chats()
+    a.post("m0")  # (its publisher has loaded the script)
+    store = RedisStore(a.engine.redis, "format-test:", "test", history=3, room_ttl=60, presence_timeout=10)
+    store._new_epoch = lambda: "EPOCH"
+    listener = store.redis.pubsub()
+    listener.subscribe(store.channel("main"))
+    assert listener.get_message(timeout=5)["type"] == "subscribe"
+
+    def record(text, **extra):
+        return {"type": "message", "room": "main", "nick": 'n"é', "text": text, "time": 1700000000000, **extra}
+
+    join = event_item({"type": "join", "room": "main", "nick": "x", "time": 1})
+    items = [message_item(record("a}")), join, message_item(record('b\n"', id="i1")), message_item(record("🎉"))]
+    published = []
+    for batch in (items, [join], items[:1]):
+        first = store.redis.execute_command(*store.batch("main", batch))
+        published.append((first, listener.get_message(timeout=5)["data"]))
+    listener.close()
+    head = '{"type":"message","room":"main","nick":"n\\"é","text":'
+    a_line = head + '"a}","time":1700000000000,"seq":%d}'
+    b_line = head + '"b\\n\\"","time":1700000000000,"id":"i1","seq":2}'
+    party_line = head + '"🎉","time":1700000000000,"seq":3}'
+    join_line = 'E{"type":"join","room":"main","nick":"x","time":1}'
+    assert published == [
+        (1, "EPOCH\nM" + a_line % 1 + "\n" + join_line + "\nM" + b_line + "\nM" + party_line),
+        (0, "\n" + join_line),
+        (4, "EPOCH\nM" + a_line % 4)]
+    assert store.redis.lrange(store.key("history", "main"), 0, -1) == [b_line, party_line, a_line % 4]
 
 
 def test_a_room_subscribed_again_gets_what_was_published_while_it_was_not(redis_server):

@@ -49,12 +49,12 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from . import checks
-from .dialect import Event, encode, now_ms
+from .dialect import Event, now_ms
 from .engine import ADDED, JOINED, TAKEN, Claim, Deliver, Delivery, EngineUnavailable, Failed, History, Lines, Records
 from .logsafe import quoted, without_password
 from .redis_nodes import Address, Nodes
 from .redis_publisher import Publisher, Waiter, utf8_size
-from .redis_store import MAX_BATCH, RedisStore, message_lines, seq_of
+from .redis_store import MAX_BATCH, RedisStore, event_item, message_item, message_lines, seq_of
 from .resp import ReplyError, RespConnection, pack
 
 log = logging.getLogger("wschat")
@@ -262,11 +262,11 @@ class RedisEngine:
         """Publish a chat message (Redis numbers it).  With ``failed``,
         returns at once and calls ``failed`` (on some thread) if it could not
         be published; without, waits, and raises ``EngineUnavailable``."""
-        self._publish(room, "M" + encode(record), failed)
+        self._publish(room, message_item(record), failed)
 
     def publish(self, room: str, event: Event, failed: Failed | None = None) -> None:
         """Publish a presence event, in the room's order with its messages."""
-        self._publish(room, "E" + encode(event), failed)
+        self._publish(room, event_item(event), failed)
 
     def _publish(self, room: str, item: str, failed: Failed | None) -> None:
         if self._down_since is not None:

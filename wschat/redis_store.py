@@ -46,8 +46,8 @@ if TYPE_CHECKING:
 
 # A batch of one room's events: KEYS seq, epoch, history; ARGV the history
 # size, the channel, an epoch for a new room, the keys' TTL, the publishing
-# command, then the events ("M" + a message's JSON without its seq, or "E" +
-# an event's JSON).  Returns the first message's sequence number (0: none).
+# command, then the events (see ``message_item`` and ``event_item``).
+# Returns the first message's sequence number (0: none).
 PUBLISH_BATCH = """
 local pieces, first, count = {}, 0, 0
 for i = 6, #ARGV do
@@ -69,10 +69,9 @@ if count > 0 then
     local item = ARGV[i]
     if string.byte(item, 1) == 77 then
       seq = seq + 1
-      local head = string.sub(item, 1, -2)  -- (without its closing brace: the seq goes there)
-      pieces[n + 1], pieces[n + 2], pieces[n + 3], pieces[n + 4], pieces[n + 5] = '\\n', head, ',"seq":', seq, '}'
+      pieces[n + 1], pieces[n + 2], pieces[n + 3], pieces[n + 4], pieces[n + 5] = '\\n', item, ',"seq":', seq, '}'
       n = n + 5
-      if seq > kept_after then texts[#texts + 1] = string.sub(head, 2) .. ',"seq":' .. seq .. '}' end
+      if seq > kept_after then texts[#texts + 1] = string.sub(item, 2) .. ',"seq":' .. seq .. '}' end
     else
       pieces[n + 1], pieces[n + 2] = '\\n', item
       n = n + 2
@@ -240,6 +239,18 @@ def seq_of(line: bytes) -> int:
     return int(line[line.rindex(b":") + 1 : -1])
 
 
+def message_item(record: Event) -> str:
+    """A chat message as ``PUBLISH_BATCH`` takes it: "M" and its JSON
+    without the closing brace, where the script writes its seq (so the
+    script copies no message: what Lua allocates is most of its time)."""
+    return "M" + encode(record)[:-1]
+
+
+def event_item(event: Event) -> str:
+    """A presence event as ``PUBLISH_BATCH`` takes it: "E" and its JSON."""
+    return "E" + encode(event)
+
+
 BATCH_SHA = hashlib.sha1(PUBLISH_BATCH.encode()).hexdigest()  # EVALSHA's name for it; SCRIPT LOAD makes it known
 MAX_BATCH = 500  # events in one PUBLISH_BATCH call: bounds the script's stack and the published line
 
@@ -282,9 +293,9 @@ class RedisStore:
     # -- messages and history ------------------------------------------------------------
 
     def batch(self, room: str, items: list[str]) -> tuple[str | int, ...]:
-        """The command that publishes ``items`` ("M" + a message's JSON,
-        "E" + an event's JSON; at most MAX_BATCH) of ``room`` in one script
-        call; its reply is the first message's sequence number."""
+        """The command that publishes ``items`` (made by ``message_item`` and
+        ``event_item``; at most MAX_BATCH) of ``room`` in one script call;
+        its reply is the first message's sequence number."""
         keys = (self.key("seq", room), self.key("epoch", room), self.key("history", room))
         return ("EVALSHA", BATCH_SHA, 3, *keys, self.history_size, self.channel(room), self._new_epoch(),
                 self.room_ttl, self.publish_command, *items)
