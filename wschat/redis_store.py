@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 PUBLISH_BATCH = """
 local pieces, first, count = {}, 0, 0
 for i = 6, #ARGV do
-  if string.byte(ARGV[i], 1) == 77 then count = count + 1 end
+  if string.byte(ARGV[i], 1) == 123 then count = count + 1 end
 end
 if count > 0 then
   local epoch = redis.call('GET', KEYS[2])
@@ -67,11 +67,11 @@ if count > 0 then
   local kept_after, texts, n = seq + count - size, {}, 1
   for i = 6, #ARGV do
     local item = ARGV[i]
-    if string.byte(item, 1) == 77 then
+    if string.byte(item, 1) == 123 then
       seq = seq + 1
-      pieces[n + 1], pieces[n + 2], pieces[n + 3], pieces[n + 4], pieces[n + 5] = '\\n', item, ',"seq":', seq, '}'
+      pieces[n + 1], pieces[n + 2], pieces[n + 3], pieces[n + 4], pieces[n + 5] = '\\nM', item, ',"seq":', seq, '}'
       n = n + 5
-      if seq > kept_after then texts[#texts + 1] = string.sub(item, 2) .. ',"seq":' .. seq .. '}' end
+      if seq > kept_after then texts[#texts + 1] = item .. ',"seq":' .. seq .. '}' end
     else
       pieces[n + 1], pieces[n + 2] = '\\n', item
       n = n + 2
@@ -240,10 +240,11 @@ def seq_of(line: bytes) -> int:
 
 
 def message_item(record: Event) -> str:
-    """A chat message as ``PUBLISH_BATCH`` takes it: "M" and its JSON
-    without the closing brace, where the script writes its seq (so the
-    script copies no message: what Lua allocates is most of its time)."""
-    return "M" + encode(record)[:-1]
+    """A chat message as ``PUBLISH_BATCH`` takes it: its JSON without the
+    closing brace, where the script writes its seq (so the script makes
+    one string of each message, its history entry: what Lua allocates is
+    most of its time)."""
+    return encode(record)[:-1]
 
 
 def event_item(event: Event) -> str:
