@@ -691,6 +691,34 @@ def test_a_newcomer_whose_history_is_older_than_an_earlier_greeting_reads_it_aga
         assert engine.reads == 3
 
 
+def test_a_returning_client_whose_history_stays_too_old_is_told_it_missed_some(make_chat, caplog):
+    """A history older than what the room here still holds, read three
+    times over: the client is greeted with what there is, told it missed
+    some, and the loss is logged."""
+
+    class Frozen(MemoryEngine):
+        frozen, reads = None, 0
+
+        def history(self, room, since=None, epoch=None):
+            self.reads += 1
+            return self.frozen or super().history(room, since, epoch)
+
+    chat = make_chat(welcome="", engine=Frozen(history=3), workers=2)
+    with structured(chat, nick="stays") as stays:
+        epoch = recv_json(stays, "welcome")["epoch"]
+        for text in ("m1", "m2"):
+            chat.post(text, nick="ci")
+        chat.engine.frozen = chat.engine.history("main", 1, epoch)
+        for text in ("m3", "m4", "m5", "m6", "m7"):
+            chat.post(text, nick="ci")
+        assert recv_json(stays, "message")["seq"] == 1 and collect(stays, 7)[-1] == 7
+        chat.engine.reads = 0
+        welcome = json.loads(connect_and_welcome(chat, f"?nick=back&since=1&epoch={epoch}"))
+    assert [record["seq"] for record in welcome["history"]] == [2, 5, 6, 7] and welcome["missed"] is True
+    assert chat.engine.reads == 3
+    assert "a newcomer's history ends at 2, before messages this process no longer holds" in caplog.text
+
+
 # -- the memory engine delivers a loop pass's messages as one batch -----------------------
 
 

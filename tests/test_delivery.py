@@ -205,23 +205,23 @@ def test_a_newcomers_catch_up_decodes_only_what_was_delivered_after_its_history(
     local, _ = room
     local.deliver([Lines("e1", 1, [line_of(f"m{seq}", seq=seq) for seq in range(1, 5)])])
     history = History("e1", 2, [{"seq": 1, "text": "m1"}, {"seq": 2, "text": "m2"}], False)
-    caught = local.catch_up(history)
+    caught, whole = local.catch_up(history)
     assert [(record["seq"], record["text"]) for record in caught] == [(1, "m1"), (2, "m2"), (3, "m3"), (4, "m4")]
+    assert whole
 
 
-def test_a_newcomers_history_older_than_what_the_room_holds_is_refused_or_taken_with_a_warning(room, caplog):
+def test_a_newcomers_history_older_than_what_the_room_holds_is_not_whole(room):
     """Where the room stands past a newcomer's history by messages it does
-    not hold (more than it keeps), the newcomer reads the history again; on
-    its last try it gets what there is, and the loss is logged."""
+    not hold (more than it keeps), the catch-up says it is not whole (the
+    chat reads the history again, and greets with what there is at last)."""
     from wschat.engine import History
 
     local, _ = room
     local.deliver([Lines("e1", 1, [line_of(f"m{seq}", seq=seq) for seq in range(1, 9)])])  # keeps 4-8
-    stale = History("e1", 2, [{"seq": 1, "text": "m1"}, {"seq": 2, "text": "m2"}], False)
-    assert local.catch_up(stale) is None and local.seq == 8
-    assert [record["seq"] for record in local.catch_up(History("e1", 3, [], False))] == [4, 5, 6, 7, 8]
-    assert [record["seq"] for record in local.catch_up(stale, whole=False)] == [1, 2, 4, 5, 6, 7, 8]
-    assert "history ends at 2, and messages up to 8 are not kept here; it misses 1" in caplog.text
+    records, whole = local.catch_up(History("e1", 2, [{"seq": 1, "text": "m1"}, {"seq": 2, "text": "m2"}], False))
+    assert [record["seq"] for record in records] == [1, 2, 4, 5, 6, 7, 8] and not whole and local.seq == 8
+    records, whole = local.catch_up(History("e1", 3, [], False))
+    assert [record["seq"] for record in records] == [4, 5, 6, 7, 8] and whole
 
 
 def test_no_speedups_reads_texts_in_python(monkeypatch):

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import checks
-from .logsafe import quoted
 from .connection import Connection
 from .dialect import Event, encode
 from .engine import Delivery, History, Messages, record_of
 from .frames import Opcode
+from .logsafe import quoted
 from .outbound import PreparedBatch, PreparedMessage
 
 log = logging.getLogger("wschat")
@@ -150,10 +150,14 @@ class LocalRoom:
         was answered.  Nothing is lost or doubled between that and the live
         messages that follow.  False (and nothing done) when ``history`` is
         too old for that (see ``catch_up``): the member reads it again; with
-        ``whole`` False, it is greeted with what there is."""
-        records = self.catch_up(history, whole)
-        if records is None:
-            return False
+        ``whole`` False, it is greeted with what there is (and a returning
+        one is told it missed some)."""
+        records, complete = self.catch_up(history)
+        if not complete:
+            if whole:
+                return False
+            log.warning("room %s: a newcomer's history ends at %d, before messages this process no longer "
+                        "holds: it misses some", quoted(self.name), history.seq)
         self.joining -= 1
         conn = member.conn
         if member.structured:
@@ -161,7 +165,7 @@ class LocalRoom:
             event: Event = {"type": "welcome", "text": welcome, "room": self.name, "nick": member.nick,
                             "epoch": history.epoch, "users": sorted({*(users or ()), member.nick}), "history": kept}
             if returning:
-                event["missed"] = history.missed or cut
+                event["missed"] = history.missed or cut or not complete
             if member.identified:
                 event["identified"] = True
             conn.send(encode(event))
@@ -173,24 +177,20 @@ class LocalRoom:
         self.add(member)
         return True
 
-    def catch_up(self, history: History, whole: bool = True) -> list[Event] | None:
+    def catch_up(self, history: History) -> tuple[list[Event], bool]:
         """A newcomer's history, seamless with what is delivered here next:
         the engine's records, then the messages delivered here since it read
-        them, cut where delivery stands (the rest comes live).  None when the
-        room stands past ``history`` by messages it does not hold: more than
-        ``recent`` keeps, or ones it never delivered, since an earlier
-        newcomer's newer history set where it stands (newcomers read the
-        history at once, and are greeted in turn)."""
+        them, cut where delivery stands (the rest comes live); and whether
+        that is whole.  It is not when the room stands past ``history`` by
+        messages it does not hold: more than ``recent`` keeps, or ones it
+        never delivered, when an earlier newcomer's newer history set where
+        it stands (newcomers read the history at once, and are greeted in
+        turn).  (Where delivery stands moves only when it was not set.)"""
         self.follow_epoch(history.epoch)
-        limit = self.seq if self.seq is not None else history.seq
+        limit = self.seq = self.seq if self.seq is not None else history.seq
         later = [kept for seq, kept in self.recent if history.seq < seq <= limit]
-        if len(later) < limit - history.seq:
-            if whole:
-                return None
-            log.warning("room %s: a newcomer's history ends at %d, and messages up to %d are not kept here; "
-                        "it misses %d", quoted(self.name), history.seq, limit, limit - history.seq - len(later))
-        self.seq = limit
-        return [record for record in history.records if record["seq"] <= limit] + [*map(record_of, later)]
+        records = [record for record in history.records if record["seq"] <= limit]
+        return records + [*map(record_of, later)], len(later) >= limit - history.seq
 
     def follow_epoch(self, epoch: str) -> None:
         """The room's sequence of messages began anew (its engine lost it, as
