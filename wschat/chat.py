@@ -240,9 +240,9 @@ class Chat:
                 else:
                     since, epoch = None, None
                 member = Member(conn, local, nick, holder, structured, identified, tokens=float(self.limits.burst))
-                for tries_left in reversed(range(GREET_TRIES)):
+                users = self.engine.users(name) if structured else None  # O(members): for those who get it
+                for tries_left in reversed(range(GREET_TRIES)):  # (read again: see LocalRoom.catch_up)
                     history = self.engine.history(name, since, epoch)
-                    users = self.engine.users(name) if structured else None  # O(members): for those who get it
                     with self._lock:
                         if local.greet(member, self.welcome, history, users, arrival,
                                        returning=structured and since is not None,
