@@ -11,7 +11,7 @@ from websockets.exceptions import ConnectionClosedError, InvalidStatus
 from websockets.sync.client import connect
 
 from wschat import HandshakeError
-from wschat.chat import DEFAULT_WELCOME, Chat, ChatLimits
+from wschat.chat import DEFAULT_WELCOME, RECENT_FLOOR, Chat, ChatLimits
 from wschat.engine import MemoryEngine, Messages
 from wschat.frames import Opcode, encode_frame
 
@@ -709,15 +709,50 @@ def test_a_returning_client_whose_history_stays_too_old_is_told_it_missed_some(m
         for text in ("m1", "m2"):
             chat.post(text, nick="ci")
         chat.engine.frozen = chat.engine.history("main", 1, epoch)
-        for text in ("m3", "m4", "m5", "m6", "m7"):
-            chat.post(text, nick="ci")
-        assert recv_json(stays, "message")["seq"] == 1 and collect(stays, 7)[-1] == 7
+        last = 2 + RECENT_FLOOR + 1  # one more than the room here keeps past the frozen history
+        for seq in range(3, last + 1):
+            chat.post(f"m{seq}", nick="ci")
+        assert recv_json(stays, "message")["seq"] == 1 and collect(stays, last)[-1] == last
         chat.engine.reads = 0
         welcome = json.loads(connect_and_welcome(chat, f"?nick=back&since=1&epoch={epoch}"))
-    assert [record["seq"] for record in welcome["history"]] == [2, 5, 6, 7] and welcome["missed"] is True
+    assert [record["seq"] for record in welcome["history"]] == [2, *range(4, last + 1)]
+    assert welcome["missed"] is True
     assert chat.engine.reads == 3
     assert "a newcomer's history ends at 2, before messages this process no longer holds" in caplog.text
 
+
+
+def test_with_no_history_kept_a_newcomer_still_meets_the_live_messages_at_the_first_read(make_chat, caplog):
+    """``--history 0``: what is delivered here while a newcomer reads where
+    the room stands is still kept (``RECENT_FLOOR``), so its welcome and the
+    live messages after it meet at the first read, even in a busy room where
+    every read is overtaken by a message (without the floor: three reads, a
+    warning, and the last of those messages lost to the newcomer)."""
+
+    class Busy(MemoryEngine):
+        chat, reads = None, 0
+
+        def history(self, room, since=None, epoch=None):
+            history = super().history(room, since, epoch)
+            if self.chat is not None:  # a message is said just after each read
+                self.reads += 1
+                self.chat.post(f"said during read {self.reads}", nick="ci")
+            return history
+
+    chat = make_chat(welcome="", engine=Busy(history=0), workers=2)
+    with structured(chat, nick="stays") as stays:
+        recv_json(stays, "welcome")
+        chat.post("m1", nick="ci")
+        assert recv_json(stays, "message")["seq"] == 1
+        chat.engine.chat = chat
+        with structured(chat, nick="new") as new:
+            welcome = recv_json(new, "welcome")
+            chat.engine.chat = None
+            chat.post("m3", nick="ci")
+            assert [record["text"] for record in welcome["history"]] == ["said during read 1"]
+            assert recv_json(new, "message")["text"] == "m3"
+    assert chat.engine.reads == 1
+    assert "misses some" not in caplog.text
 
 # -- the memory engine delivers a loop pass's messages as one batch -----------------------
 

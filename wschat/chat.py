@@ -56,6 +56,9 @@ DEFAULT_WELCOME = "Welcome to Corvusoft Chat!"
 DEFAULT_ROOM = "main"
 GUEST_TRIES = 1000  # guest names tried before a newcomer is told to come back later
 GREET_TRIES = 3  # history reads before a newcomer is greeted with what there is (see LocalRoom.catch_up)
+# Messages a room here keeps at least, however little history is kept: what is
+# delivered between a newcomer's history read and its greeting (see LocalRoom.catch_up).
+RECENT_FLOOR = 64
 DEFAULT_MAX_HISTORY_BYTES = 32 << 10  # 50 typical messages fit 3 times over; long ones are cut to the newest
 TRY_AGAIN_LATER = 1013  # close code (IANA registry): the chat's engine cannot be reached
 
@@ -225,7 +228,8 @@ class Chat:
         with self._lock:
             local = self.rooms.get(name)
             if local is None:
-                local = self.rooms[name] = LocalRoom(name, self.server.broadcast, deque(maxlen=self.history_size))
+                recent: deque[tuple[int, Event | bytes]] = deque(maxlen=max(self.history_size, RECENT_FLOOR))
+                local = self.rooms[name] = LocalRoom(name, self.server.broadcast, recent)
             local.joining += 1  # keeps the room here, and subscribed, until it is greeted
         claim, subscribed = None, False
         try:
