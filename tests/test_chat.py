@@ -12,7 +12,7 @@ from websockets.sync.client import connect
 
 from wschat import HandshakeError
 from wschat.chat import DEFAULT_WELCOME, RECENT_FLOOR, Chat, ChatLimits
-from wschat.engine import MemoryEngine, Messages
+from wschat.engine import History, MemoryEngine, Messages
 from wschat.frames import Opcode, encode_frame
 
 from .helpers import RawClient, start_server, wait_until
@@ -753,6 +753,35 @@ def test_with_no_history_kept_a_newcomer_still_meets_the_live_messages_at_the_fi
             assert recv_json(new, "message")["text"] == "m3"
     assert chat.engine.reads == 1
     assert "misses some" not in caplog.text
+
+
+def test_a_history_read_in_a_sequence_the_room_has_left_is_read_again(make_chat):
+    """A newcomer's history read just before the engine lost the room (as a
+    Redis without persistence restarting does), greeted after the room here
+    followed the new sequence: it is read again, rather than take the room
+    back to the old sequence (members would be told of two new epochs)."""
+
+    class Stale(MemoryEngine):
+        stale, reads = None, 0
+
+        def history(self, room, since=None, epoch=None):
+            self.reads += 1
+            stale, self.stale = self.stale, None
+            return stale or super().history(room, since, epoch)
+
+    chat = make_chat(welcome="", engine=Stale(), workers=2)
+    with structured(chat, nick="stays") as stays:
+        epoch = recv_json(stays, "welcome")["epoch"]
+        chat.post("m1", nick="ci")
+        assert recv_json(stays, "message")["seq"] == 1
+        chat.engine.stale, chat.engine.reads = History("left", 9, [], False), 0
+        with structured(chat, nick="new") as new:
+            welcome = recv_json(new, "welcome")
+            chat.post("m2", nick="ci")
+            assert recv_json(new, "message")["seq"] == 2
+            assert [json.loads(stays.recv(timeout=5))["type"] for _ in range(2)] == ["join", "message"]
+    assert welcome["epoch"] == epoch and [record["seq"] for record in welcome["history"]] == [1]
+    assert chat.engine.reads == 2
 
 # -- the memory engine delivers a loop pass's messages as one batch -----------------------
 

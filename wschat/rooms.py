@@ -151,7 +151,12 @@ class LocalRoom:
         messages that follow.  False (and nothing done) when ``history`` is
         too old for that (see ``catch_up``): the member reads it again; with
         ``whole`` False, it is greeted with what there is (and a returning
-        one is told it missed some)."""
+        one is told it missed some).  A history of another sequence than the
+        one followed here is read again too: it may be older (read before the
+        engine lost the room's messages), and following it would take the
+        room back to a sequence it has left; only a last read is followed."""
+        if whole and self.epoch is not None and history.epoch != self.epoch:
+            return False
         records, complete = self.catch_up(history)
         if not complete:
             if whole:
