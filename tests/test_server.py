@@ -351,6 +351,34 @@ def test_send_from_another_thread_waits_then_times_out():
         server.stop()
 
 
+
+def system_thread_name(native_id: int | None = None) -> str:
+    with open(f"/proc/self/task/{native_id or threading.get_native_id()}/comm") as comm:
+        return comm.read().strip()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="threads are named for the system with Linux's prctl")
+def test_the_threads_a_server_starts_carry_their_names_into_the_system():
+    """``top -H``, ``perf`` and tools/bench.py tell the loop from the handler
+    pool by the names the system shows; the caller's thread keeps its own."""
+    server = start_server(workers=2)
+    names = {}
+
+    def on_message(conn, message):
+        names["handler"] = system_thread_name()
+        conn.send("named")
+
+    server.resource("/chat", on_message=on_message)
+    try:
+        with connect(url(server)) as ws:
+            ws.send("who")
+            assert ws.recv(timeout=5) == "named"
+        loop = server._thread.native_id
+        assert system_thread_name(loop) == "wschat-loop" and names["handler"] == "wschat-handler_"
+        assert system_thread_name() != "wschat-loop"
+    finally:
+        server.stop()
+
 # -- handlers on a worker pool ---------------------------------------------------
 
 

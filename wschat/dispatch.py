@@ -28,6 +28,7 @@ from .errors import ConnectionClosed, WebSocketError
 from .frames import CloseCode
 from .handoff import Handoff
 from .metrics import Metrics
+from .osthread import name_this_thread
 from .protocol import (
     CLOSING,
     OPEN,
@@ -204,6 +205,7 @@ class PoolDispatcher(InlineDispatcher):
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="wschat-handler", initializer=self._enter)
 
     def _enter(self) -> None:
+        name_this_thread()
         _worker.dispatcher = self
 
     def is_worker_thread(self) -> bool:

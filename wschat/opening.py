@@ -24,6 +24,7 @@ from .errors import HandshakeError
 from .handshake import Request
 from .logsafe import quoted
 from .metrics import Metrics
+from .osthread import name_this_thread
 from .protocol import RequestReceived, RequestRefused
 
 log = logging.getLogger("wschat")
@@ -77,6 +78,7 @@ class Opener:
                        if hook_threads else None)
 
     def _enter(self) -> None:
+        name_this_thread()
         _hook_thread.opener = self
 
     def is_hook_thread(self) -> bool:

@@ -14,6 +14,7 @@ from typing import Callable, Iterable
 
 from .connection import Connection
 from .frames import CloseCode, Opcode
+from .osthread import name_this_thread
 from .outbound import PreparedMessage
 
 log = logging.getLogger("wschat")
@@ -66,6 +67,7 @@ class Pinger:
             self._timer.start()
 
     def _tick(self) -> None:
+        name_this_thread()
         try:
             now = time.monotonic()
             alive = []

@@ -52,6 +52,7 @@ from . import checks
 from .dialect import Event, now_ms
 from .engine import ADDED, JOINED, TAKEN, Claim, Deliver, Delivery, EngineUnavailable, Failed, History, Lines, Records
 from .logsafe import quoted, without_password
+from .osthread import name_this_thread
 from .redis_nodes import Address, Nodes
 from .redis_publisher import Publisher, Waiter, utf8_size
 from .redis_store import MAX_BATCH, RedisStore, event_item, message_item, message_lines, seq_of
@@ -329,6 +330,7 @@ class RedisEngine:
     # -- the engine's thread: subscriptions and publishing ------------------------------------
 
     def _run(self) -> None:
+        name_this_thread()
         delay = 0.0  # before connecting again: none after a mere drop, backing off while Redis is down
         while not self._stopping.is_set():
             subscriptions: dict[Address, RespConnection] = {}
