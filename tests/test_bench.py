@@ -31,6 +31,7 @@ def chat_port():
 def test_smoke_run_of_every_scenario(bench, chat_port):
     figures = bench.run_fanout(chat_port, clients=3, messages=10, size=64, window=2, pid=os.getpid())
     assert figures["deliveries/s"] > 0 and figures["p99 ms"] >= figures["p50 ms"] > 0
+    assert figures[bench.THREAD + "wschat-loop"] > 0  # the CPU of the server's threads, told apart by name
     assert bench.run_fanout(chat_port, clients=2, messages=3, size=70000, window=1)["MB/s"] > 0
     idle = bench.run_idle(chat_port, 20, os.getpid())
     assert idle["handshakes/s"] > 0 and idle["broadcast ms"] > 0

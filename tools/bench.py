@@ -427,6 +427,7 @@ def run_fanout(port: int, clients: int = 50, messages: int = 200, size: int = 64
             selector.register(peer.sock, selectors.EVENT_READ, peer)
         start = last = time.perf_counter()
         cpu_start, server_start, broker_start = time.process_time(), cpu_seconds(pid), cpu_seconds(broker)
+        threads_start = thread_cpu(pid)
         for peer in peers:
             pump(peer, start)
         remaining = len(peers)
@@ -458,6 +459,7 @@ def run_fanout(port: int, clients: int = 50, messages: int = 200, size: int = 64
         loadgen_cpu = time.process_time() - cpu_start
         server_cpu = cpu_seconds(pid) - server_start
         broker_cpu = cpu_seconds(broker) - broker_start
+        threads = {name: seconds - threads_start.get(name, 0.0) for name, seconds in thread_cpu(pid).items()}
         for peer in peers:
             tags_seen = peer.tags if read is not read_bulk else tags_of(b"".join(peer.chunks), size, peer.index)
             verify_tags(peer.index, tags_seen, size, clients, messages)
@@ -480,23 +482,58 @@ def run_fanout(port: int, clients: int = 50, messages: int = 200, size: int = 64
         figures["CPU/redis CPU"] = server_cpu / broker_cpu if broker_cpu else 0.0
     figures["CPU us/deliv"] = 1e6 * (server_cpu + broker_cpu) / deliveries  # the server's and its broker's
     figures["loadgen CPU %"] = 100 * loadgen_cpu / elapsed
+    for name, seconds in threads.items():  # where a message's CPU goes: see print_costs
+        figures[THREAD + name] = 1e6 * seconds / (clients * messages)
     return figures
 
 
 def cpu_seconds(pid: int | None) -> float:
     """User and system CPU seconds of process ``pid`` and its running children
     (``--processes``) so far (0 without one)."""
+    total = 0.0
+    for process in process_tree(pid):
+        with open(f"/proc/{process}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def process_tree(pid: int | None) -> list[int]:
+    """``pid`` and its running children, theirs and so on (none without ``pid``)."""
     if pid is None:
-        return 0.0
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rsplit(")", 1)[1].split()
+        return []
     try:
         with open(f"/proc/{pid}/task/{pid}/children") as listing:
             children = [int(child) for child in listing.read().split()]
     except OSError:
         children = []
-    own = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return own + sum(cpu_seconds(child) for child in children)
+    return [pid] + [process for child in children for process in process_tree(child)]
+
+
+THREAD = "thread "  # the figures of one kind of thread: CPU us a message
+
+
+def thread_cpu(pid: int | None) -> dict[str, float]:
+    """CPU seconds so far of each kind of thread of process ``pid`` and its
+    children, by the name the system shows (wschat names the threads it
+    starts: ``wschat-loop``, ``wschat-redis``, ``wschat-handler_3`` counted as
+    ``wschat-handler``...; a main thread shows the program's name)."""
+    found: dict[str, float] = {}
+    for process in process_tree(pid):
+        try:
+            tasks = os.listdir(f"/proc/{process}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{process}/task/{task}/comm") as comm:
+                    name = comm.read().strip().rstrip("_0123456789") or "?"
+                with open(f"/proc/{process}/task/{task}/schedstat") as schedstat:
+                    seconds = int(schedstat.read().split()[0]) / 1e9
+            except (OSError, ValueError, IndexError):
+                continue  # (ended meanwhile, or a kernel without schedstat)
+            found[name] = found.get(name, 0.0) + seconds
+    return found
 
 
 def rss_kib(pid: int) -> int:
@@ -831,7 +868,8 @@ def main(argv=None) -> int:
                 for figure, value in figures.items():
                     results.setdefault((scenario, figure), {}).setdefault(name, []).append(value)
                 print(f"round {round_number + 1}: {scenario:10} {name:13} " +
-                      "  ".join(f"{k} {v:,.{2 if v < 10 else 1}f}" for k, v in figures.items()), file=sys.stderr, flush=True)
+                      "  ".join(f"{k} {v:,.{2 if v < 10 else 1}f}" for k, v in figures.items()
+                                if not k.startswith(THREAD)), file=sys.stderr, flush=True)
     if REDIS is not None:
         REDIS.stop()
     print_table(results, servers, failed, args.reference)
@@ -848,6 +886,8 @@ def print_table(results: dict, servers: list[str], failed: set, reference: str =
         header += "".join(f"{s + '/ref':>{width[s] + 4}}" for s in others)
     print(header)
     for (scenario, figure), by_server in results.items():
+        if figure.startswith(THREAD):
+            continue  # (print_costs gives them)
         medians = {s: statistics.median(v) for s, v in by_server.items() if (scenario, s) not in failed}
         line = f"{scenario:10} {figure:13}" + "".join(
             f"{medians[s]:{width[s]},.{2 if medians[s] < 10 else 1}f}" if s in medians
@@ -874,10 +914,9 @@ def paired_ratio(values: list[float], reference: list[float]) -> float | None:
 def print_costs(results: dict, servers: list[str]) -> None:
     """CPU per message, wschat's and redis-server's apart, from fanout (50
     members) and fanout-10 (10 members, as many messages): the inputs of the
-    scaling model in README.rst."""
+    scaling model in README.rst; and where wschat's goes, thread by thread."""
     rows = []
     for name in servers:
-        row = ""
         for scenario, members in (("fanout", 50), ("fanout-10", 10)):
             try:
                 total = statistics.median(results[scenario, "CPU us/deliv"][name]) * members
@@ -885,9 +924,13 @@ def print_costs(results: dict, servers: list[str]) -> None:
             except KeyError:
                 continue
             broker = statistics.median(results.get((scenario, "redis CPU %"), {}).get(name, [0])) * 1e4 / rate
-            row += f"   {scenario}: wschat {total - broker:5.1f}, redis-server {broker:4.1f}"
-        if row:
-            rows.append(f"{name:20}{row}")
+            threads = sorted(((statistics.median(values[name]), figure[len(THREAD):])
+                              for (row_scenario, figure), values in results.items()
+                              if row_scenario == scenario and figure.startswith(THREAD) and name in values),
+                             reverse=True)
+            where = ", ".join(f"{thread} {cost:.2f}" for cost, thread in threads if cost >= 0.005)
+            rows.append(f"{name:20} {scenario:9}  wschat {total - broker:5.1f}, redis-server {broker:4.1f}"
+                        + (f"   (wschat by thread: {where})" if where else ""))
     if rows:
         print("\nCPU per message, in us (all its deliveries included):")
         print("\n".join(rows))
