@@ -624,13 +624,15 @@ def test_gap_free_reconnect_with_the_memory_engine(make_chat):
     check_gap_free_reconnect(chat, chat)
 
 
-def test_a_plain_client_gets_what_was_said_while_it_joined(make_chat):
+@pytest.mark.parametrize("history", [50, 0])
+def test_a_plain_client_gets_what_was_said_while_it_joined(make_chat, history):
     """Its handshake answered, a client gets every later message, even one
-    said while the chat was still joining it (on a worker, waiting for its engine)."""
+    said while the chat was still joining it (on a worker, waiting for its
+    engine), and even with no history kept (the room here holds it)."""
 
     class SlowToJoin(MemoryEngine):
         def __init__(self):
-            super().__init__()
+            super().__init__(history)
             self.joining, self.go_on = threading.Event(), threading.Event()
 
         def subscribe(self, room):
@@ -782,6 +784,25 @@ def test_a_history_read_in_a_sequence_the_room_has_left_is_read_again(make_chat)
             assert [json.loads(stays.recv(timeout=5))["type"] for _ in range(2)] == ["join", "message"]
     assert welcome["epoch"] == epoch and [record["seq"] for record in welcome["history"]] == [1]
     assert chat.engine.reads == 2
+
+
+def test_a_client_back_soon_gets_what_it_missed_from_the_room_here_with_no_history_kept(make_chat):
+    """``--history 0``: a wschat.v1 client that comes back to this process
+    while the room still has members here gets the messages it missed from
+    what the room holds, and is not told it missed any."""
+    chat = make_chat(welcome="", engine=MemoryEngine(history=0))
+    with structured(chat, nick="stays") as stays:
+        epoch = recv_json(stays, "welcome")["epoch"]
+        with structured(chat, nick="away") as away:
+            recv_json(away, "welcome")
+            chat.post("m1", nick="ci")
+            assert recv_json(away, "message")["seq"] == 1
+        for text in ("m2", "m3"):
+            chat.post(text, nick="ci")
+        welcome = json.loads(connect_and_welcome(chat, f"?nick=back&since=1&epoch={epoch}"))
+        assert [record["text"] for record in welcome["history"]] == ["m2", "m3"] and welcome["missed"] is False
+        gone = json.loads(connect_and_welcome(chat, f"?nick=late&since=1&epoch=another"))
+    assert gone["history"] == [] and gone["missed"] is True  # (a number of another sequence: nothing to fill)
 
 # -- the memory engine delivers a loop pass's messages as one batch -----------------------
 

@@ -205,9 +205,9 @@ def test_a_newcomers_catch_up_decodes_only_what_was_delivered_after_its_history(
     local, _ = room
     local.deliver([Lines("e1", 1, [line_of(f"m{seq}", seq=seq) for seq in range(1, 5)])])
     history = History("e1", 2, [{"seq": 1, "text": "m1"}, {"seq": 2, "text": "m2"}], False)
-    caught, whole = local.catch_up(history)
+    caught, whole, missed = local.catch_up(history)
     assert [(record["seq"], record["text"]) for record in caught] == [(1, "m1"), (2, "m2"), (3, "m3"), (4, "m4")]
-    assert whole
+    assert whole and not missed
 
 
 def test_a_newcomers_history_older_than_what_the_room_holds_is_not_whole(room):
@@ -218,10 +218,30 @@ def test_a_newcomers_history_older_than_what_the_room_holds_is_not_whole(room):
 
     local, _ = room
     local.deliver([Lines("e1", 1, [line_of(f"m{seq}", seq=seq) for seq in range(1, 9)])])  # keeps 4-8
-    records, whole = local.catch_up(History("e1", 2, [{"seq": 1, "text": "m1"}, {"seq": 2, "text": "m2"}], False))
+    records, whole, _ = local.catch_up(History("e1", 2, [{"seq": 1, "text": "m1"}, {"seq": 2, "text": "m2"}], False))
     assert [record["seq"] for record in records] == [1, 2, 4, 5, 6, 7, 8] and not whole and local.seq == 8
-    records, whole = local.catch_up(History("e1", 3, [], False))
+    records, whole, _ = local.catch_up(History("e1", 3, [], False))
     assert [record["seq"] for record in records] == [4, 5, 6, 7, 8] and whole
+
+
+def test_what_the_engine_no_longer_keeps_after_since_comes_from_what_the_room_holds(room):
+    """A newcomer that saw up to ``since`` (a plain client at its handshake, a
+    client coming back), where the engine keeps too little history: the
+    messages after it that the room here still holds fill the gap, and it
+    missed some only if they do not."""
+    from wschat.engine import History
+
+    local, _ = room
+    local.deliver([Lines("e1", 1, [line_of(f"m{seq}", seq=seq) for seq in range(1, 9)])])  # keeps 4-8
+    nothing_kept = History("e1", 8, [], True)
+    records, whole, missed = local.catch_up(nothing_kept, ("e1", 5))
+    assert [record["seq"] for record in records] == [6, 7, 8] and whole and not missed
+    records, _, missed = local.catch_up(nothing_kept, ("e1", 2))  # 3 is gone here too
+    assert [record["seq"] for record in records] == [4, 5, 6, 7, 8] and missed
+    records, _, missed = local.catch_up(History("e1", 8, [{"seq": 8, "text": "m8"}], True), ("e1", 6))
+    assert [record["seq"] for record in records] == [7, 8] and not missed
+    records, _, missed = local.catch_up(nothing_kept, ("e0", 5))  # another sequence's number: nothing to fill
+    assert records == [] and missed
 
 
 def test_no_speedups_reads_texts_in_python(monkeypatch):

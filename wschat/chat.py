@@ -250,7 +250,8 @@ class Chat:
                     with self._lock:
                         if local.greet(member, self.welcome, history, users, arrival,
                                        returning=structured and since is not None,
-                                       max_history_bytes=self.max_history_bytes, whole=bool(tries_left)):
+                                       max_history_bytes=self.max_history_bytes, whole=bool(tries_left),
+                                       since=None if since is None or epoch is None else (epoch, since)):
                             conn.context = member
                             if problem and structured:
                                 self._notify(member, "nick_refused", f"{problem}; you are {nick}")

@@ -142,13 +142,14 @@ class LocalRoom:
         return not self.members and not self.joining
 
     def greet(self, member: Member, welcome: str, history: History, users: list[str] | None,
-              arrival: Arrival, returning: bool, max_history_bytes: int = 0, whole: bool = True) -> bool:
+              arrival: Arrival, returning: bool, max_history_bytes: int = 0, whole: bool = True,
+              since: tuple[str, int] | None = None) -> bool:
         """Welcome a member that finished joining, and count it in: in
         wschat.v1 with the room's ``users`` and its history (or what it
         missed, when ``returning``), the newest within ``max_history_bytes``;
         plain, with the welcome text and any message said since its handshake
-        was answered.  Nothing is lost or doubled between that and the live
-        messages that follow.  False (and nothing done) when ``history`` is
+        was answered (``since``: the (epoch, seq) it saw up to, when it did).
+        Nothing is lost or doubled between that and the live messages that follow.  False (and nothing done) when ``history`` is
         too old for that (see ``catch_up``): the member reads it again; with
         ``whole`` False, it is greeted with what there is (and a returning
         one is told it missed some).  A history of another sequence than the
@@ -157,7 +158,7 @@ class LocalRoom:
         room back to a sequence it has left; only a last read is followed."""
         if whole and self.epoch is not None and history.epoch != self.epoch:
             return False
-        records, complete = self.catch_up(history)
+        records, complete, missed = self.catch_up(history, since)
         if not complete:
             if whole:
                 return False
@@ -170,7 +171,7 @@ class LocalRoom:
             event: Event = {"type": "welcome", "text": welcome, "room": self.name, "nick": member.nick,
                             "epoch": history.epoch, "users": sorted({*(users or ()), member.nick}), "history": kept}
             if returning:
-                event["missed"] = history.missed or cut or not complete
+                event["missed"] = missed or cut or not complete
             if member.identified:
                 event["identified"] = True
             conn.send(encode(event))
@@ -182,20 +183,32 @@ class LocalRoom:
         self.add(member)
         return True
 
-    def catch_up(self, history: History) -> tuple[list[Event], bool]:
+    def catch_up(self, history: History, since: tuple[str, int] | None = None) -> tuple[list[Event], bool, bool]:
         """A newcomer's history, seamless with what is delivered here next:
         the engine's records, then the messages delivered here since it read
-        them, cut where delivery stands (the rest comes live); and whether
-        that is whole.  It is not when the room stands past ``history`` by
-        messages it does not hold: more than ``recent`` keeps, or ones it
-        never delivered, when an earlier newcomer's newer history set where
-        it stands (newcomers read the history at once, and are greeted in
-        turn).  (Where delivery stands moves only when it was not set.)"""
+        them, cut where delivery stands (the rest comes live); whether that
+        is whole; and whether the newcomer missed some after ``since``.
+
+        It is not whole when the room stands past ``history`` by messages it
+        does not hold: more than ``recent`` keeps, or ones it never
+        delivered, when an earlier newcomer's newer history set where it
+        stands (newcomers read the history at once, and are greeted in
+        turn).  What the engine no longer keeps after ``since`` comes from
+        ``recent`` when it is there: with little history kept, the messages
+        said while a plain client joined, or while a client that comes back
+        here was away.  (Where delivery stands moves only when it was not set.)"""
         self.follow_epoch(history.epoch)
         limit = self.seq = self.seq if self.seq is not None else history.seq
         later = [kept for seq, kept in self.recent if history.seq < seq <= limit]
         records = [record for record in history.records if record["seq"] <= limit]
-        return records + [*map(record_of, later)], len(later) >= limit - history.seq
+        missed = history.missed
+        if since is not None and (since[0] == history.epoch or not since[1]) and since[1] <= history.seq:
+            # Between since and the engine's first record (any past where delivery stands here come live).
+            gap_end = min(history.records[0]["seq"] if history.records else history.seq + 1, limit + 1)
+            earlier = [kept for seq, kept in self.recent if since[1] < seq < gap_end]
+            records[:0] = map(record_of, earlier)
+            missed = missed and len(earlier) < gap_end - since[1] - 1
+        return records + [*map(record_of, later)], len(later) >= limit - history.seq, missed
 
     def follow_epoch(self, epoch: str) -> None:
         """The room's sequence of messages began anew (its engine lost it, as
