@@ -148,14 +148,15 @@ class LocalRoom:
         wschat.v1 with the room's ``users`` and its history (or what it
         missed, when ``returning``), the newest within ``max_history_bytes``;
         plain, with the welcome text and any message said since its handshake
-        was answered (``since``: the (epoch, seq) it saw up to, when it did).
-        Nothing is lost or doubled between that and the live messages that follow.  False (and nothing done) when ``history`` is
-        too old for that (see ``catch_up``): the member reads it again; with
-        ``whole`` False, it is greeted with what there is (and a returning
-        one is told it missed some).  A history of another sequence than the
-        one followed here is read again too: it may be older (read before the
-        engine lost the room's messages), and following it would take the
-        room back to a sequence it has left; only a last read is followed."""
+        was answered (``since``: the (epoch, seq) it saw up to, if any).
+        Nothing is lost or doubled between that and the live messages that
+        follow.  False (and nothing done) when ``history`` is too old for
+        that (see ``catch_up``): the member reads it again; with ``whole``
+        False, it is greeted with what there is (and a returning one is told
+        it missed some).  A history of another sequence than the one followed
+        here is read again too: it may be older (read before the engine lost
+        the room's messages), and following it would take the room back to a
+        sequence it has left; only a last read is followed."""
         if whole and self.epoch is not None and history.epoch != self.epoch:
             return False
         records, complete, missed = self.catch_up(history, since)
