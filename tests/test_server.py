@@ -379,6 +379,21 @@ def test_the_threads_a_server_starts_carry_their_names_into_the_system():
     finally:
         server.stop()
 
+
+def test_thread_names_stay_pythons_alone_where_the_system_cannot_take_them(monkeypatch):
+    """Elsewhere than on Linux, or with a C library that has no prctl or
+    cannot be loaded, naming a thread does nothing, and fails nothing."""
+    from wschat import osthread
+
+    def unloadable(name):
+        raise OSError("no such library")
+
+    assert osthread._prctl("darwin") is None
+    assert osthread._prctl("linux", lambda name: object()) is None  # no prctl in it
+    assert osthread._prctl("linux", unloadable) is None
+    monkeypatch.setattr(osthread, "_set_name", None)
+    osthread.name_this_thread()
+
 # -- handlers on a worker pool ---------------------------------------------------
 
 

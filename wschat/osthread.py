@@ -12,17 +12,18 @@ from __future__ import annotations
 import ctypes
 import sys
 import threading
-from typing import Any
+from typing import Any, Callable
 
 _PR_SET_NAME = 15
 _NAME_BYTES = 15  # the kernel keeps 16 bytes, the last one NUL
 
 
-def _prctl() -> Any:
-    if not sys.platform.startswith("linux"):
+def _prctl(platform: str = sys.platform, library: Callable[[None], Any] = ctypes.CDLL) -> Any:
+    """libc's ``prctl``, on Linux, where it is found; else None."""
+    if not platform.startswith("linux"):
         return None
     try:
-        return ctypes.CDLL(None).prctl
+        return library(None).prctl
     except (OSError, AttributeError):
         return None
 
