@@ -723,7 +723,6 @@ def test_a_returning_client_whose_history_stays_too_old_is_told_it_missed_some(m
     assert "a newcomer's history ends at 2, before messages this process no longer holds" in caplog.text
 
 
-
 def test_with_no_history_kept_a_newcomer_still_meets_the_live_messages_at_the_first_read(make_chat, caplog):
     """``--history 0``: what is delivered here while a newcomer reads where
     the room stands is still kept (``RECENT_FLOOR``), so its welcome and the
@@ -801,8 +800,9 @@ def test_a_client_back_soon_gets_what_it_missed_from_the_room_here_with_no_histo
             chat.post(text, nick="ci")
         welcome = json.loads(connect_and_welcome(chat, f"?nick=back&since=1&epoch={epoch}"))
         assert [record["text"] for record in welcome["history"]] == ["m2", "m3"] and welcome["missed"] is False
-        gone = json.loads(connect_and_welcome(chat, f"?nick=late&since=1&epoch=another"))
+        gone = json.loads(connect_and_welcome(chat, "?nick=late&since=1&epoch=another"))
     assert gone["history"] == [] and gone["missed"] is True  # (a number of another sequence: nothing to fill)
+
 
 # -- the memory engine delivers a loop pass's messages as one batch -----------------------
 
