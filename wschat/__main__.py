@@ -13,7 +13,7 @@ from typing import Sequence
 
 from .cli import (STOP_SIGNALS, SetupError, apply_scheduling, build, parse_args, raise_descriptor_limit, ready_line,
                   setting_problem)
-from .osthread import name_this_thread
+from .osthread import named
 from .supervisor import supervise
 
 
@@ -67,13 +67,12 @@ def watch_parent(parent: int) -> None:
     (killed without a chance to stop it)."""
 
     def watch() -> None:
-        name_this_thread()
         while os.getppid() == parent:
             time.sleep(1.0)
         logging.getLogger("wschat").warning("the supervising process %d is gone: stopping", parent)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    threading.Thread(target=watch, name="wschat-parent-watch", daemon=True).start()
+    threading.Thread(target=named(watch), name="wschat-parent-watch", daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -245,13 +245,14 @@ class Chat:
                     since, epoch = None, None
                 member = Member(conn, local, nick, holder, structured, identified, tokens=float(self.limits.burst))
                 users = self.engine.users(name) if structured else None  # O(members): for those who get it
+                seen = None if since is None or epoch is None else (epoch, since)
                 for tries_left in reversed(range(GREET_TRIES)):  # (read again: see LocalRoom.catch_up)
                     history = self.engine.history(name, since, epoch)
                     with self._lock:
                         if local.greet(member, self.welcome, history, users, arrival,
                                        returning=structured and since is not None,
                                        max_history_bytes=self.max_history_bytes, whole=bool(tries_left),
-                                       since=None if since is None or epoch is None else (epoch, since)):
+                                       since=seen):
                             conn.context = member
                             if problem and structured:
                                 self._notify(member, "nick_refused", f"{problem}; you are {nick}")

@@ -28,7 +28,7 @@ from .errors import ConnectionClosed, WebSocketError
 from .frames import CloseCode
 from .handoff import Handoff
 from .metrics import Metrics
-from .osthread import name_this_thread
+from .osthread import named
 from .protocol import (
     CLOSING,
     OPEN,
@@ -202,10 +202,9 @@ class PoolDispatcher(InlineDispatcher):
         self.max_pending = max(1, max_pending)
         self._budget = budget
         self._busy: set[Connection] = set()  # those with calls waiting or running (set ops are atomic)
-        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="wschat-handler", initializer=self._enter)
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="wschat-handler", initializer=named(self._enter))
 
     def _enter(self) -> None:
-        name_this_thread()
         _worker.dispatcher = self
 
     def is_worker_thread(self) -> bool:

@@ -24,7 +24,7 @@ from .errors import HandshakeError
 from .handshake import Request
 from .logsafe import quoted
 from .metrics import Metrics
-from .osthread import name_this_thread
+from .osthread import named
 from .protocol import RequestReceived, RequestRefused
 
 log = logging.getLogger("wschat")
@@ -74,11 +74,10 @@ class Opener:
         self._loop = loop
         self._submit = submit
         self._metrics = metrics
-        self._hooks = (ThreadPoolExecutor(hook_threads, thread_name_prefix="wschat-authorize", initializer=self._enter)
+        self._hooks = (ThreadPoolExecutor(hook_threads, thread_name_prefix="wschat-authorize", initializer=named(self._enter))
                        if hook_threads else None)
 
     def _enter(self) -> None:
-        name_this_thread()
         _hook_thread.opener = self
 
     def is_hook_thread(self) -> bool:

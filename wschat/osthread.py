@@ -12,8 +12,10 @@ from __future__ import annotations
 import ctypes
 import sys
 import threading
-from typing import Any, Callable
+from typing import Any, Callable, ParamSpec, TypeVar
 
+P = ParamSpec("P")
+T = TypeVar("T")
 _PR_SET_NAME = 15
 _NAME_BYTES = 15  # the kernel keeps 16 bytes, the last one NUL
 
@@ -37,3 +39,14 @@ def name_this_thread() -> None:
     threads wschat starts only: the main thread's name is the process's."""
     if _set_name is not None:
         _set_name(_PR_SET_NAME, threading.current_thread().name.encode("utf-8")[:_NAME_BYTES], 0, 0, 0)
+
+
+def named(target: Callable[P, T]) -> Callable[P, T]:
+    """``target``, naming the thread it runs on first: what wschat gives the
+    threads it starts (``Thread(target=named(...))``, a pool's initializer)."""
+
+    def run(*args: P.args, **kwargs: P.kwargs) -> T:
+        name_this_thread()
+        return target(*args, **kwargs)
+
+    return run

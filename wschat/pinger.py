@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 
 from .connection import Connection
 from .frames import CloseCode, Opcode
-from .osthread import name_this_thread
+from .osthread import named
 from .outbound import PreparedMessage
 
 log = logging.getLogger("wschat")
@@ -61,13 +61,12 @@ class Pinger:
         with self._lock:
             if self.interval <= 0 or self._stopped:
                 return
-            self._timer = threading.Timer(self.interval, self._tick)
+            self._timer = threading.Timer(self.interval, named(self._tick))
             self._timer.name = "wschat-ping"
             self._timer.daemon = True
             self._timer.start()
 
     def _tick(self) -> None:
-        name_this_thread()
         try:
             now = time.monotonic()
             alive = []

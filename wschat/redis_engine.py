@@ -52,7 +52,7 @@ from . import checks
 from .dialect import Event, now_ms
 from .engine import ADDED, JOINED, TAKEN, Claim, Deliver, Delivery, EngineUnavailable, Failed, History, Lines, Records
 from .logsafe import quoted, without_password
-from .osthread import name_this_thread
+from .osthread import named
 from .redis_nodes import Address, Nodes
 from .redis_publisher import Publisher, Waiter, utf8_size
 from .redis_store import MAX_BATCH, RedisStore, event_item, message_item, message_lines, seq_of
@@ -160,7 +160,7 @@ class RedisEngine:
         except (redis.RedisError, ReplyError) as exc:  # a wrong password, a database that does not exist...
             raise EngineUnavailable(f"Redis at {self.url} refused: {exc}") from None
         self._stopping.clear()
-        self._thread = threading.Thread(target=self._run, name="wschat-redis", daemon=True)
+        self._thread = threading.Thread(target=named(self._run), name="wschat-redis", daemon=True)
         self._thread.start()
 
     def flush(self, timeout: float) -> None:
@@ -330,7 +330,6 @@ class RedisEngine:
     # -- the engine's thread: subscriptions and publishing ------------------------------------
 
     def _run(self) -> None:
-        name_this_thread()
         delay = 0.0  # before connecting again: none after a mere drop, backing off while Redis is down
         while not self._stopping.is_set():
             subscriptions: dict[Address, RespConnection] = {}

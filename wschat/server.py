@@ -27,7 +27,7 @@ from .files import DEFAULT_PAGE_POLICY
 from .handshake import DEFAULT_MAX_HEADER_SIZE, Extension, Request, text_response
 from .loop import Loop
 from .metrics import Metrics
-from .osthread import name_this_thread
+from .osthread import named
 from .outbound import PreparedMessage
 from .protocol import DEFAULT_MAX_MESSAGE_SIZE
 from .resources import Resource
@@ -302,7 +302,7 @@ class Server:
         Starting a server that runs already does nothing."""
         loop = self._new_loop()
         if loop is not None:
-            self._thread = threading.Thread(target=self._serve, args=(loop, True), name="wschat-loop", daemon=True)
+            self._thread = threading.Thread(target=named(self._serve), args=(loop,), name="wschat-loop", daemon=True)
             self._thread.start()
         return self
 
@@ -334,9 +334,7 @@ class Server:
                 loop.add_idle_hook(hook)
             return loop
 
-    def _serve(self, loop: Loop, own_thread: bool = False) -> None:
-        if own_thread:
-            name_this_thread()
+    def _serve(self, loop: Loop) -> None:
         log.debug("listening on %s", self.url or "no port: connections are handed over")
         try:
             loop.run()
