@@ -6,7 +6,6 @@ delivered by a ``LocalRoom`` to its plain and wschat.v1 members."""
 
 import json
 import random
-from collections import deque
 
 import pytest
 
@@ -15,7 +14,7 @@ from wschat.dialect import encode, message_record, text_of, texts_of
 from wschat.engine import Lines, Records, record_of
 from wschat.frames import Opcode, frame_header
 from wschat.redis_store import message_lines_python
-from wschat.rooms import LocalRoom
+from wschat.rooms import LocalRoom, Recent
 
 from .conftest import _speedups
 
@@ -176,7 +175,7 @@ class Members:
 @pytest.fixture
 def room():
     members = Members()
-    local = LocalRoom("lobby", members, deque(maxlen=5))
+    local = LocalRoom("lobby", members, Recent(5, 1 << 20))
     members.room = local
     local.plain[object()] = None
     local.structured[object()] = None
@@ -222,6 +221,28 @@ def test_a_newcomers_history_older_than_what_the_room_holds_is_not_whole(room):
     assert [record["seq"] for record in records] == [1, 2, 4, 5, 6, 7, 8] and not whole and local.seq == 8
     records, whole, _ = local.catch_up(History("e1", 3, [], False))
     assert [record["seq"] for record in records] == [4, 5, 6, 7, 8] and whole
+
+
+def test_what_a_room_holds_is_bounded_in_weight_as_well_as_in_number():
+    """However long its messages, a room here holds no more than ``max_bytes``
+    of them (the newest), and a newcomer whose history ends before them is
+    read again, as when the room holds too few."""
+    from wschat.engine import History
+
+    recent = Recent(64, 1000)
+    local = LocalRoom("lobby", Members(), recent)
+    local.epoch, local.seq = "e1", 0
+    local.deliver([Lines("e1", 1, [line_of(f"m{seq}", seq=seq) for seq in range(1, 11)])])  # short: all ten fit
+    assert [seq for seq, _ in recent] == list(range(1, 11)) and recent.size == sum(len(kept) for _, kept in recent)
+    long_lines = [line_of(f"{seq} " + "x" * 200, seq=seq) for seq in range(11, 15)]  # 3 fit, not 4
+    local.deliver([Lines("e1", 11, long_lines)])
+    assert [seq for seq, _ in recent] == [12, 13, 14] and recent.size == sum(map(len, long_lines[1:])) <= 1000
+    _, whole, _ = local.catch_up(History("e1", 10, [], False))
+    assert not whole
+    local.deliver([Records("e1", 15, [{"seq": 15, "text": "y" * 900}])])  # a record weighs its text and 160
+    assert [seq for seq, _ in recent] == [] and recent.size == 0  # heavier than the bound: none held
+    recent.clear()
+    assert len(recent) == 0 and recent.size == 0
 
 
 def test_what_the_engine_no_longer_keeps_after_since_comes_from_what_the_room_holds(room):

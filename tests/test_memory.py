@@ -265,6 +265,31 @@ def test_a_welcome_carries_at_most_max_history_bytes_of_history():
         server.stop()
 
 
+def test_the_history_rooms_keep_is_bounded_in_bytes_as_a_welcome_is():
+    """Clients choose rooms and what they say: 20 rooms of 100 long
+    messages (4-byte characters, the most a character weighs) must not keep
+    more than a welcome can carry, ``max_history_bytes`` a room, however
+    many ``history`` allows.  Kept as it was, this history held 16 MB."""
+    server = start_server()
+    chat = Chat(server, history=200, limits=ChatLimits.off())
+    text = "\U0001d11e" * 2000
+    try:
+        tracemalloc.start()
+        before = tracemalloc.get_traced_memory()[0]
+        for index in range(100):
+            for room in range(20):
+                chat.post(f"{index:03d}{text}", room=f"r{room}", nick="bot")
+        held = tracemalloc.get_traced_memory()[0] - before
+        tracemalloc.stop()
+        assert held < 4 << 20, held  # 20 rooms x 32 KiB of characters, at 4 bytes each, and the records
+        with connect(f"ws://127.0.0.1:{server.port}/chat/r7?nick=new", subprotocols=["wschat.v1"]) as ws:
+            welcome = json.loads(ws.recv(timeout=10))
+        assert [record["text"][:3] for record in welcome["history"]] == ["096", "097", "098", "099"]  # as before
+        assert chat.engine.history("r7").records[0]["text"][:3] == "085"  # what 32 KiB of characters hold
+    finally:
+        server.stop()
+
+
 # -- an upgrade with a body --------------------------------------------------------------
 
 

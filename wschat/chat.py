@@ -23,7 +23,6 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from collections import deque
 from typing import Callable
 from urllib.parse import unquote
 
@@ -47,7 +46,7 @@ from .frames import CloseCode
 from .handshake import Request, text_response
 from .logsafe import quoted
 from .names import guest_nick, nick_problem, normalize, room_problem
-from .rooms import Arrival, ChatLimits, LocalRoom, Member
+from .rooms import Arrival, ChatLimits, LocalRoom, Member, Recent
 from .server import Server
 
 log = logging.getLogger("wschat")
@@ -56,9 +55,12 @@ DEFAULT_WELCOME = "Welcome to Corvusoft Chat!"
 DEFAULT_ROOM = "main"
 GUEST_TRIES = 1000  # guest names tried before a newcomer is told to come back later
 GREET_TRIES = 3  # history reads before a newcomer is greeted with what there is (see LocalRoom.catch_up)
-# Messages a room here keeps at least, however little history is kept: what is
-# delivered between a newcomer's history read and its greeting (see LocalRoom.catch_up).
+# What a room here keeps at least, however little history is kept, of the messages
+# delivered: those between a newcomer's history read and its greeting (see
+# LocalRoom.catch_up).  At most max(history, RECENT_FLOOR) of them, weighing at
+# most max(max_history_bytes, RECENT_BYTES) (see Recent).
 RECENT_FLOOR = 64
+RECENT_BYTES = 16 << 10
 DEFAULT_MAX_HISTORY_BYTES = 32 << 10  # 50 typical messages fit 3 times over; long ones are cut to the newest
 TRY_AGAIN_LATER = 1013  # close code (IANA registry): the chat's engine cannot be reached
 
@@ -67,7 +69,7 @@ class Chat:
     """A chat on ``server`` at ``path``: the seed's behaviour, and rooms, nicknames and history.
 
     ``engine`` holds what processes share (``MemoryEngine(history,
-    max_idle_rooms)`` by default, this process alone; see ``engine.py`` and
+    max_idle_rooms, max_history_bytes)`` by default, this process alone; see ``engine.py`` and
     ``redis_engine.py``).  ``page_config`` is where the browser client finds
     the chat's path and limits (a plain HTTP route; None for none).
     A welcome carries the newest of the room's ``history`` messages that fit
@@ -103,7 +105,7 @@ class Chat:
         checks.whole("max_history_bytes", max_history_bytes, 0, " (0: no bound)")
         checks.whole("max_idle_rooms", max_idle_rooms, 0)
         self.server = server
-        self.engine = engine if engine is not None else MemoryEngine(history, max_idle_rooms)
+        self.engine = engine if engine is not None else MemoryEngine(history, max_idle_rooms, max_history_bytes)
         self.nick_of = nick_of
         self.user_id = user_id
         self._app_authorize = authorize
@@ -228,7 +230,7 @@ class Chat:
         with self._lock:
             local = self.rooms.get(name)
             if local is None:
-                recent: deque[tuple[int, Event | bytes]] = deque(maxlen=max(self.history_size, RECENT_FLOOR))
+                recent = Recent(max(self.history_size, RECENT_FLOOR), max(self.max_history_bytes, RECENT_BYTES))
                 local = self.rooms[name] = LocalRoom(name, self.server.broadcast, recent)
             local.joining += 1  # keeps the room here, and subscribed, until it is greeted
         claim, subscribed = None, False

@@ -133,6 +133,18 @@ def record_of(kept: Event | bytes) -> Event:
     return json.loads(kept) if isinstance(kept, bytes) else kept
 
 
+RECORD_OVERHEAD = 160  # what a message's JSON holds besides its text: keys, room, nick, time, seq
+
+
+def kept_size(kept: Event | bytes) -> int:
+    """What a message kept in memory weighs, counted in O(1): its JSON
+    line's length, or its record's text's length in characters and
+    ``RECORD_OVERHEAD``.  A record never weighs more here than in a welcome
+    (``rooms.newest_within``, which counts UTF-8), so a history cut at a
+    welcome's bound keeps at least what a welcome can carry."""
+    return len(kept) if isinstance(kept, bytes) else RECORD_OVERHEAD + len(kept["text"])
+
+
 Delivery = Event | Messages[Any]  # a presence event, or a run of chat messages
 Deliver = Callable[[str, list[Delivery]], None]
 
@@ -208,7 +220,9 @@ class _Entry:
 
 @dataclass(eq=False)
 class _Room:
-    history: deque[Event]
+    history: deque[Event] = field(default_factory=deque)
+    sizes: deque[int] = field(default_factory=deque)  # kept_size of each, in step with history
+    size: int = 0  # their sum
     seq: int = 0
     epoch: str = field(default_factory=new_epoch)
     members: dict[str, _Entry] = field(default_factory=dict)  # nick_key -> entry
@@ -221,16 +235,20 @@ class MemoryEngine:
     delivered once a pass (``on_loop``), each room's as one batch, as Redis
     delivers; what other threads publish, at once, after the loop's.
 
+    A room keeps its last ``history`` messages, and with ``max_bytes`` only
+    the newest that fit in it (see ``kept_size``): the chat's
+    ``max_history_bytes``, past which no welcome carries them anyway.
     Rooms come and go with their members; an empty room keeps its history
     for newcomers, but only the ``max_idle_rooms`` most recently left do
-    (clients choose room names: they must not be able to fill memory).
+    (clients choose room names and what they say: they must not be able to fill memory).
     """
 
     process_id = "local"
 
-    def __init__(self, history: int = 50, max_idle_rooms: int = 100):
+    def __init__(self, history: int = 50, max_idle_rooms: int = 100, max_bytes: int = 0):
         self.history_size = history
         self.max_idle_rooms = max_idle_rooms
+        self.max_bytes = max_bytes
         self.rooms: dict[str, _Room] = {}
         self._idle: dict[str, None] = {}  # empty rooms with history, oldest first
         self._lock = threading.RLock()  # delivering may call back in (an eviction's rename)
@@ -291,7 +309,7 @@ class MemoryEngine:
     def _room(self, name: str) -> _Room:
         room = self.rooms.get(name)
         if room is None:
-            room = self.rooms[name] = _Room(deque(maxlen=self.history_size))
+            room = self.rooms[name] = _Room()
         return room
 
     def publish_message(self, room: str, record: Event, failed: Failed | None = None) -> None:
@@ -299,9 +317,20 @@ class MemoryEngine:
             target = self._room(room)
             target.seq += 1
             record["seq"] = target.seq
-            target.history.append(record)
+            self._keep(target, record)
             self._forget_if_idle(room)
             self._publish(room, Records(target.epoch, target.seq, [record]))
+
+    def _keep(self, room: _Room, record: Event) -> None:
+        """(Lock held.)  Add ``record`` to ``room``'s history, and drop the
+        oldest past ``history_size`` or ``max_bytes``."""
+        size = kept_size(record)
+        room.history.append(record)
+        room.sizes.append(size)
+        room.size += size
+        while len(room.history) > self.history_size or (self.max_bytes and room.size > self.max_bytes):
+            room.history.popleft()
+            room.size -= room.sizes.popleft()
 
     def publish(self, room: str, event: Event, failed: Failed | None = None) -> None:
         with self._lock:

@@ -15,12 +15,12 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from . import checks
 from .connection import Connection
 from .dialect import Event, encode
-from .engine import Delivery, History, Messages, record_of
+from .engine import RECORD_OVERHEAD, Delivery, History, Messages, kept_size, record_of
 from .frames import Opcode
 from .logsafe import quoted
 from .outbound import PreparedBatch, PreparedMessage
@@ -51,9 +51,6 @@ class ChatLimits:
     @classmethod
     def off(cls) -> ChatLimits:
         return cls(max_length=0, rate=0, burst=0)
-
-
-RECORD_OVERHEAD = 160  # what a message's JSON holds besides its text: keys, room, nick, time, seq
 
 
 def newest_within(records: list[Event], max_bytes: int) -> tuple[list[Event], bool]:
@@ -115,13 +112,51 @@ class Member:
         return None if self.tokens < -limits.burst else False
 
 
+class Recent:
+    """The last messages delivered to a room here, as ``(seq, kept)``
+    oldest first (see ``Messages.kept``): at most ``count``, weighing at
+    most ``max_bytes`` in all (see ``kept_size``), so that however long
+    its messages a room holds little."""
+
+    __slots__ = ("count", "max_bytes", "size", "_items", "_sizes")
+
+    def __init__(self, count: int, max_bytes: int):
+        self.count = count
+        self.max_bytes = max_bytes
+        self.size = 0  # what the messages held weigh
+        self._items: deque[tuple[int, Event | bytes]] = deque()
+        self._sizes: deque[int] = deque()  # each one's, in step with _items
+
+    def __iter__(self) -> Iterator[tuple[int, Event | bytes]]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def add(self, run: Messages[Any]) -> None:
+        """``run``'s messages, after those held; the oldest go past ``count`` or ``max_bytes``."""
+        kept = list(run.kept(self.count))
+        sizes = [kept_size(item) for _, item in kept]
+        self._items += kept
+        self._sizes += sizes
+        self.size += sum(sizes)
+        while len(self._items) > self.count or self.size > self.max_bytes:
+            self._items.popleft()
+            self.size -= self._sizes.popleft()
+
+    def clear(self) -> None:
+        self._items.clear()
+        self._sizes.clear()
+        self.size = 0
+
+
 @dataclass(eq=False)
 class LocalRoom:
     """This process's side of a room (see the module docstring)."""
 
     name: str
     broadcast: Broadcast
-    recent: deque[tuple[int, Event | bytes]]  # the last messages delivered here: they complete a newcomer's history
+    recent: Recent  # the last messages delivered here: they complete a newcomer's history
     members: dict[str, Member] = field(default_factory=dict)  # holder -> Member
     plain: dict[Connection, None] = field(default_factory=dict)  # insertion-ordered sets,
     structured: dict[Connection, None] = field(default_factory=dict)  # updated in O(1) on join and leave
@@ -245,7 +280,7 @@ class LocalRoom:
                 if not run:
                     continue
             self.seq = run.last
-            self.recent.extend(run.kept(self.recent.maxlen))  # (no more than it holds)
+            self.recent.add(run)
             stretch.append(run)
         self._queue_messages(stretch)
 
