@@ -83,6 +83,14 @@ class Messages(Generic[Kept]):
         skip = 0 if most is None else max(0, len(self.items) - most)
         return zip(itertools.count(self.first + skip), itertools.islice(self.items, skip, None))
 
+    def sizes(self, most: int) -> list[int]:
+        """What each of the last ``most`` messages weighs in memory, counted
+        in O(1): its JSON line's length, or its text's length in characters
+        and ``RECORD_OVERHEAD``.  A record never weighs more here than in a
+        welcome (``rooms.newest_within`` counts UTF-8), so a history cut at
+        a welcome's bound keeps at least what a welcome can carry."""
+        raise NotImplementedError
+
     def texts(self) -> list[bytes]:
         """What a plain client receives: each message's text, in UTF-8."""
         raise NotImplementedError
@@ -108,6 +116,9 @@ class Records(Messages[Event]):
                 found.append(cls(epoch, record["seq"], [record]))
         return found
 
+    def sizes(self, most: int) -> list[int]:
+        return [RECORD_OVERHEAD + len(record["text"]) for record in self.items[-most:]]
+
     def texts(self) -> list[bytes]:
         return [record["text"].encode("utf-8") for record in self.items]
 
@@ -120,6 +131,9 @@ class Lines(Messages[bytes]):
     included) published them."""
 
     __slots__ = ()
+
+    def sizes(self, most: int) -> list[int]:
+        return list(map(len, self.items[-most:]))
 
     def texts(self) -> list[bytes]:
         return texts_of(self.items)
@@ -134,15 +148,6 @@ def record_of(kept: Event | bytes) -> Event:
 
 
 RECORD_OVERHEAD = 160  # what a message's JSON holds besides its text: keys, room, nick, time, seq
-
-
-def kept_size(kept: Event | bytes) -> int:
-    """What a message kept in memory weighs, counted in O(1): its JSON
-    line's length, or its record's text's length in characters and
-    ``RECORD_OVERHEAD``.  A record never weighs more here than in a welcome
-    (``rooms.newest_within``, which counts UTF-8), so a history cut at a
-    welcome's bound keeps at least what a welcome can carry."""
-    return len(kept) if isinstance(kept, bytes) else RECORD_OVERHEAD + len(kept["text"])
 
 
 Delivery = Event | Messages[Any]  # a presence event, or a run of chat messages
@@ -221,8 +226,7 @@ class _Entry:
 @dataclass(eq=False)
 class _Room:
     history: deque[Event] = field(default_factory=deque)
-    sizes: deque[int] = field(default_factory=deque)  # kept_size of each, in step with history
-    size: int = 0  # their sum
+    size: int = 0  # what it weighs (see Messages.sizes)
     seq: int = 0
     epoch: str = field(default_factory=new_epoch)
     members: dict[str, _Entry] = field(default_factory=dict)  # nick_key -> entry
@@ -236,7 +240,7 @@ class MemoryEngine:
     delivers; what other threads publish, at once, after the loop's.
 
     A room keeps its last ``history`` messages, and with ``max_bytes`` only
-    the newest that fit in it (see ``kept_size``): the chat's
+    the newest that fit in it (see ``Messages.sizes``): the chat's
     ``max_history_bytes``, past which no welcome carries them anyway.
     Rooms come and go with their members; an empty room keeps its history
     for newcomers, but only the ``max_idle_rooms`` most recently left do
@@ -323,14 +327,16 @@ class MemoryEngine:
 
     def _keep(self, room: _Room, record: Event) -> None:
         """(Lock held.)  Add ``record`` to ``room``'s history, and drop the
-        oldest past ``history_size`` or ``max_bytes``."""
-        size = kept_size(record)
-        room.history.append(record)
-        room.sizes.append(size)
-        room.size += size
-        while len(room.history) > self.history_size or (self.max_bytes and room.size > self.max_bytes):
-            room.history.popleft()
-            room.size -= room.sizes.popleft()
+        oldest past ``history_size`` or ``max_bytes`` (each weighed as
+        ``Records.sizes`` does, inline: this runs for every message)."""
+        history = room.history
+        history.append(record)
+        size = room.size + RECORD_OVERHEAD + len(record["text"])
+        if len(history) > self.history_size:  # (by one at most)
+            size -= RECORD_OVERHEAD + len(history.popleft()["text"])
+        while size > self.max_bytes and self.max_bytes:
+            size -= RECORD_OVERHEAD + len(history.popleft()["text"])
+        room.size = size
 
     def publish(self, room: str, event: Event, failed: Failed | None = None) -> None:
         with self._lock:

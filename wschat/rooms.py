@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 from . import checks
 from .connection import Connection
 from .dialect import Event, encode
-from .engine import RECORD_OVERHEAD, Delivery, History, Messages, kept_size, record_of
+from .engine import RECORD_OVERHEAD, Delivery, History, Messages, record_of
 from .frames import Opcode
 from .logsafe import quoted
 from .outbound import PreparedBatch, PreparedMessage
@@ -115,7 +115,7 @@ class Member:
 class Recent:
     """The last messages delivered to a room here, as ``(seq, kept)``
     oldest first (see ``Messages.kept``): at most ``count``, weighing at
-    most ``max_bytes`` in all (see ``kept_size``), so that however long
+    most ``max_bytes`` in all (see ``Messages.sizes``), so that however long
     its messages a room holds little."""
 
     __slots__ = ("count", "max_bytes", "size", "_items", "_sizes")
@@ -124,8 +124,8 @@ class Recent:
         self.count = count
         self.max_bytes = max_bytes
         self.size = 0  # what the messages held weigh
-        self._items: deque[tuple[int, Event | bytes]] = deque()
-        self._sizes: deque[int] = deque()  # each one's, in step with _items
+        self._items: deque[tuple[int, Event | bytes]] = deque(maxlen=count)
+        self._sizes: deque[int] = deque(maxlen=count)  # each one's, in step with _items
 
     def __iter__(self) -> Iterator[tuple[int, Event | bytes]]:
         return iter(self._items)
@@ -135,12 +135,10 @@ class Recent:
 
     def add(self, run: Messages[Any]) -> None:
         """``run``'s messages, after those held; the oldest go past ``count`` or ``max_bytes``."""
-        kept = list(run.kept(self.count))
-        sizes = [kept_size(item) for _, item in kept]
-        self._items += kept
-        self._sizes += sizes
-        self.size += sum(sizes)
-        while len(self._items) > self.count or self.size > self.max_bytes:
+        self._items.extend(run.kept(self.count))  # (a message's work is in C: this runs for every batch)
+        self._sizes.extend(run.sizes(self.count))
+        self.size = sum(self._sizes)
+        while self.size > self.max_bytes:
             self._items.popleft()
             self.size -= self._sizes.popleft()
 
