@@ -311,9 +311,12 @@ def test_an_upgrade_with_a_body_gets_400_and_no_101(body_headers, body):
         server.stop()
 
 
-def test_the_hostile_tool_runs_both_attacks_on_a_live_server():
+def test_the_hostile_tool_runs_its_attacks_on_a_live_server():
     tool = Path(__file__).resolve().parent.parent / "tools" / "hostile.py"
     result = subprocess.run([sys.executable, str(tool), "--stallers", "20", "--flooders", "2", "--flood-megabytes", "4",
-                             "--server-args", "--max-buffered 8MiB"], capture_output=True, text=True, timeout=90)
+                             "--rooms", "20", "--room-messages", "10", "--server-args", "--max-buffered 8MiB"],
+                            capture_output=True, text=True, timeout=90)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "a newcomer chats" in result.stdout and "ping-flood: 2 non-reading peers sent 8 MiB" in result.stdout
+    assert "ping-flood: 2 non-reading peers sent 8 MiB" in result.stdout
+    assert re.search(r"stall: .* a newcomer chats", result.stdout)
+    assert re.search(r"history: 20 rooms of 10 long messages, 2 MiB said: .* a newcomer chats", result.stdout)

@@ -9,6 +9,9 @@ and per hostile connection, read from /proc:
   and stall.  Then a newcomer must still chat.
 * ``ping-flood``: N peers never read and send pings as fast as the server
   takes them; the pongs are all that is queued for them.
+* ``history``: N peers, each alone in a room of its own, say M of the
+  longest chat messages (2000 characters of 4 bytes each in UTF-8, the
+  default ``--max-chat-length``): what the rooms' history keeps.
 
     python tools/hostile.py
     python tools/hostile.py --server-args "--max-buffered 32MiB"
@@ -61,7 +64,7 @@ def frame(opcode: int, payload: bytes, fin: bool = True, rsv1: bool = False) -> 
     return header + b"\0\0\0\0" + payload
 
 
-def connect(port: int, deflate: bool = False, rcvbuf: int | None = None) -> socket.socket:
+def connect(port: int, deflate: bool = False, rcvbuf: int | None = None, path: str = "/chat") -> socket.socket:
     sock = socket.socket()
     if rcvbuf:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
@@ -69,7 +72,7 @@ def connect(port: int, deflate: bool = False, rcvbuf: int | None = None) -> sock
     sock.connect(("127.0.0.1", port))
     key = base64.b64encode(os.urandom(16)).decode()
     extension = "Sec-WebSocket-Extensions: permessage-deflate\r\n" if deflate else ""
-    sock.sendall((f"GET /chat HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    sock.sendall((f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                   f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{extension}\r\n").encode())
     head = b""
     while b"\r\n\r\n" not in head:
@@ -160,15 +163,47 @@ def ping_flood(port: int, pid: int, count: int, seconds: float, megabytes: int) 
     return {"sent": sum(sent), "growth": peak - before, "per": (peak - before) / count, "closed": closed}
 
 
+def history(port: int, pid: int, count: int, messages: int) -> dict:
+    message = frame(0x1, ("\U0001d11e" * 2000).encode())
+    alive = frame(0xA, b"")  # an unsolicited pong: the peers that said their piece stay (not timed out)
+    before = settle(pid)
+    peers: list[socket.socket] = []
+    last_alive = time.monotonic()
+    for index in range(count):
+        if time.monotonic() - last_alive > 1:
+            for sock in peers:
+                sock.sendall(alive)
+            last_alive = time.monotonic()
+        sock = connect(port, path=f"/chat/hostile-{index}")
+        peers.append(sock)
+        unread = 0  # each hears its own messages back: read them (and the welcome), so that only the history holds them
+        for _ in range(messages):
+            sock.sendall(message)
+            unread += len(message) - 4  # (the server's frame has no mask)
+            while unread > 0:
+                chunk = sock.recv(1 << 20)
+                if not chunk:
+                    raise RuntimeError("the server closed a hostile connection")
+                unread -= len(chunk)
+    after = settle(pid)
+    chats = newcomer_chats(port)
+    for sock in peers:
+        sock.close()
+    return {"sent": len(message) * messages * count, "growth": after - before, "per": (after - before) / count,
+            "newcomer": chats}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--server-args", default="", help="more arguments for python -m wschat")
     parser.add_argument("--pythonpath", help="run the wschat of this checkout instead")
-    parser.add_argument("--scenarios", default="stall,ping-flood")
+    parser.add_argument("--scenarios", default="stall,ping-flood,history")
     parser.add_argument("--stallers", type=int, default=200)
     parser.add_argument("--flooders", type=int, default=10)
     parser.add_argument("--flood-seconds", type=float, default=20.0)
     parser.add_argument("--flood-megabytes", type=int, default=32, help="pings each flooder sends at most")
+    parser.add_argument("--rooms", type=int, default=300, help="history: hostile peers, each in a room of its own")
+    parser.add_argument("--room-messages", type=int, default=50, help="history: messages each says")
     args = parser.parse_args(argv)
     port = free_port()
     checkout = args.pythonpath or ROOT
@@ -192,6 +227,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"ping-flood: {args.flooders} non-reading peers sent {result['sent'] / MiB:.0f} MiB of pings: "
                       f"RSS peak +{result['growth'] / MiB:.1f} MiB ({result['per'] / MiB:.2f} MiB per connection); "
                       f"{result['closed']} closed by the server")
+            elif scenario == "history":
+                result = history(port, server.pid, args.rooms, args.room_messages)
+                print(f"history: {args.rooms} rooms of {args.room_messages} long messages, "
+                      f"{result['sent'] / MiB:.0f} MiB said: RSS +{result['growth'] / MiB:.1f} MiB "
+                      f"({result['per'] / 1024:.0f} KiB per connection); "
+                      f"a newcomer {'chats' if result['newcomer'] else 'CANNOT chat'}")
             else:
                 parser.error(f"unknown scenario {scenario!r}")
         return 0 if server.poll() is None else 1
