@@ -341,6 +341,32 @@ def test_a_batch_longer_than_the_history_keeps_its_newest_messages_in_order(chat
     assert [record["text"] for record in store.history("main").records] == ["b10", "b11", "c0", "c1", "c2"]
 
 
+def test_a_room_keeps_no_more_history_than_max_history_bytes(chats):
+    """However long its messages, a room's history in Redis weighs no more
+    than ``max_history_bytes`` (the newest entries), and its weight key
+    says what it weighs, batch after batch, whatever goes."""
+    from wschat.dialect import message_record
+    from wschat.redis_store import RedisStore, message_item
+
+    a = chats()
+    a.post("m0")  # (its publisher has loaded the script)
+    store = RedisStore(a.engine.redis, "bytes-test:", "test", history=6, room_ttl=60, presence_timeout=10,
+                       max_history_bytes=1000)
+
+    def publish_batch(texts):
+        items = [message_item(message_record("main", "n", text)) for text in texts]
+        store.redis.execute_command(*store.batch("main", items))
+        entries = store.redis.lrange(store.key("history", "main"), 0, -1)
+        assert int(store.redis.get(store.key("weight", "main"))) == sum(map(len, entries)) <= 1000
+        return [record["text"][:2] for record in store.history("main").records]
+
+    assert publish_batch([f"s{i}" for i in range(5)]) == ["s0", "s1", "s2", "s3", "s4"]  # short: all fit
+    assert publish_batch([f"L{i}" + "x" * 200 for i in range(3)]) == ["s4", "L0", "L1", "L2"]  # by weight
+    assert publish_batch([f"t{i}" for i in range(10)]) == ["t4", "t5", "t6", "t7", "t8", "t9"]  # by count
+    assert publish_batch(["H" + "y" * 2000]) == []  # heavier than the bound: none kept
+    assert publish_batch(["u0"]) == ["u0"]
+
+
 def test_what_a_batch_publishes_and_keeps_is_what_every_version_reads(chats):
     """The published lines and the history entries, byte for byte as the
     processes of earlier versions wrote and read them: in a rolling restart

@@ -66,6 +66,15 @@ def test_presence_timeout_is_checked_before_redis_is_called(capsys):
     assert code == 2 and err.strip() == "python -m wschat: error: --presence-timeout must be a number of seconds > 0, not -1.0"
 
 
+def test_the_redis_engine_keeps_the_history_bound_the_command_line_gives():
+    pytest.importorskip("redis", reason="pip install 'wschat[redis]'")
+    from wschat.cli import parse_args, redis_engine
+
+    engine = redis_engine(parse_args(["--redis", "redis://127.0.0.1:1/0", "--max-history-bytes", "4KiB"]))
+    command = engine.store.batch("main", ["{}"])  # EVALSHA, its name, the number of keys, the keys, then ARGV
+    assert engine.store.max_history_bytes == 4096 == command[3 + command[2] + 5]  # ARGV[6], the script's bound
+
+
 def make(name: str, value):
     """The Python object that takes setting ``name``, given ``value``."""
     if name in {"max_length", "rate", "burst", "max_nick_length"}:
@@ -87,7 +96,7 @@ def test_redis_engine_checks_its_settings_before_connecting():
     from wschat.redis_engine import RedisEngine
 
     for settings in ({"presence_timeout": -1}, {"presence_timeout": 0}, {"history": -5}, {"room_ttl": 0},
-                     {"prefix": "chat{1}"}, {"max_backlog": 0}, {"max_backlog_bytes": 0}):
+                     {"prefix": "chat{1}"}, {"max_backlog": 0}, {"max_backlog_bytes": 0}, {"max_history_bytes": -1}):
         with pytest.raises(ValueError, match=rf"^{next(iter(settings))} must be "):
             RedisEngine("redis://127.0.0.1:1/0", **settings)
 

@@ -85,8 +85,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="messages kept per room and replayed to wschat.v1 clients as they join (default 50; "
              "plain clients, like the seed's page, get live messages only)")
     add("--max-history-bytes", type=byte_size, default=DEFAULT_MAX_HISTORY_BYTES, metavar="BYTES",
-        help="history a welcome carries at most, and the memory engine keeps of a room: the newest messages "
-             "that fit (default 32KiB; 0: no bound)")
+        help="history a welcome carries at most, and a room keeps: the newest messages that fit "
+             "(default 32KiB; 0: no bound)")
     add("--welcome", default=DEFAULT_WELCOME, help=f"welcome text ('' for none; default {DEFAULT_WELCOME!r})")
     add("--max-chat-length", type=int, default=2000, help="characters per chat message (default 2000; 0: no limit)")
     add("--rate-limit", type=float, default=5.0, help="messages per second per client (default 5; 0: no limit)")
@@ -152,7 +152,8 @@ def redis_engine(args: argparse.Namespace) -> RedisEngine:
     except ImportError:
         raise SetupError("--redis needs redis-py: pip install 'wschat[redis]'") from None
     try:
-        return RedisEngine(args.redis, history=args.history, presence_timeout=args.presence_timeout)
+        return RedisEngine(args.redis, history=args.history, max_history_bytes=args.max_history_bytes,
+                           presence_timeout=args.presence_timeout)
     except ValueError as exc:  # not a redis:// URL
         raise SetupError(f"--redis {without_password(args.redis)}: {exc}") from None
 

@@ -67,7 +67,10 @@ T = TypeVar("T")
 class RedisEngine:
     """Rooms, history and presence in the Redis at ``url``
     (``redis://HOST:PORT/DB``, or any node of a Redis Cluster); see the module
-    docstring.  ``max_backlog`` bounds the events waiting for Redis, and
+    docstring.  A room keeps its last ``history`` messages, and with
+    ``max_history_bytes`` only the newest that fit in it (each counted as
+    its JSON's length; the chat's bound, past which no welcome carries
+    them).  ``max_backlog`` bounds the events waiting for Redis, and
     ``max_backlog_bytes`` their size: past either, a sender is told its
     message was not sent."""
 
@@ -76,6 +79,7 @@ class RedisEngine:
         url: str = "redis://127.0.0.1:6379/0",
         *,
         history: int = 50,
+        max_history_bytes: int = 0,
         presence_timeout: float = 10.0,
         room_ttl: int = 30 * 86400,
         prefix: str = "wschat",
@@ -84,6 +88,7 @@ class RedisEngine:
         max_backlog_bytes: int = 16 * 2**20,  # (sent at once, half what Redis lets a subscriber fall behind)
     ):
         checks.whole("history", history, 0, " (0: none kept)")
+        checks.whole("max_history_bytes", max_history_bytes, 0, " (0: no bound)")
         checks.whole("max_backlog", max_backlog, 1)
         checks.whole("max_backlog_bytes", max_backlog_bytes, 1)
         checks.seconds("presence_timeout", presence_timeout, positive=True)
@@ -92,6 +97,7 @@ class RedisEngine:
             raise checks.SettingError("prefix", "a name without '{' or '}' (a room's hash tag follows it)", prefix)
         self.url = without_password(url)  # for messages and logs
         self.history_size = history
+        self.max_history_bytes = max_history_bytes
         self.presence_timeout = presence_timeout
         self.room_ttl = room_ttl
         self.timeout = timeout
@@ -136,7 +142,7 @@ class RedisEngine:
     def _new_store(self) -> RedisStore:
         return RedisStore(self.redis, self.prefix, self.process_id, history=self.history_size,
                           room_ttl=self.room_ttl, presence_timeout=self.presence_timeout,
-                          sharded=self.nodes.cluster)
+                          sharded=self.nodes.cluster, max_history_bytes=self.max_history_bytes)
 
     # -- lifetime ----------------------------------------------------------------------
 

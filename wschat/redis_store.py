@@ -7,7 +7,8 @@ slot only:
 
 * ``{r:ROOM}:seq``, ``{r:ROOM}:epoch``, ``{r:ROOM}:history``: a room's last
   sequence number, the name of its sequence, and its last ``history``
-  messages (a capped list), kept ``room_ttl`` seconds after the last message;
+  messages (a capped list; with ``max_history_bytes``, no more than fit in
+  it, and ``{r:ROOM}:weight`` their size), kept ``room_ttl`` seconds after the last message;
 * ``{r:ROOM}:members``: who holds which nickname (a hash: nickname key ->
   JSON ``{"nick", "user", "holders"}``);
 * ``alive:PROCESS`` (a key that expires after ``presence_timeout``),
@@ -44,13 +45,16 @@ from .names import nick_key
 if TYPE_CHECKING:
     import redis
 
-# A batch of one room's events: KEYS seq, epoch, history; ARGV the history
-# size, the channel, an epoch for a new room, the keys' TTL, the publishing
-# command, then the events (see ``message_item`` and ``event_item``).
-# Returns the first message's sequence number (0: none).
+# A batch of one room's events: KEYS seq, epoch, history, weight; ARGV the
+# history size, the channel, an epoch for a new room, the keys' TTL, the
+# publishing command, the history's most bytes (0: no bound), then the events
+# (see ``message_item`` and ``event_item``).  Returns the first message's
+# sequence number (0: none).  With a bound, ``weight`` is the history's size
+# (its entries' lengths), and the oldest entries go while it is over.  (A
+# history kept before the weight, by an older wschat, is counted as it ages out.)
 PUBLISH_BATCH = """
 local pieces, first, count = {}, 0, 0
-for i = 6, #ARGV do
+for i = 7, #ARGV do
   if string.byte(ARGV[i], 1) == 123 then count = count + 1 end
 end
 if count > 0 then
@@ -58,14 +62,14 @@ if count > 0 then
   if not epoch then
     epoch = ARGV[3]
     redis.call('SET', KEYS[2], epoch)
-    redis.call('DEL', KEYS[3])
+    redis.call('DEL', KEYS[3], KEYS[4])
   end
   pieces[1] = epoch
   local seq = redis.call('INCRBY', KEYS[1], count) - count
   first = seq + 1
   local size = tonumber(ARGV[1])
   local kept_after, texts, n = seq + count - size, {}, 1
-  for i = 6, #ARGV do
+  for i = 7, #ARGV do
     local item = ARGV[i]
     if string.byte(item, 1) == 123 then
       seq = seq + 1
@@ -78,15 +82,29 @@ if count > 0 then
     end
   end
   if size > 0 then
-    redis.call('RPUSH', KEYS[3], unpack(texts))  -- only what LTRIM keeps
-    redis.call('LTRIM', KEYS[3], -size, -1)
+    local kept, max_bytes = redis.call('RPUSH', KEYS[3], unpack(texts)), tonumber(ARGV[6])  -- only what is kept
+    if max_bytes > 0 then
+      local weight = tonumber(redis.call('GET', KEYS[4]) or '0')
+      for _, text in ipairs(texts) do weight = weight + #text end
+      if kept > size then
+        for _, text in ipairs(redis.call('LRANGE', KEYS[3], 0, kept - size - 1)) do weight = weight - #text end
+        redis.call('LTRIM', KEYS[3], -size, -1)
+        kept = size
+      end
+      while weight > max_bytes and kept > 0 do
+        weight, kept = weight - #redis.call('LPOP', KEYS[3]), kept - 1
+      end
+      redis.call('SET', KEYS[4], kept > 0 and weight or 0, 'EX', ARGV[4])
+    else
+      redis.call('LTRIM', KEYS[3], -size, -1)
+    end
     redis.call('EXPIRE', KEYS[3], ARGV[4])
   end
   redis.call('EXPIRE', KEYS[1], ARGV[4])
   redis.call('EXPIRE', KEYS[2], ARGV[4])
   redis.call(ARGV[5], ARGV[2], table.concat(pieces))
 else
-  redis.call(ARGV[5], ARGV[2], '\\n' .. table.concat(ARGV, '\\n', 6))
+  redis.call(ARGV[5], ARGV[2], '\\n' .. table.concat(ARGV, '\\n', 7))
 end
 return first
 """
@@ -260,11 +278,12 @@ class RedisStore:
     """The calls that read and change the chat's data (see the module docstring)."""
 
     def __init__(self, client: redis.Redis, prefix: str, process_id: str, *, history: int, room_ttl: int,
-                 presence_timeout: float, sharded: bool = False):
+                 presence_timeout: float, sharded: bool = False, max_history_bytes: int = 0):
         self.redis = client
         self.prefix = prefix
         self.process_id = process_id
         self.history_size = history
+        self.max_history_bytes = max_history_bytes
         self.room_ttl = room_ttl
         self.presence_timeout = presence_timeout
         self.publish_command = "SPUBLISH" if sharded else "PUBLISH"
@@ -297,9 +316,9 @@ class RedisStore:
         """The command that publishes ``items`` (made by ``message_item`` and
         ``event_item``; at most MAX_BATCH) of ``room`` in one script call;
         its reply is the first message's sequence number."""
-        keys = (self.key("seq", room), self.key("epoch", room), self.key("history", room))
-        return ("EVALSHA", BATCH_SHA, 3, *keys, self.history_size, self.channel(room), self._new_epoch(),
-                self.room_ttl, self.publish_command, *items)
+        keys = (self.key("seq", room), self.key("epoch", room), self.key("history", room), self.key("weight", room))
+        return ("EVALSHA", BATCH_SHA, 4, *keys, self.history_size, self.channel(room), self._new_epoch(),
+                self.room_ttl, self.publish_command, self.max_history_bytes, *items)
 
     def history(self, room: str, since: int | None = None, epoch: str | None = None) -> History:
         """The room's history after ``since`` (of ``epoch``): only those
