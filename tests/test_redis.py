@@ -365,6 +365,11 @@ def test_a_room_keeps_no_more_history_than_max_history_bytes(chats):
     assert publish_batch([f"t{i}" for i in range(10)]) == ["t4", "t5", "t6", "t7", "t8", "t9"]  # by count
     assert publish_batch(["H" + "y" * 2000]) == []  # heavier than the bound: none kept
     assert publish_batch(["u0"]) == ["u0"]
+    unbounded = RedisStore(a.engine.redis, "bytes-test:", "old", history=6, room_ttl=60, presence_timeout=10)
+    store.redis.delete(store.key("weight", "main"))  # as an older wschat left it: entries, and no weight
+    for text in ("O1" + "z" * 400, "O2" + "z" * 400):
+        store.redis.execute_command(*unbounded.batch("main", [message_item(message_record("main", "n", text))]))
+    assert publish_batch(["v0"]) == ["O2", "v0"]  # weighed once, then cut to the bound
 
 
 def test_what_a_batch_publishes_and_keeps_is_what_every_version_reads(chats):

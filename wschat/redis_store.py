@@ -51,7 +51,8 @@ if TYPE_CHECKING:
 # (see ``message_item`` and ``event_item``).  Returns the first message's
 # sequence number (0: none).  With a bound, ``weight`` is the history's size
 # (its entries' lengths), and the oldest entries go while it is over.  (A
-# history kept before the weight, by an older wschat, is counted as it ages out.)
+# history an older wschat kept is weighed when the weight is missing; while
+# older processes still write to it, in a rolling upgrade, it may read low.)
 PUBLISH_BATCH = """
 local pieces, first, count = {}, 0, 0
 for i = 7, #ARGV do
@@ -82,9 +83,16 @@ if count > 0 then
     end
   end
   if size > 0 then
-    local kept, max_bytes = redis.call('RPUSH', KEYS[3], unpack(texts)), tonumber(ARGV[6])  -- only what is kept
+    local max_bytes, weight = tonumber(ARGV[6]), 0
     if max_bytes > 0 then
-      local weight = tonumber(redis.call('GET', KEYS[4]) or '0')
+      weight = tonumber(redis.call('GET', KEYS[4]))
+      if not weight then  -- a new room, or a history an older wschat kept: weigh it once
+        weight = 0
+        for _, text in ipairs(redis.call('LRANGE', KEYS[3], 0, -1)) do weight = weight + #text end
+      end
+    end
+    local kept = redis.call('RPUSH', KEYS[3], unpack(texts))  -- only what is kept
+    if max_bytes > 0 then
       for _, text in ipairs(texts) do weight = weight + #text end
       if kept > size then
         for _, text in ipairs(redis.call('LRANGE', KEYS[3], 0, kept - size - 1)) do weight = weight - #text end
@@ -94,7 +102,7 @@ if count > 0 then
       while weight > max_bytes and kept > 0 do
         weight, kept = weight - #redis.call('LPOP', KEYS[3]), kept - 1
       end
-      redis.call('SET', KEYS[4], kept > 0 and weight or 0, 'EX', ARGV[4])
+      redis.call('SET', KEYS[4], kept > 0 and math.max(weight, 0) or 0, 'EX', ARGV[4])
     else
       redis.call('LTRIM', KEYS[3], -size, -1)
     end
