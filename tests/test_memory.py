@@ -290,6 +290,21 @@ def test_the_history_rooms_keep_is_bounded_in_bytes_as_a_welcome_is():
         server.stop()
 
 
+def test_a_message_heavier_than_the_bound_is_kept_alone_and_the_numbering_goes_on():
+    """The newest message stays, however heavy: an empty room is kept for
+    its history, and with it where its numbering stands."""
+    from wschat.engine import MemoryEngine
+
+    engine = MemoryEngine(history=50, max_bytes=300)
+    engine.start(lambda room, deliveries: None)
+    epochs = []
+    for text in ("a" * 500, "short"):  # 660 with the overhead, then 165
+        engine.publish_message("quiet", {"type": "message", "room": "quiet", "nick": "n", "text": text, "time": 1})
+        epochs.append(engine.position("quiet")[0])
+        assert [record["text"] for record in engine.history("quiet").records] == [text]
+    assert engine.position("quiet") == (epochs[0], 2) and epochs[0] == epochs[1]
+
+
 # -- an upgrade with a body --------------------------------------------------------------
 
 

@@ -328,13 +328,15 @@ class MemoryEngine:
     def _keep(self, room: _Room, record: Event) -> None:
         """(Lock held.)  Add ``record`` to ``room``'s history, and drop the
         oldest past ``history_size`` or ``max_bytes`` (each weighed as
-        ``Records.sizes`` does, inline: this runs for every message)."""
+        ``Records.sizes`` does, inline: this runs for every message), but
+        never the newest: an empty room with history is kept, its numbering
+        with it (see ``_forget_if_idle``)."""
         history = room.history
         history.append(record)
         size = room.size + RECORD_OVERHEAD + len(record["text"])
         if len(history) > self.history_size:  # (by one at most)
             size -= RECORD_OVERHEAD + len(history.popleft()["text"])
-        while size > self.max_bytes and self.max_bytes:
+        while size > self.max_bytes and self.max_bytes and len(history) > 1:
             size -= RECORD_OVERHEAD + len(history.popleft()["text"])
         room.size = size
 
