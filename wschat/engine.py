@@ -240,8 +240,8 @@ class MemoryEngine:
     delivers; what other threads publish, at once, after the loop's.
 
     A room keeps its last ``history`` messages, and with ``max_bytes`` only
-    the newest that fit in it (see ``Messages.sizes``): the chat's
-    ``max_history_bytes``, past which no welcome carries them anyway.
+    the newest that fit in it (see ``Messages.sizes``; the newest one
+    always): the chat's ``max_history_bytes``, past which no welcome carries them anyway.
     Rooms come and go with their members; an empty room keeps its history
     for newcomers, but only the ``max_idle_rooms`` most recently left do
     (clients choose room names and what they say: they must not be able to fill memory).
