@@ -7,6 +7,7 @@ Each test here failed on 6ddb637, the version before these bounds.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import inspect
 import json
@@ -268,8 +269,8 @@ def test_a_welcome_carries_at_most_max_history_bytes_of_history():
 def test_the_history_rooms_keep_is_bounded_in_bytes_as_a_welcome_is():
     """Clients choose rooms and what they say: 20 rooms of 100 long
     messages (4-byte characters, the most a character weighs) must not keep
-    more than a welcome can carry, ``max_history_bytes`` a room, however
-    many ``history`` allows.  Kept as it was, this history held 16 MB."""
+    more than a welcome can carry, ``max_history_bytes`` a room (in UTF-8),
+    however many ``history`` allows.  Kept as it was, this history held 16 MB."""
     server = start_server()
     chat = Chat(server, history=200, limits=ChatLimits.off())
     text = "\U0001d11e" * 2000
@@ -281,11 +282,11 @@ def test_the_history_rooms_keep_is_bounded_in_bytes_as_a_welcome_is():
                 chat.post(f"{index:03d}{text}", room=f"r{room}", nick="bot")
         held = tracemalloc.get_traced_memory()[0] - before
         tracemalloc.stop()
-        assert held < 4 << 20, held  # 20 rooms x 32 KiB of characters, at 4 bytes each, and the records
+        assert held < 2 << 20, held  # 20 rooms x 32 KiB, and the records
         with connect(f"ws://127.0.0.1:{server.port}/chat/r7?nick=new", subprotocols=["wschat.v1"]) as ws:
             welcome = json.loads(ws.recv(timeout=10))
         assert [record["text"][:3] for record in welcome["history"]] == ["096", "097", "098", "099"]  # as before
-        assert chat.engine.history("r7").records[0]["text"][:3] == "085"  # what 32 KiB of characters hold
+        assert chat.engine.history("r7").records[0]["text"][:3] == "096"  # what a welcome can carry, and no more
     finally:
         server.stop()
 
@@ -303,6 +304,57 @@ def test_a_message_heavier_than_the_bound_is_kept_alone_and_the_numbering_goes_o
         epochs.append(engine.position("quiet")[0])
         assert [record["text"] for record in engine.history("quiet").records] == [text]
     assert engine.position("quiet") == (epochs[0], 2) and epochs[0] == epochs[1]
+
+
+def test_all_rooms_together_keep_no_more_than_max_total_bytes_the_heaviest_going_first():
+    """Many rooms each within its own bound still add up: past
+    ``max_total_bytes`` the heaviest rooms' history goes (to 3/4 of it),
+    a light room's stays, and an empty room goes with its history."""
+    from wschat.engine import MemoryEngine
+
+    engine = MemoryEngine(history=50, max_bytes=10_000, max_total_bytes=30_000)
+    engine.start(lambda room, deliveries: None)
+    engine.claim("light", "ann", "p/1")  # a member: the room stays when its history goes
+    engine.claim("heavy-0", "bob", "p/2")
+
+    def say(room, text):
+        engine.publish_message(room, {"type": "message", "room": room, "nick": "n", "text": text, "time": 1})
+        assert engine.size == sum(kept.size for kept in engine.rooms.values()) <= 30_000
+
+    say("light", "hello")
+    for index in range(6):  # 6 rooms of 9,600: 57,600 without the bound
+        for _ in range(3):
+            say(f"heavy-{index}", "x" * 3040)
+    assert [record["text"] for record in engine.history("light").records] == ["hello"]
+    assert len(engine.history("heavy-5").records) == 3  # the room that spoke last keeps its own
+    assert "heavy-0" in engine.rooms and engine.history("heavy-0").records == []  # its member keeps it here
+    assert len([name for name in engine.rooms if name.startswith("heavy-")]) < 6  # empty ones went
+
+
+def test_the_recent_messages_of_all_rooms_here_weigh_no_more_than_max_history_total():
+    """Each room here holds the last messages delivered (see ``Recent``):
+    with many rooms of long messages, what they hold together stays under
+    ``max_history_total``, the heaviest going first, and every room chats on."""
+    server = start_server()
+    chat = Chat(server, welcome="", limits=ChatLimits.off(), max_history_total=40_000)
+    url = f"ws://127.0.0.1:{server.port}/chat/room-"
+    try:
+        with contextlib.ExitStack() as stack:
+            clients = [stack.enter_context(connect(f"{url}{index}")) for index in range(6)]
+            for client in clients:
+                for number in range(3):
+                    text = f"{number}" + "y" * 3000
+                    client.send(text)
+                    assert client.recv(timeout=10) == text
+                    assert chat.engine.size <= 40_000
+            with chat._lock:
+                held = sum(local.recent.size for local in chat.rooms.values())
+                assert held == chat._recent.total <= 40_000
+                assert chat.rooms["room-5"].recent.size > 9_000  # the room that spoke last keeps its own
+            clients[0].send("still here")
+            assert clients[0].recv(timeout=10) == "still here"
+    finally:
+        server.stop()
 
 
 # -- an upgrade with a body --------------------------------------------------------------

@@ -38,6 +38,7 @@ BAD = [
     ("--message-timeout", "-1", "message_timeout"),
     ("--max-buffered", "1000", "max_buffered"),  # smaller than one largest message
     ("--max-history-bytes", "-1", "max_history_bytes"),
+    ("--max-history-total", "-1", "max_history_total"),
 ]
 
 
@@ -79,7 +80,7 @@ def make(name: str, value):
     """The Python object that takes setting ``name``, given ``value``."""
     if name in {"max_length", "rate", "burst", "max_nick_length"}:
         return ChatLimits(**{name: value})
-    if name in {"history", "path", "max_history_bytes"}:
+    if name in {"history", "path", "max_history_bytes", "max_history_total"}:
         return Chat(Server(port=None), **{name: value})
     return Server(**{"port": 0, name: value})
 

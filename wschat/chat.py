@@ -46,7 +46,7 @@ from .frames import CloseCode
 from .handshake import Request, text_response
 from .logsafe import quoted
 from .names import guest_nick, nick_problem, normalize, room_problem
-from .rooms import Arrival, ChatLimits, LocalRoom, Member, Recent
+from .rooms import Arrival, ChatLimits, Held, LocalRoom, Member, Recent
 from .server import Server
 
 log = logging.getLogger("wschat")
@@ -62,6 +62,7 @@ GREET_TRIES = 3  # history reads before a newcomer is greeted with what there is
 RECENT_FLOOR = 64
 RECENT_BYTES = 16 << 10
 DEFAULT_MAX_HISTORY_BYTES = 32 << 10  # 50 typical messages fit 3 times over; long ones are cut to the newest
+DEFAULT_MAX_HISTORY_TOTAL = 64 << 20  # 2048 rooms of max_history_bytes: what all rooms keep here, and hold in recent
 TRY_AGAIN_LATER = 1013  # close code (IANA registry): the chat's engine cannot be reached
 
 
@@ -69,12 +70,16 @@ class Chat:
     """A chat on ``server`` at ``path``: the seed's behaviour, and rooms, nicknames and history.
 
     ``engine`` holds what processes share (``MemoryEngine(history,
-    max_idle_rooms, max_history_bytes)`` by default, this process alone; see ``engine.py`` and
-    ``redis_engine.py``).  ``page_config`` is where the browser client finds
-    the chat's path and limits (a plain HTTP route; None for none).
+    max_idle_rooms, max_history_bytes, max_history_total)`` by default, this
+    process alone; see ``engine.py`` and ``redis_engine.py``).
+    ``page_config`` is where the browser client finds the chat's path and
+    limits (a plain HTTP route; None for none).
     A welcome carries the newest of the room's ``history`` messages that fit
     in ``max_history_bytes`` (their text in UTF-8, plus 160 bytes each; 0: no
     bound), and so does a returning client's catch-up (then ``missed``).
+    Clients choose rooms and what they say, so what the rooms here keep
+    weighs at most ``max_history_total`` (0: no bound): past it, the
+    heaviest rooms' messages go first.
 
     ``authorize`` is the resource's hook (see ``Resource``): it refuses a
     handshake, or names the app's user.  A named user's nickname is
@@ -92,6 +97,7 @@ class Chat:
         welcome: str = DEFAULT_WELCOME,
         history: int = 50,
         max_history_bytes: int = DEFAULT_MAX_HISTORY_BYTES,
+        max_history_total: int = DEFAULT_MAX_HISTORY_TOTAL,
         limits: ChatLimits | None = None,
         max_idle_rooms: int = 100,
         page_config: str | None = "/wschat.json",
@@ -103,14 +109,18 @@ class Chat:
         checks.url_path("path", path)
         checks.whole("history", history, 0, " (0: none kept)")
         checks.whole("max_history_bytes", max_history_bytes, 0, " (0: no bound)")
+        checks.whole("max_history_total", max_history_total, 0, " (0: no bound)")
         checks.whole("max_idle_rooms", max_idle_rooms, 0)
         self.server = server
-        self.engine = engine if engine is not None else MemoryEngine(history, max_idle_rooms, max_history_bytes)
+        self.engine = engine if engine is not None else MemoryEngine(history, max_idle_rooms, max_history_bytes,
+                                                                     max_history_total)
         self.nick_of = nick_of
         self.user_id = user_id
         self._app_authorize = authorize
         self.welcome = welcome
         self.max_history_bytes = max_history_bytes
+        self.max_history_total = max_history_total
+        self._recent = Held()  # what the rooms' recent messages weigh together
         self.limits = limits or ChatLimits()
         self.rooms: dict[str, LocalRoom] = {}
         self._lock = threading.Lock()  # guards rooms and members
@@ -230,7 +240,8 @@ class Chat:
         with self._lock:
             local = self.rooms.get(name)
             if local is None:
-                recent = Recent(max(self.history_size, RECENT_FLOOR), max(self.max_history_bytes, RECENT_BYTES))
+                recent = Recent(max(self.history_size, RECENT_FLOOR), max(self.max_history_bytes, RECENT_BYTES),
+                                self._recent)
                 local = self.rooms[name] = LocalRoom(name, self.server.broadcast, recent)
             local.joining += 1  # keeps the room here, and subscribed, until it is greeted
         claim, subscribed = None, False
@@ -318,6 +329,7 @@ class Chat:
     def _forget_if_empty(self, local: LocalRoom) -> None:
         if local.empty and self.rooms.get(local.name) is local:
             del self.rooms[local.name]
+            local.recent.clear()
 
     # -- what clients say ----------------------------------------------------------
 
@@ -451,9 +463,25 @@ class Chat:
             local = self.rooms.get(room)
             if local is not None:  # else no one here
                 local.deliver(deliveries)
+                if self.max_history_total and self._recent.total > self.max_history_total:
+                    self._shed_recent(local)
         for delivery in deliveries:
             if isinstance(delivery, dict) and delivery["type"] == "evict":
                 self._evicted(room, delivery)
+
+    def _shed_recent(self, keep: LocalRoom) -> None:
+        """(Lock held.)  Over ``max_history_total``: the heaviest rooms' recent
+        messages go, but ``keep``'s, until they weigh 3/4 of it (a newcomer
+        there reads the history again, see ``LocalRoom.catch_up``)."""
+        target, dropped = self.max_history_total * 3 // 4, 0
+        for local in sorted(self.rooms.values(), key=lambda local: local.recent.size, reverse=True):
+            if self._recent.total <= target:
+                break
+            if local is not keep and local.recent.size:
+                local.recent.clear()
+                dropped += 1
+        log.warning("the recent messages of %d rooms are dropped (the heaviest): all rooms' weighed over %d bytes "
+                    "(max_history_total)", dropped, self.max_history_total)
 
     def _evicted(self, room: str, event: Event) -> None:
         """An app user took its name back: its anonymous holders here become guests."""

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from . import __version__, checks
 from .accelerator import IMPLEMENTATION
-from .chat import DEFAULT_MAX_HISTORY_BYTES, DEFAULT_WELCOME, Chat
+from .chat import DEFAULT_MAX_HISTORY_BYTES, DEFAULT_MAX_HISTORY_TOTAL, DEFAULT_WELCOME, Chat
 from .engine import EngineUnavailable
 from .files import DEFAULT_PAGE_POLICY
 from .logsafe import without_password
@@ -87,6 +87,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--max-history-bytes", type=byte_size, default=DEFAULT_MAX_HISTORY_BYTES, metavar="BYTES",
         help="history a welcome carries at most, and a room keeps: the newest messages that fit "
              "(default 32KiB; 0: no bound)")
+    add("--max-history-total", type=byte_size, default=DEFAULT_MAX_HISTORY_TOTAL, metavar="BYTES",
+        help="history all rooms keep in this process at most: past it the heaviest rooms' goes first "
+             "(default 64MiB; 0: no bound)")
     add("--welcome", default=DEFAULT_WELCOME, help=f"welcome text ('' for none; default {DEFAULT_WELCOME!r})")
     add("--max-chat-length", type=int, default=2000, help="characters per chat message (default 2000; 0: no limit)")
     add("--rate-limit", type=float, default=5.0, help="messages per second per client (default 5; 0: no limit)")
@@ -207,7 +210,8 @@ def build(args: argparse.Namespace, *, dry_run: bool = False) -> tuple[Server, C
     limits = ChatLimits(args.max_chat_length, args.rate_limit, args.rate_burst, args.max_nick_length)
     try:
         chat = Chat(server, args.path, welcome=args.welcome, history=args.history,
-                    max_history_bytes=args.max_history_bytes, limits=limits, engine=engine)
+                    max_history_bytes=args.max_history_bytes, max_history_total=args.max_history_total,
+                    limits=limits, engine=engine)
     except EngineUnavailable as exc:
         raise SetupError(str(exc)) from None
     return server, chat

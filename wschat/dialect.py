@@ -60,6 +60,12 @@ def _encode_message(record: Event) -> str:
         return _ENCODER.encode(record)
 
 
+def utf8_size(text: str) -> int:
+    """``text``'s length in UTF-8, without encoding it when it is ASCII (as
+    most JSON and chat text is: an O(1) test in CPython)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
 def now_ms() -> int:
     """The time events carry: milliseconds since the epoch."""
     return int(time.time() * 1000)

@@ -29,14 +29,17 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import secrets
 import threading
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Iterable, Protocol, Self, TypeVar
 
-from .dialect import Event, encode, texts_of
+from .dialect import Event, encode, texts_of, utf8_size
 from .names import nick_key
+
+log = logging.getLogger("wschat")
 
 JOINED = "joined"  # the nickname is new to the room: a join to announce
 ADDED = "added"  # one more connection of the user who holds it
@@ -84,11 +87,10 @@ class Messages(Generic[Kept]):
         return zip(itertools.count(self.first + skip), itertools.islice(self.items, skip, None))
 
     def sizes(self, most: int) -> list[int]:
-        """What each of the last ``most`` messages weighs in memory, counted
-        in O(1): its JSON line's length, or its text's length in characters
-        and ``RECORD_OVERHEAD``.  A record never weighs more here than in a
-        welcome (``rooms.newest_within`` counts UTF-8), so a history cut at
-        a welcome's bound keeps at least what a welcome can carry."""
+        """What each of the last ``most`` messages weighs: its JSON line's
+        length, or its text's in UTF-8 and ``RECORD_OVERHEAD``, as a welcome
+        counts it (``rooms.newest_within``; but for the id), so that a
+        history cut at a welcome's bound keeps what a welcome can carry."""
         raise NotImplementedError
 
     def texts(self) -> list[bytes]:
@@ -117,7 +119,7 @@ class Records(Messages[Event]):
         return found
 
     def sizes(self, most: int) -> list[int]:
-        return [RECORD_OVERHEAD + len(record["text"]) for record in self.items[-most:]]
+        return [RECORD_OVERHEAD + utf8_size(record["text"]) for record in self.items[-most:]]
 
     def texts(self) -> list[bytes]:
         return [record["text"].encode("utf-8") for record in self.items]
@@ -242,6 +244,8 @@ class MemoryEngine:
     A room keeps its last ``history`` messages, and with ``max_bytes`` only
     the newest that fit in it (see ``Messages.sizes``; the newest one
     always): the chat's ``max_history_bytes``, past which no welcome carries them anyway.
+    All rooms together keep at most ``max_total_bytes``: past it, the
+    heaviest rooms' history goes first (the chat's ``max_history_total``).
     Rooms come and go with their members; an empty room keeps its history
     for newcomers, but only the ``max_idle_rooms`` most recently left do
     (clients choose room names and what they say: they must not be able to fill memory).
@@ -249,10 +253,12 @@ class MemoryEngine:
 
     process_id = "local"
 
-    def __init__(self, history: int = 50, max_idle_rooms: int = 100, max_bytes: int = 0):
+    def __init__(self, history: int = 50, max_idle_rooms: int = 100, max_bytes: int = 0, max_total_bytes: int = 0):
         self.history_size = history
         self.max_idle_rooms = max_idle_rooms
         self.max_bytes = max_bytes
+        self.max_total_bytes = max_total_bytes
+        self.size = 0  # what every room's history weighs
         self.rooms: dict[str, _Room] = {}
         self._idle: dict[str, None] = {}  # empty rooms with history, oldest first
         self._lock = threading.RLock()  # delivering may call back in (an eviction's rename)
@@ -322,23 +328,50 @@ class MemoryEngine:
             target.seq += 1
             record["seq"] = target.seq
             self._keep(target, record)
+            if self.max_total_bytes and self.size > self.max_total_bytes:
+                self._shed(target)
             self._forget_if_idle(room)
             self._publish(room, Records(target.epoch, target.seq, [record]))
 
     def _keep(self, room: _Room, record: Event) -> None:
         """(Lock held.)  Add ``record`` to ``room``'s history, and drop the
         oldest past ``history_size`` or ``max_bytes`` (each weighed as
-        ``Records.sizes`` does, inline: this runs for every message), but
+        ``Records.sizes`` does), but
         never the newest: an empty room with history is kept, its numbering
         with it (see ``_forget_if_idle``)."""
         history = room.history
         history.append(record)
-        size = room.size + RECORD_OVERHEAD + len(record["text"])
+        size = room.size + RECORD_OVERHEAD + utf8_size(record["text"])
         if len(history) > self.history_size:  # (by one at most)
-            size -= RECORD_OVERHEAD + len(history.popleft()["text"])
+            size -= RECORD_OVERHEAD + utf8_size(history.popleft()["text"])
         while size > self.max_bytes and self.max_bytes and len(history) > 1:
-            size -= RECORD_OVERHEAD + len(history.popleft()["text"])
+            size -= RECORD_OVERHEAD + utf8_size(history.popleft()["text"])
+        self.size += size - room.size
         room.size = size
+
+    def _shed(self, keep: _Room) -> None:
+        """(Lock held.)  Over ``max_total_bytes``: the heaviest rooms' history
+        goes, but ``keep``'s, until they weigh 3/4 of it (so that this is
+        rare); an empty room goes with it, as an idle one does."""
+        target, dropped = self.max_total_bytes * 3 // 4, 0
+        for name, room in sorted(self.rooms.items(), key=lambda item: item[1].size, reverse=True):
+            if self.size <= target:
+                break
+            if room is not keep and room.size:
+                self._drop_history(name, room)
+                dropped += 1
+        log.warning("the history of %d rooms is dropped (the heaviest): all rooms' history weighed over %d bytes "
+                    "(max_history_total)", dropped, self.max_total_bytes)
+
+    def _drop_history(self, name: str, room: _Room) -> None:
+        """(Lock held.)  Let go of ``room``'s history, and of the room if it is
+        empty (it was kept for it)."""
+        self.size -= room.size
+        room.history.clear()
+        room.size = 0
+        if not room.members:
+            self._idle.pop(name, None)
+            del self.rooms[name]
 
     def publish(self, room: str, event: Event, failed: Failed | None = None) -> None:
         with self._lock:
@@ -429,5 +462,4 @@ class MemoryEngine:
         self._idle[name] = None
         while len(self._idle) > self.max_idle_rooms:
             oldest = next(iter(self._idle))
-            del self._idle[oldest]
-            del self.rooms[oldest]
+            self._drop_history(oldest, self.rooms[oldest])

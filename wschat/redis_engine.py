@@ -49,12 +49,12 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from . import checks
-from .dialect import Event, now_ms
+from .dialect import Event, now_ms, utf8_size
 from .engine import ADDED, JOINED, TAKEN, Claim, Deliver, Delivery, EngineUnavailable, Failed, History, Lines, Records
 from .logsafe import quoted, without_password
 from .osthread import named
 from .redis_nodes import Address, Nodes
-from .redis_publisher import Publisher, Waiter, utf8_size
+from .redis_publisher import Publisher, Waiter
 from .redis_store import MAX_BATCH, RedisStore, event_item, message_item, message_lines, seq_of
 from .resp import ReplyError, RespConnection, pack
 

@@ -44,7 +44,7 @@ class Waiter(threading.Event):
         self.set()
 
 
-Entry = tuple[str, str, Failed | None, Waiter | None, int]  # (room, "M..." or "E...", failed, waiter, utf8_size)
+Entry = tuple[str, str, Failed | None, Waiter | None, int]  # (room, "M..." or "E...", failed, waiter, its UTF-8 size)
 
 
 class Publisher:
@@ -107,7 +107,7 @@ class Publisher:
 
     @property
     def unsettled_bytes(self) -> int:
-        """Their size (see ``utf8_size``)."""
+        """Their size in UTF-8 (see ``dialect.utf8_size``)."""
         return self._unsettled_bytes
 
     def drained(self, timeout: float) -> bool:
@@ -246,12 +246,6 @@ class Publisher:
         unanswered = [entry for _, entries in self._sent.pop(link) for entry in entries]
         fail(unanswered, error)
         self._settle(unanswered)
-
-
-def utf8_size(item: str) -> int:
-    """An event's size in UTF-8 (its JSON's length, when it is ASCII, as most
-    are), counted once, when it is published."""
-    return len(item) if item.isascii() else len(item.encode("utf-8", "surrogatepass"))
 
 
 def fail(entries: list[Entry], error: EngineUnavailable) -> None:

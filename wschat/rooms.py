@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterator
 
 from . import checks
 from .connection import Connection
-from .dialect import Event, encode
+from .dialect import Event, encode, utf8_size
 from .engine import RECORD_OVERHEAD, Delivery, History, Messages, record_of
 from .frames import Opcode
 from .logsafe import quoted
@@ -61,7 +61,7 @@ def newest_within(records: list[Event], max_bytes: int) -> tuple[list[Event], bo
     total = 0
     for index in range(len(records) - 1, -1, -1):
         record = records[index]
-        total += RECORD_OVERHEAD + len(record["text"].encode("utf-8")) + len(record.get("id", "").encode("utf-8"))
+        total += RECORD_OVERHEAD + utf8_size(record["text"]) + utf8_size(record.get("id", ""))
         if total > max_bytes:
             return records[index + 1 :], True
     return records, False
@@ -112,18 +112,29 @@ class Member:
         return None if self.tokens < -limits.burst else False
 
 
+class Held:
+    """What the ``Recent`` messages of several rooms weigh together (a chat's, here)."""
+
+    __slots__ = ("total",)
+
+    def __init__(self) -> None:
+        self.total = 0
+
+
 class Recent:
     """The last messages delivered to a room here, as ``(seq, kept)``
     oldest first (see ``Messages.kept``): at most ``count``, weighing at
     most ``max_bytes`` in all (see ``Messages.sizes``), so that however long
-    its messages a room holds little."""
+    its messages a room holds little.  ``held`` adds up what the rooms it
+    is shared by hold."""
 
-    __slots__ = ("count", "max_bytes", "size", "_items", "_sizes")
+    __slots__ = ("count", "max_bytes", "size", "held", "_items", "_sizes")
 
-    def __init__(self, count: int, max_bytes: int):
+    def __init__(self, count: int, max_bytes: int, held: Held | None = None):
         self.count = count
         self.max_bytes = max_bytes
         self.size = 0  # what the messages held weigh
+        self.held = held or Held()
         self._items: deque[tuple[int, Event | bytes]] = deque(maxlen=count)
         self._sizes: deque[int] = deque(maxlen=count)  # each one's, in step with _items
 
@@ -137,14 +148,17 @@ class Recent:
         """``run``'s messages, after those held; the oldest go past ``count`` or ``max_bytes``."""
         self._items.extend(run.kept(self.count))  # (a message's work is in C: this runs for every batch)
         self._sizes.extend(run.sizes(self.count))
-        self.size = sum(self._sizes)
-        while self.size > self.max_bytes:
+        size = sum(self._sizes)
+        while size > self.max_bytes:
             self._items.popleft()
-            self.size -= self._sizes.popleft()
+            size -= self._sizes.popleft()
+        self.held.total += size - self.size
+        self.size = size
 
     def clear(self) -> None:
         self._items.clear()
         self._sizes.clear()
+        self.held.total -= self.size
         self.size = 0
 
 
