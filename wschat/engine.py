@@ -336,9 +336,8 @@ class MemoryEngine:
     def _keep(self, room: _Room, record: Event) -> None:
         """(Lock held.)  Add ``record`` to ``room``'s history, and drop the
         oldest past ``history_size`` or ``max_bytes`` (each weighed as
-        ``Records.sizes`` does), but
-        never the newest: an empty room with history is kept, its numbering
-        with it (see ``_forget_if_idle``)."""
+        ``Records.sizes`` does), but never the newest: an empty room with
+        history is kept, its numbering with it (see ``_forget_if_idle``)."""
         history = room.history
         history.append(record)
         size = room.size + RECORD_OVERHEAD + utf8_size(record["text"])
