@@ -119,7 +119,7 @@ class Records(Messages[Event]):
         return found
 
     def sizes(self, most: int) -> list[int]:
-        return [RECORD_OVERHEAD + utf8_size(record["text"]) for record in self.items[-most:]]
+        return record_sizes(self.items[-most:])
 
     def texts(self) -> list[bytes]:
         return [record["text"].encode("utf-8") for record in self.items]
@@ -150,6 +150,11 @@ def record_of(kept: Event | bytes) -> Event:
 
 
 RECORD_OVERHEAD = 160  # what a message's JSON holds besides its text: keys, room, nick, time, seq
+
+
+def record_sizes(records: Iterable[Event]) -> list[int]:
+    """What each record weighs (see ``Messages.sizes``)."""
+    return [RECORD_OVERHEAD + utf8_size(record["text"]) for record in records]
 
 
 Delivery = Event | Messages[Any]  # a presence event, or a run of chat messages
@@ -227,8 +232,10 @@ class _Entry:
 
 @dataclass(eq=False)
 class _Room:
-    history: deque[Event] = field(default_factory=deque)
-    size: int = 0  # what it weighs (see Messages.sizes)
+    history: deque[Event]
+    sizes: deque[int]  # what each weighs (see Messages.sizes), in step but for the unweighed
+    size: int = 0  # their sum
+    unweighed: int = 0  # the newest messages, kept since the last _weigh
     seq: int = 0
     epoch: str = field(default_factory=new_epoch)
     members: dict[str, _Entry] = field(default_factory=dict)  # nick_key -> entry
@@ -290,16 +297,19 @@ class MemoryEngine:
             batch = self._pending.pop(name, None)
             if batch is None:
                 return
+            self._weigh(name)
             if self._deliver is not None:
                 self._deliver(name, batch)
 
     def _publish(self, room: str, delivery: Delivery) -> None:
         """(Lock held.)  Deliver now, or with the rest of the pass when on the loop."""
         if self._deliver is None:
+            self._weigh(room)
             return
         if threading.current_thread() is not self._loop:
             if self._pending:
                 self._deliver_pending(room)  # first: what the loop published before this
+            self._weigh(room)
             self._deliver(room, [delivery])
             return
         batch = self._pending.setdefault(room, [])
@@ -319,7 +329,7 @@ class MemoryEngine:
     def _room(self, name: str) -> _Room:
         room = self.rooms.get(name)
         if room is None:
-            room = self.rooms[name] = _Room()
+            room = self.rooms[name] = _Room(deque(maxlen=self.history_size), deque(maxlen=self.history_size))
         return room
 
     def publish_message(self, room: str, record: Event, failed: Failed | None = None) -> None:
@@ -327,26 +337,31 @@ class MemoryEngine:
             target = self._room(room)
             target.seq += 1
             record["seq"] = target.seq
-            self._keep(target, record)
-            if self.max_total_bytes and self.size > self.max_total_bytes:
-                self._shed(target)
+            target.history.append(record)  # (the oldest goes past history_size: the deque's maxlen)
+            target.unweighed += 1  # (weighed a batch at a time, as it is delivered)
             self._forget_if_idle(room)
             self._publish(room, Records(target.epoch, target.seq, [record]))
 
-    def _keep(self, room: _Room, record: Event) -> None:
-        """(Lock held.)  Add ``record`` to ``room``'s history, and drop the
-        oldest past ``history_size`` or ``max_bytes`` (each weighed as
-        ``Records.sizes`` does), but never the newest: an empty room with
-        history is kept, its numbering with it (see ``_forget_if_idle``)."""
-        history = room.history
-        history.append(record)
-        size = room.size + RECORD_OVERHEAD + utf8_size(record["text"])
-        if len(history) > self.history_size:  # (by one at most)
-            size -= RECORD_OVERHEAD + utf8_size(history.popleft()["text"])
+    def _weigh(self, name: str) -> None:
+        """(Lock held.)  Weigh the messages ``name`` kept since the last time
+        (see ``Records.sizes``), and drop its oldest past ``max_bytes``, but
+        never the newest: an empty room with history is kept, its numbering
+        with it (see ``_forget_if_idle``).  Then, past ``max_total_bytes``,
+        shed the heaviest rooms' history."""
+        room = self.rooms.get(name)
+        if room is None or not room.unweighed:
+            return
+        history, sizes = room.history, room.sizes
+        sizes.extend(record_sizes(itertools.islice(history, max(0, len(history) - room.unweighed), None)))  # in step
+        room.unweighed = 0
+        size = sum(sizes)
         while size > self.max_bytes and self.max_bytes and len(history) > 1:
-            size -= RECORD_OVERHEAD + utf8_size(history.popleft()["text"])
+            history.popleft()
+            size -= sizes.popleft()
         self.size += size - room.size
         room.size = size
+        if self.max_total_bytes and self.size > self.max_total_bytes:
+            self._shed(room)
 
     def _shed(self, keep: _Room) -> None:
         """(Lock held.)  Over ``max_total_bytes``: the heaviest rooms' history
@@ -367,7 +382,8 @@ class MemoryEngine:
         empty (it was kept for it)."""
         self.size -= room.size
         room.history.clear()
-        room.size = 0
+        room.sizes.clear()
+        room.size = room.unweighed = 0
         if not room.members:
             self._idle.pop(name, None)
             del self.rooms[name]
@@ -386,6 +402,7 @@ class MemoryEngine:
 
     def history(self, room: str, since: int | None = None, epoch: str | None = None) -> History:
         with self._lock:
+            self._weigh(room)  # (what the loop published this pass is cut to the bound too)
             target = self.rooms.get(room)
             if target is None:  # nothing said there yet, and no one in it
                 return History(new_epoch(), 0, [], bool(since))
