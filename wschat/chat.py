@@ -40,7 +40,7 @@ from .dialect import (
     returning_from,
     text_problem,
 )
-from .engine import JOINED, TAKEN, Claim, Delivery, Engine, EngineUnavailable, MemoryEngine
+from .engine import JOINED, TAKEN, Claim, Delivery, Engine, EngineUnavailable, MemoryEngine, heaviest_first
 from .errors import HandshakeError
 from .frames import CloseCode
 from .handshake import Request, text_response
@@ -471,17 +471,15 @@ class Chat:
 
     def _shed_recent(self, keep: LocalRoom) -> None:
         """(Lock held.)  Over ``max_history_total``: the heaviest rooms' recent
-        messages go, but ``keep``'s, until they weigh 3/4 of it (a newcomer
-        there reads the history again, see ``LocalRoom.catch_up``)."""
-        target, dropped = self.max_history_total * 3 // 4, 0
-        for local in sorted(self.rooms.values(), key=lambda local: local.recent.size, reverse=True):
-            if self._recent.total <= target:
-                break
-            if local is not keep and local.recent.size:
-                local.recent.clear()
-                dropped += 1
+        messages go, but ``keep``'s (see ``heaviest_first``; a newcomer there
+        reads the history again, see ``LocalRoom.catch_up``)."""
+        dropped = heaviest_first(((local.recent.size, local) for local in self.rooms.values()
+                                  if local is not keep and local.recent.size), self._recent.total,
+                                 self.max_history_total)
+        for local in dropped:
+            local.recent.clear()
         log.warning("the recent messages of %d rooms are dropped (the heaviest): all rooms' weighed over %d bytes "
-                    "(max_history_total)", dropped, self.max_history_total)
+                    "(max_history_total)", len(dropped), self.max_history_total)
 
     def _evicted(self, room: str, event: Event) -> None:
         """An app user took its name back: its anonymous holders here become guests."""

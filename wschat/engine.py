@@ -157,6 +157,22 @@ def record_sizes(records: Iterable[Event]) -> list[int]:
     return [RECORD_OVERHEAD + utf8_size(record["text"]) for record in records]
 
 
+Shed = TypeVar("Shed")
+
+
+def heaviest_first(weighed: Iterable[tuple[int, Shed]], total: int, limit: int) -> list[Shed]:
+    """What to let go of when ``total`` is past ``limit``: the heaviest of
+    ``weighed`` ((weight, what) pairs) until what is left weighs 3/4 of
+    ``limit`` at most (so that this, which sorts them all, is rare)."""
+    excess, chosen = total - limit * 3 // 4, []
+    for weight, item in sorted(weighed, key=lambda pair: pair[0], reverse=True):
+        if excess <= 0:
+            break
+        chosen.append(item)
+        excess -= weight
+    return chosen
+
+
 Delivery = Event | Messages[Any]  # a presence event, or a run of chat messages
 Deliver = Callable[[str, list[Delivery]], None]
 
@@ -365,17 +381,14 @@ class MemoryEngine:
 
     def _shed(self, keep: _Room) -> None:
         """(Lock held.)  Over ``max_total_bytes``: the heaviest rooms' history
-        goes, but ``keep``'s, until they weigh 3/4 of it (so that this is
-        rare); an empty room goes with it, as an idle one does."""
-        target, dropped = self.max_total_bytes * 3 // 4, 0
-        for name, room in sorted(self.rooms.items(), key=lambda item: item[1].size, reverse=True):
-            if self.size <= target:
-                break
-            if room is not keep and room.size:
-                self._drop_history(name, room)
-                dropped += 1
+        goes, but ``keep``'s (see ``heaviest_first``); an empty room goes
+        with it, as an idle one does."""
+        dropped = heaviest_first(((room.size, (name, room)) for name, room in self.rooms.items()
+                                  if room is not keep and room.size), self.size, self.max_total_bytes)
+        for name, room in dropped:
+            self._drop_history(name, room)
         log.warning("the history of %d rooms is dropped (the heaviest): all rooms' history weighed over %d bytes "
-                    "(max_history_total)", dropped, self.max_total_bytes)
+                    "(max_history_total)", len(dropped), self.max_total_bytes)
 
     def _drop_history(self, name: str, room: _Room) -> None:
         """(Lock held.)  Let go of ``room``'s history, and of the room if it is
