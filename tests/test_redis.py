@@ -363,6 +363,8 @@ def test_a_room_keeps_no_more_history_than_max_history_bytes(chats):
     assert publish_batch([f"s{i}" for i in range(5)]) == ["s0", "s1", "s2", "s3", "s4"]  # short: all fit
     assert publish_batch([f"L{i}" + "x" * 200 for i in range(3)]) == ["s4", "L0", "L1", "L2"]  # by weight
     assert publish_batch([f"t{i}" for i in range(10)]) == ["t4", "t5", "t6", "t7", "t8", "t9"]  # by count
+    assert publish_batch([f"W{i}" + "x" * 300 for i in range(7)]) == ["W5", "W6"]  # a whole history's worth
+    assert publish_batch([f"X{i}" + "x" * 1000 for i in range(6)]) == []  # each heavier than the bound
     assert publish_batch(["H" + "y" * 2000]) == []  # heavier than the bound: none kept
     assert publish_batch(["u0"]) == ["u0"]
     unbounded = RedisStore(a.engine.redis, "bytes-test:", "old", history=6, room_ttl=60, presence_timeout=10)

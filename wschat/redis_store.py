@@ -82,7 +82,19 @@ if count > 0 then
       n = n + 2
     end
   end
-  if size > 0 then
+  if size > 0 and count >= size then  -- the newest replace the whole history: none is read
+    local max_bytes, weight, from = tonumber(ARGV[6]), 0, 1
+    if max_bytes > 0 then
+      for _, text in ipairs(texts) do weight = weight + #text end
+      while weight > max_bytes and from <= size do weight, from = weight - #texts[from], from + 1 end
+      redis.call('SET', KEYS[4], weight, 'EX', ARGV[4])
+    end
+    redis.call('DEL', KEYS[3])
+    if from <= size then
+      redis.call('RPUSH', KEYS[3], unpack(texts, from))
+      redis.call('EXPIRE', KEYS[3], ARGV[4])
+    end
+  elseif size > 0 then
     local max_bytes, weight = tonumber(ARGV[6]), 0
     if max_bytes > 0 then
       weight = tonumber(redis.call('GET', KEYS[4]))
