@@ -2,6 +2,8 @@
 
 import importlib.util
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -9,7 +11,8 @@ from wschat.chat import Chat, ChatLimits
 
 from .helpers import start_server
 
-BENCH = os.path.join(os.path.dirname(__file__), os.pardir, "tools", "bench.py")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "tools", "bench.py")
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +123,20 @@ def test_the_redis_variants_carry_a_fanout(bench, name):
         server.stop()
         bench.REDIS.stop()
         bench.REDIS = None
+
+
+def test_redis_script_measures_what_each_batch_size_costs_redis():
+    """``tools/redis_script.py`` runs the publish script on a redis-server of
+    its own (with subscribers) and prints its CPU per message for each size."""
+    if not os.environ.get("WSCHAT_REQUIRE_SERVICES"):
+        if not os.path.exists("/usr/bin/redis-server"):
+            pytest.skip("redis-server is not installed at /usr/bin/redis-server (apt-get install redis-server)")
+        if importlib.util.find_spec("redis") is None:
+            pytest.skip("redis-py is not installed (pip install -e '.[test]')")
+    result = subprocess.run([sys.executable, "tools/redis_script.py", "--sizes", "120,30", "--messages", "3000"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    header, *rows = result.stdout.splitlines()
+    assert header.split() == ["batch", "redis-server", "CPU", "per", "message"]
+    assert [row.split()[0] for row in rows] == ["120", "30"]
+    assert all(float(row.split()[1]) >= 0 and row.endswith(" us") for row in rows), rows

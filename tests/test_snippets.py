@@ -284,7 +284,7 @@ TOOLS = {
     "tools/django_example.py": "tests/test_django.py", "tools/echo_server.py": "tests/test_echo.py",
     "tools/embed_example.py": "tests/test_embedding.py", "tools/flask_example.py": "tests/test_wsgi.py",
     "tools/hostile.py": "tests/test_memory.py", "tools/microbench.py": "tests/test_snippets.py",
-    "tools/check_layers.py": "tests/test_layers.py",
+    "tools/check_layers.py": "tests/test_layers.py", "tools/redis_script.py": "tests/test_bench.py",
 }
 
 
