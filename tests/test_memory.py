@@ -306,6 +306,22 @@ def test_a_message_heavier_than_the_bound_is_kept_alone_and_the_numbering_goes_o
     assert engine.position("quiet") == (epochs[0], 2) and epochs[0] == epochs[1]
 
 
+def test_an_engine_built_with_its_defaults_keeps_rooms_within_the_chats_bounds():
+    """An embedder's ``MemoryEngine()`` bounds what a room keeps, and all
+    rooms together, by the chat's defaults, not by a count of messages alone."""
+    from wschat.engine import DEFAULT_MAX_HISTORY_BYTES, DEFAULT_MAX_HISTORY_TOTAL, RECORD_OVERHEAD, MemoryEngine
+
+    engine = MemoryEngine()
+    engine.start(lambda room, deliveries: None)
+    text = "\u20ac" * 2000  # 6000 bytes in UTF-8
+    for room in ("r0", "r1"):
+        for _ in range(50):
+            engine.publish_message(room, {"type": "message", "room": room, "nick": "n", "text": text, "time": 1})
+    kept = engine.history("r0").records
+    assert len(kept) == DEFAULT_MAX_HISTORY_BYTES // (RECORD_OVERHEAD + 6000) == 5
+    assert engine.max_total_bytes == DEFAULT_MAX_HISTORY_TOTAL and engine.size == 2 * 5 * (RECORD_OVERHEAD + 6000)
+
+
 def test_all_rooms_together_keep_no_more_than_max_total_bytes_the_heaviest_going_first():
     """Many rooms each within its own bound still add up: past
     ``max_total_bytes`` the heaviest rooms' history goes (to 3/4 of it),

@@ -443,6 +443,23 @@ def test_a_room_subscribed_again_gets_what_was_published_while_it_was_not(redis_
         engine.stop()
 
 
+def test_an_engine_built_with_its_defaults_keeps_a_room_within_the_chats_bound(redis_server):
+    """An embedder's ``RedisEngine(url)`` bounds what a room keeps in Redis
+    in bytes (the chat's default), not only in messages."""
+    from wschat.engine import DEFAULT_MAX_HISTORY_BYTES
+    from wschat.redis_engine import RedisEngine
+
+    engine = RedisEngine(redis_server.url)
+    engine.start(lambda room, batch: None)
+    try:
+        for _ in range(50):
+            engine.publish_message("r", {"type": "message", "room": "r", "nick": "n", "text": "x" * 6000, "time": 1})
+        entries = engine.redis.lrange(engine.store.key("history", "r"), 0, -1)
+        assert len(entries) == 5 and sum(map(len, entries)) <= DEFAULT_MAX_HISTORY_BYTES  # (6 would not fit)
+    finally:
+        engine.stop()
+
+
 def test_a_subscriber_that_missed_messages_fills_the_gap(chats):
     """Messages published while a process was not subscribed (its subscription
     connection dropped) are delivered from the history, in order, once."""
@@ -527,7 +544,7 @@ def test_a_busy_loop_holds_at_most_a_mebibyte_of_its_publications(redis_server, 
         return send(publisher, wait)
 
     monkeypatch.setattr(Publisher, "send", recorded)
-    engine = RedisEngine(redis_server.url)
+    engine = RedisEngine(redis_server.url, max_history_bytes=0)  # (a mebibyte kept, to be read back)
     engine.start(lambda room, deliveries: None)
     failures = []
     try:

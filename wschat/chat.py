@@ -40,7 +40,8 @@ from .dialect import (
     returning_from,
     text_problem,
 )
-from .engine import JOINED, TAKEN, Claim, Delivery, Engine, EngineUnavailable, MemoryEngine, heaviest_first
+from .engine import (DEFAULT_MAX_HISTORY_BYTES, DEFAULT_MAX_HISTORY_TOTAL, JOINED, TAKEN, Claim, Delivery, Engine,
+                     EngineUnavailable, MemoryEngine, heaviest_first)
 from .errors import HandshakeError
 from .frames import CloseCode
 from .handshake import Request, text_response
@@ -61,8 +62,6 @@ GREET_TRIES = 3  # history reads before a newcomer is greeted with what there is
 # most max(max_history_bytes, RECENT_BYTES) (see Recent).
 RECENT_FLOOR = 64
 RECENT_BYTES = 16 << 10
-DEFAULT_MAX_HISTORY_BYTES = 32 << 10  # 50 typical messages fit 3 times over; long ones are cut to the newest
-DEFAULT_MAX_HISTORY_TOTAL = 64 << 20  # 2048 rooms of max_history_bytes: what all rooms keep here, and hold in recent
 TRY_AGAIN_LATER = 1013  # close code (IANA registry): the chat's engine cannot be reached
 
 

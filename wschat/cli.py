@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING, Sequence
 
 from . import __version__, checks
 from .accelerator import IMPLEMENTATION
-from .chat import DEFAULT_MAX_HISTORY_BYTES, DEFAULT_MAX_HISTORY_TOTAL, DEFAULT_WELCOME, Chat
-from .engine import EngineUnavailable
+from .chat import DEFAULT_WELCOME, Chat
+from .engine import DEFAULT_MAX_HISTORY_BYTES, DEFAULT_MAX_HISTORY_TOTAL, EngineUnavailable
 from .files import DEFAULT_PAGE_POLICY
 from .logsafe import without_password
 from .rooms import ChatLimits

@@ -149,6 +149,10 @@ def record_of(kept: Event | bytes) -> Event:
     return json.loads(kept) if isinstance(kept, bytes) else kept
 
 
+# What a room keeps, and all rooms together, unless told otherwise (the engines',
+# the chat's and the command line's defaults): clients choose rooms and what they say.
+DEFAULT_MAX_HISTORY_BYTES = 32 << 10  # 50 typical messages fit 3 times over; long ones are cut to the newest
+DEFAULT_MAX_HISTORY_TOTAL = 64 << 20  # 2048 rooms of max_history_bytes: what all rooms keep here, and hold in recent
 RECORD_OVERHEAD = 160  # what a message's JSON holds besides its text: keys, room, nick, time, seq
 
 
@@ -264,11 +268,12 @@ class MemoryEngine:
     delivered once a pass (``on_loop``), each room's as one batch, as Redis
     delivers; what other threads publish, at once, after the loop's.
 
-    A room keeps its last ``history`` messages, and with ``max_bytes`` only
-    the newest that fit in it (see ``Messages.sizes``; the newest one
-    always): the chat's ``max_history_bytes``, past which no welcome carries them anyway.
-    All rooms together keep at most ``max_total_bytes``: past it, the
-    heaviest rooms' history goes first (the chat's ``max_history_total``).
+    A room keeps its last ``history`` messages, and of them only the newest
+    that fit in ``max_bytes`` (see ``Messages.sizes``; the newest one
+    always; 0: no bound): the chat's ``max_history_bytes``, past which no
+    welcome carries them anyway.  All rooms together keep at most
+    ``max_total_bytes`` (0: no bound): past it, the heaviest rooms' history
+    goes first (the chat's ``max_history_total``).
     Rooms come and go with their members; an empty room keeps its history
     for newcomers, but only the ``max_idle_rooms`` most recently left do
     (clients choose room names and what they say: they must not be able to fill memory).
@@ -276,7 +281,8 @@ class MemoryEngine:
 
     process_id = "local"
 
-    def __init__(self, history: int = 50, max_idle_rooms: int = 100, max_bytes: int = 0, max_total_bytes: int = 0):
+    def __init__(self, history: int = 50, max_idle_rooms: int = 100, max_bytes: int = DEFAULT_MAX_HISTORY_BYTES,
+                 max_total_bytes: int = DEFAULT_MAX_HISTORY_TOTAL):
         self.history_size = history
         self.max_idle_rooms = max_idle_rooms
         self.max_bytes = max_bytes

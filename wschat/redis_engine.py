@@ -50,7 +50,8 @@ from redis.retry import Retry
 
 from . import checks
 from .dialect import Event, now_ms, utf8_size
-from .engine import ADDED, JOINED, TAKEN, Claim, Deliver, Delivery, EngineUnavailable, Failed, History, Lines, Records
+from .engine import (ADDED, DEFAULT_MAX_HISTORY_BYTES, JOINED, TAKEN, Claim, Deliver, Delivery, EngineUnavailable,
+                     Failed, History, Lines, Records)
 from .logsafe import quoted, without_password
 from .osthread import named
 from .redis_nodes import Address, Nodes
@@ -67,9 +68,9 @@ T = TypeVar("T")
 class RedisEngine:
     """Rooms, history and presence in the Redis at ``url``
     (``redis://HOST:PORT/DB``, or any node of a Redis Cluster); see the module
-    docstring.  A room keeps its last ``history`` messages, and with
-    ``max_history_bytes`` only the newest that fit in it (each counted as
-    its JSON's length; the chat's bound, past which no welcome carries
+    docstring.  A room keeps its last ``history`` messages, and of them only
+    the newest that fit in ``max_history_bytes`` (each counted as its JSON's
+    length; 0: no bound; the chat's bound, past which no welcome carries
     them).  ``max_backlog`` bounds the events waiting for Redis, and
     ``max_backlog_bytes`` their size: past either, a sender is told its
     message was not sent."""
@@ -79,7 +80,7 @@ class RedisEngine:
         url: str = "redis://127.0.0.1:6379/0",
         *,
         history: int = 50,
-        max_history_bytes: int = 0,
+        max_history_bytes: int = DEFAULT_MAX_HISTORY_BYTES,
         presence_timeout: float = 10.0,
         room_ttl: int = 30 * 86400,
         prefix: str = "wschat",
