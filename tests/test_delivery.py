@@ -245,6 +245,31 @@ def test_what_a_room_holds_is_bounded_in_weight_as_well_as_in_number():
     assert len(recent) == 0 and recent.size == 0
 
 
+def test_what_a_room_holds_is_the_newest_messages_within_both_bounds_whatever_the_runs():
+    """``Recent`` holds runs, not messages: after any runs of either engine,
+    long or short, what it holds is what a message-by-message model holds
+    (the newest ``count`` at most, then the newest within ``max_bytes``)."""
+    rng = random.Random(6455)
+    for _ in range(300):
+        count, max_bytes = rng.choice([1, 3, 5, 64]), rng.choice([50, 400, 2000, 1 << 20])
+        recent, model, seq = Recent(count, max_bytes), [], 0
+        for _ in range(rng.randrange(1, 12)):
+            size = rng.choice([0, 1, 2, 5, 70, 200])
+            texts = ["x" * rng.choice([1, 30, 150, 900]) for _ in range(size)]
+            if rng.random() < 0.5:
+                run = Lines("e1", seq + 1, [line_of(text, seq=seq + 1 + i) for i, text in enumerate(texts)])
+            else:
+                run = Records("e1", seq + 1, [{"seq": seq + 1 + i, "text": text} for i, text in enumerate(texts)])
+            seq += size
+            model += zip([s for s, _ in run.kept()], [k for _, k in run.kept()], run.sizes(size))
+            del model[:max(0, len(model) - count)]
+            while sum(weight for _, _, weight in model) > max_bytes:
+                del model[0]
+            recent.add(run)
+            assert [(s, k) for s, k in recent] == [(s, k) for s, k, _ in model]
+            assert len(recent) == len(model) and recent.size == recent.held.total == sum(w for _, _, w in model)
+
+
 def test_what_the_engine_no_longer_keeps_after_since_comes_from_what_the_room_holds(room):
     """A newcomer that saw up to ``since`` (a plain client at its handshake, a
     client coming back), where the engine keeps too little history: the
