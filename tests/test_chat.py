@@ -12,7 +12,7 @@ from websockets.sync.client import connect
 
 from wschat import HandshakeError
 from wschat.chat import DEFAULT_WELCOME, RECENT_FLOOR, Chat, ChatLimits
-from wschat.engine import History, MemoryEngine, Messages
+from wschat.engine import EngineUnavailable, History, MemoryEngine, Messages
 from wschat.frames import Opcode, encode_frame
 
 from .helpers import RawClient, start_server, wait_until
@@ -818,6 +818,29 @@ def on_a_loop(engine, *calls):
     thread.start()
     thread.join(5)
     assert not thread.is_alive()
+
+
+def test_a_refusal_that_arrives_after_its_sender_left_is_dropped_quietly(make_chat, caplog):
+    """The engine tells a sender its message was refused on its own thread,
+    later (Redis answers a batch): by then the sender may have gone.  Nothing
+    is sent, nothing fails, nothing is logged as an error."""
+
+    class Deferring(MemoryEngine):  # refuses every message, when told to
+        def __init__(self):
+            super().__init__()
+            self.refusals = []
+
+        def publish_message(self, room, record, failed=None):
+            self.refusals.append(failed)
+
+    chat = make_chat(engine=Deferring())
+    with connect(chat.url, subprotocols=["wschat.v1"]) as ws:
+        recv_json(ws, "welcome")
+        ws.send(json.dumps({"type": "message", "text": "hello", "id": "m1"}))
+        wait_until(lambda: chat.engine.refusals, what="the message handed to the engine")
+    assert chat.closed.acquire(timeout=5)
+    chat.engine.refusals[0](EngineUnavailable("refused"))  # as the engine's thread would
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
 
 
 def message(text):

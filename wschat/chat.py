@@ -42,7 +42,7 @@ from .dialect import (
 )
 from .engine import (DEFAULT_MAX_HISTORY_BYTES, DEFAULT_MAX_HISTORY_TOTAL, JOINED, TAKEN, Claim, Delivery, Engine,
                      EngineUnavailable, MemoryEngine, heaviest_first)
-from .errors import HandshakeError
+from .errors import ConnectionClosed, HandshakeError
 from .frames import CloseCode
 from .handshake import Request, text_response
 from .logsafe import quoted
@@ -529,8 +529,12 @@ class Chat:
         return bool(allowed)
 
     def _notify(self, member: Member, code: str, text: str, **extra: str) -> None:
-        """Tell one client what went wrong, in its dialect."""
-        if member.structured:
-            member.conn.send(encode({"type": "error", "code": code, "text": text, **extra}))
-        else:
-            member.conn.send(f"* {text}")
+        """Tell one client what went wrong, in its dialect: unless it has gone
+        meanwhile (this runs on the engine's thread too, as a publication fails)."""
+        try:
+            if member.structured:
+                member.conn.send(encode({"type": "error", "code": code, "text": text, **extra}))
+            else:
+                member.conn.send(f"* {text}")
+        except ConnectionClosed:
+            pass
