@@ -226,6 +226,46 @@ def test_redis_killed_and_restarted_mid_chat(chats, redis_server, caplog):
     assert [r for r in caplog.records if "reachable again" in r.getMessage()]
 
 
+def test_a_redis_out_of_memory_refuses_messages_and_is_retried_with_backoff(chats, caplog):
+    """A Redis out of memory (``maxmemory`` with ``noeviction``) answers but
+    refuses every write.  A refused heartbeat is said once and serving goes
+    on: senders are told their messages were refused.  What serving cannot
+    do without writing (filling a gap from the history, after a dropped
+    subscription) is tried again backing off, with one warning (before, the
+    engine reconnected thousands of times a second, logging each, and
+    senders heard nothing).  Once Redis takes writes again the room chats on."""
+    import time
+
+    caplog.set_level(logging.INFO, logger="wschat")
+    a = chats(presence_timeout=0.6)  # a heartbeat every 0.2 s
+    with join(a, "alice") as alice:
+        recv_json(alice, "welcome")
+        say(alice, "before")
+        assert recv_json(alice, "message")["seq"] == 1
+        admin = a.engine.redis
+        admin.set("ballast", "x" * 1_000_000)
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", admin.info("memory")["used_memory"] // 2)
+        try:
+            wait_until(lambda: "refused this process's heartbeat" in caplog.text, what="the heartbeat's warning")
+            alice.send(json.dumps({"type": "message", "text": "while full", "id": "full"}))
+            error = recv_json(alice, "error")
+            assert (error["code"], error["id"]) == ("not_sent", "full")
+            admin.client_kill_filter(_type="pubsub")  # resubscribing fills from the history: a write
+            wait_until(lambda: "refuses what this process needs" in caplog.text, what="the backoff's warning")
+            connections = admin.info("stats")["total_connections_received"]
+            time.sleep(1.0)  # (no event says that nothing happens: a window to count retries in)
+            retried = admin.info("stats")["total_connections_received"] - connections
+            assert retried < 40, retried  # backing off: 0.2, 0.4, 0.8 s... (a tight loop made thousands)
+            warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and "Redis" in r.getMessage()]
+            assert len(warnings) == 2, [r.getMessage() for r in warnings]
+        finally:
+            admin.config_set("maxmemory", 0)
+        wait_until(lambda: "heartbeat again" in caplog.text, what="the heartbeat taken again")
+        say(alice, "after")  # (delivered once subscribed again, or filled from the history then)
+        assert recv_json(alice, "message")["text"] == "after"
+
+
 def follow_users(ws, users, until):
     """The user list as ``ws`` sees it (``users`` events, joins and leaves), until ``until(users)``."""
     while not until(users):
@@ -779,7 +819,7 @@ def test_processes_serve_one_port_as_one_chat(redis_server):
             assert getattr(closed.value, "rcvd", None) is not None and closed.value.rcvd.code == 1001
         assert parent.wait(20) == 0
         errors = parent.stderr.read()
-        assert "exited with code -9" in errors and "restarted" in errors
+        assert "exited with code -9" in errors and "restarted" in errors, errors
         stack.close()
     finally:
         parent.kill()

@@ -28,7 +28,11 @@ room is ``redis_nodes``'.  This module makes them an engine (see
   logged once, and the thread reconnects with backoff (on a cluster, to
   whichever node masters each slot after a failover); when it is back, the
   leaves that could not be announced are, the claims Redis lost are made
-  again, and each room's members get what they missed and who is there now.
+  again, and each room's members get what they missed and who is there now;
+* a Redis that answers but refuses writes (out of memory under
+  ``maxmemory`` with ``noeviction``) refuses each message (its sender is
+  told), and serving goes on; what serving cannot do without writing is
+  tried again, backing off (a warning says so once).
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ from .resp import ReplyError, RespConnection, pack
 
 log = logging.getLogger("wschat")
 LOOP_BATCH_BYTES = 2**20  # what a busy loop holds of its publications before it sends them
+STEADY = 1.0  # seconds of serving after which a drop is a lone one: subscribing again at once
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -121,6 +126,7 @@ class RedisEngine:
         self._held: dict[tuple[str, str], tuple[str, str]] = {}  # (room, holder) -> (nick, user)
         self._pending_releases: list[tuple[str, str, str]] = []  # (room, nick, holder)
         self._down_since: float | None = None
+        self._beat_refused = False  # Redis answered the last heartbeat with a refusal (out of memory, say)
         self._deliver: Deliver | None = None
         self._send_failed: Exception | None = None  # a send on the loop failed: the engine's thread raises it
         self._stopping = threading.Event()
@@ -337,15 +343,22 @@ class RedisEngine:
     # -- the engine's thread: subscriptions and publishing ------------------------------------
 
     def _run(self) -> None:
-        delay = 0.0  # before connecting again: none after a mere drop, backing off while Redis is down
+        delay = 0.0  # before connecting again: none after a lone drop, backing off while Redis is down or refuses
         while not self._stopping.is_set():
             subscriptions: dict[Address, RespConnection] = {}
+            started = time.monotonic()
             try:
                 self._serve(subscriptions)
             except (redis.RedisError, ReplyError, EngineUnavailable, OSError) as exc:
-                if self._down_since is None and self._answers():  # only a subscription dropped
-                    log.info("Redis subscription dropped (%s): subscribing again", exc)
-                    delay = 0.0
+                if self._down_since is None and self._answers():  # Redis answers: a subscription dropped, or a refusal
+                    if time.monotonic() - started >= STEADY:
+                        log.info("Redis subscription dropped (%s): subscribing again", exc)
+                        delay = 0.0
+                    else:  # failing again as soon as it is served: Redis refuses what serving needs
+                        if not delay:  # (out of memory, say: then every write is refused, and a heartbeat is one)
+                            log.warning("Redis refuses what this process needs to serve its rooms (%s): "
+                                        "trying again, backing off to every 2 s", exc)
+                        delay = min(max(delay * 2, 0.1), 2.0)
                 else:
                     self._went_down(exc)
                     delay = min(max(delay * 2, 0.1), 2.0)
@@ -403,7 +416,7 @@ class RedisEngine:
             self._reconcile(subscriptions, requested)
             now = time.monotonic()
             if now >= next_beat:
-                self._heartbeat_and_sweep()
+                self._beat()
                 next_beat = now + interval
             events = self._selector.select(max(0.0, min(interval, next_beat - now, self.timeout)))
             if self._down_since is not None:  # a call on another thread failed
@@ -591,6 +604,23 @@ class RedisEngine:
         return [*Records.runs(history.epoch, records)]
 
     # -- heartbeat and sweeping -------------------------------------------------------------
+
+    def _beat(self) -> None:
+        """``_heartbeat_and_sweep``; when Redis is out of memory (``maxmemory``
+        with ``noeviction``: every write refused) the engine serves on,
+        delivering and telling senders their messages were refused, and says
+        so once until a heartbeat is taken again."""
+        try:
+            self._heartbeat_and_sweep()
+        except redis.exceptions.OutOfMemoryError as exc:
+            if not self._beat_refused:
+                log.warning("Redis refused this process's heartbeat (%s): other processes may take its members "
+                            "for gone after %g s", exc, self.presence_timeout)
+            self._beat_refused = True
+            return
+        if self._beat_refused:
+            log.warning("Redis takes this process's heartbeat again")
+            self._beat_refused = False
 
     def _heartbeat_and_sweep(self) -> None:
         """Say this process is alive; sweep the members of the processes that
