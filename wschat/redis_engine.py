@@ -355,7 +355,7 @@ class RedisEngine:
                         log.info("Redis subscription dropped (%s): subscribing again", exc)
                         delay = 0.0
                     else:  # failing again as soon as it is served: Redis refuses what serving needs
-                        if not delay:  # (out of memory, say: then every write is refused, and a heartbeat is one)
+                        if not delay:  # (filling a gap from the history writes too: out of memory, it is refused)
                             log.warning("Redis refuses what this process needs to serve its rooms (%s): "
                                         "trying again, backing off to every 2 s", exc)
                         delay = min(max(delay * 2, 0.1), 2.0)
