@@ -412,6 +412,9 @@ def test_a_room_keeps_no_more_history_than_max_history_bytes(chats):
     for text in ("O1" + "z" * 400, "O2" + "z" * 400):
         store.redis.execute_command(*unbounded.batch("main", [message_item(message_record("main", "n", text))]))
     assert publish_batch(["v0"]) == ["O2", "v0"]  # weighed once, then cut to the bound
+    store.redis.execute_command(*unbounded.batch("main", [message_item(message_record("main", "n", "P" * 400))]))
+    assert store.redis.get(store.key("weight", "main")) is None  # a writer with no bound leaves no stale weight
+    assert publish_batch(["w0"]) == ["v0", "PP", "w0"]  # and the next bounded one weighs it afresh, and cuts
 
 
 def test_what_a_batch_publishes_and_keeps_is_what_every_version_reads(chats):

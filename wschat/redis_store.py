@@ -50,8 +50,9 @@ if TYPE_CHECKING:
 # publishing command, the history's most bytes (0: no bound), then the events
 # (see ``message_item`` and ``event_item``).  Returns the first message's
 # sequence number (0: none).  With a bound, ``weight`` is the history's size
-# (its entries' lengths), and the oldest entries go while it is over.  (A
-# history an older wschat kept is weighed when the weight is missing; while
+# (its entries' lengths), and the oldest entries go while it is over; without
+# one, no weight is kept (a process with a bound weighs the history afresh).
+# (A history an older wschat kept is weighed when the weight is missing; while
 # older processes still write to it, in a rolling upgrade, it may read low.)
 PUBLISH_BATCH = """
 local pieces, first, count = {}, 0, 0
@@ -119,6 +120,9 @@ if count > 0 then
       redis.call('LTRIM', KEYS[3], -size, -1)
     end
     redis.call('EXPIRE', KEYS[3], ARGV[4])
+  end
+  if size > 0 and tonumber(ARGV[6]) == 0 then  -- no weight kept: one left would go stale
+    redis.call('DEL', KEYS[4])
   end
   redis.call('EXPIRE', KEYS[1], ARGV[4])
   redis.call('EXPIRE', KEYS[2], ARGV[4])
