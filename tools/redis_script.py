@@ -44,7 +44,7 @@ def measure(redis, store, item: str, size: int, messages: int) -> float:
             data = tail + sock.recv(65536)
             if not data:
                 raise RuntimeError("redis-server closed the connection")
-            if data.startswith(b"-"):
+            if data.startswith(b"-") or b"\n-" in data:  # an error reply (the others are ":N")
                 raise RuntimeError(data.decode(errors="replace").strip())
             answered += data.count(b"\r\n")  # each reply is one integer (":N\r\n")
             tail = data[data.rfind(b"\n") + 1:]
