@@ -266,6 +266,32 @@ def test_a_redis_out_of_memory_refuses_messages_and_is_retried_with_backoff(chat
         assert recv_json(alice, "message")["text"] == "after"
 
 
+def test_members_swept_while_redis_was_full_are_claimed_again(chats, caplog):
+    """Out of memory, no process can say it is alive.  Once Redis takes
+    writes again, another process may sweep this one's members before this
+    one's next heartbeat: that heartbeat claims them again, and the others
+    hear them join, so the user list is whole again."""
+    caplog.set_level(logging.INFO, logger="wschat")
+    a = chats(presence_timeout=3.0)  # a heartbeat every second
+    b = chats(presence_timeout=0.6)  # a heartbeat, and a sweep, every 0.2 s: b most likely sweeps first
+    with alice_and_bob(a, b) as (alice, bob):
+        admin = a.engine.redis
+        alive = a.engine.store.process_key("alive", a.engine.process_id)
+        admin.set("ballast", "x" * 1_000_000)
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", admin.info("memory")["used_memory"] // 2)
+        try:
+            wait_until(lambda: not admin.exists(alive), timeout=15, what="a's heartbeat to lapse")
+        finally:
+            admin.config_set("maxmemory", 0)
+        wait_until(lambda: "heartbeat again" in caplog.text and a.users() == ["alice", "bob"], timeout=15,
+                   what="alice claimed again")
+        if any(a.engine.process_id in r.getMessage() for r in caplog.records if "stopped answering" in r.getMessage()):
+            while (event := recv_json(bob))["type"] != "join" or event["nick"] != "alice":  # b swept her first:
+                pass  # bob heard her leave, and then join again
+        assert b.users() == ["alice", "bob"]
+
+
 def follow_users(ws, users, until):
     """The user list as ``ws`` sees it (``users`` events, joins and leaves), until ``until(users)``."""
     while not until(users):

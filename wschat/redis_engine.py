@@ -524,12 +524,18 @@ class RedisEngine:
                 with self._lock:
                     self._pending_releases[:0] = pending[index:]  # announced once Redis is back again
                 raise
-        for (room, holder), (nick, user) in held.items():  # claims Redis lost (restarted empty, or swept)
+        self._claim_again(held)
+
+    def _claim_again(self, held: dict[tuple[str, str], tuple[str, str]]) -> None:
+        """The claims of this process's members (``held``) that Redis lost
+        (restarted empty) or that another process swept (it took this one for
+        gone while it could not say it was alive): made again, and announced."""
+        for (room, holder), (nick, user) in held.items():
             outcome, _ = self.store.claim(room, nick, holder, user)
             if outcome == "joined":
                 self.publish(room, {"type": "join", "room": room, "nick": nick, "time": now_ms()}, _ignore)
             elif outcome == "taken":
-                log.warning("room %s: nickname %s was taken while Redis was unreachable",
+                log.warning("room %s: nickname %s was taken while this process could not reach Redis, or write to it",
                             quoted(room), quoted(nick))
 
     def _numbering_goes_on(self) -> None:
@@ -609,7 +615,8 @@ class RedisEngine:
         """``_heartbeat_and_sweep``; when Redis is out of memory (``maxmemory``
         with ``noeviction``: every write refused) the engine serves on,
         delivering and telling senders their messages were refused, and says
-        so once until a heartbeat is taken again."""
+        so once until a heartbeat is taken again; then its members are claimed
+        again (another process may have taken this one for gone meanwhile)."""
         try:
             self._heartbeat_and_sweep()
         except redis.exceptions.OutOfMemoryError as exc:
@@ -621,6 +628,9 @@ class RedisEngine:
         if self._beat_refused:
             log.warning("Redis takes this process's heartbeat again")
             self._beat_refused = False
+            with self._lock:
+                held = dict(self._held)
+            self._claim_again(held)
 
     def _heartbeat_and_sweep(self) -> None:
         """Say this process is alive; sweep the members of the processes that
