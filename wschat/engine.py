@@ -161,6 +161,17 @@ def record_sizes(records: Iterable[Event]) -> list[int]:
     return [RECORD_OVERHEAD + utf8_size(record["text"]) for record in records]
 
 
+def within(items: deque[Any], sizes: deque[int], max_bytes: int, keep: int = 0) -> int:
+    """Drop the oldest of ``items`` (and their ``sizes``, in step) while
+    they weigh more than ``max_bytes`` in all, but the newest ``keep``; what
+    is left weighs (``Recent`` and ``MemoryEngine``'s rooms keep a history so)."""
+    size = sum(sizes)
+    while size > max_bytes and len(items) > keep:
+        items.popleft()
+        size -= sizes.popleft()
+    return size
+
+
 Shed = TypeVar("Shed")
 
 
@@ -376,10 +387,7 @@ class MemoryEngine:
         history, sizes = room.history, room.sizes
         sizes.extend(record_sizes(itertools.islice(history, max(0, len(history) - room.unweighed), None)))  # in step
         room.unweighed = 0
-        size = sum(sizes)
-        while size > self.max_bytes and self.max_bytes and len(history) > 1:
-            history.popleft()
-            size -= sizes.popleft()
+        size = within(history, sizes, self.max_bytes, keep=1) if self.max_bytes else sum(sizes)
         self.size += size - room.size
         room.size = size
         if self.max_total_bytes and self.size > self.max_total_bytes:

@@ -70,7 +70,7 @@ if count > 0 then
   local seq = redis.call('INCRBY', KEYS[1], count) - count
   first = seq + 1
   local size = tonumber(ARGV[1])
-  local kept_after, texts, n = seq + count - size, {}, 1
+  local kept_after, texts, n, max_bytes = seq + count - size, {}, 1, tonumber(ARGV[6])
   for i = 7, #ARGV do
     local item = ARGV[i]
     if string.byte(item, 1) == 123 then
@@ -84,7 +84,7 @@ if count > 0 then
     end
   end
   if size > 0 and count >= size then  -- the newest replace the whole history: none is read
-    local max_bytes, weight, from = tonumber(ARGV[6]), 0, 1
+    local weight, from = 0, 1
     if max_bytes > 0 then
       for _, text in ipairs(texts) do weight = weight + #text end
       while weight > max_bytes and from <= size do weight, from = weight - #texts[from], from + 1 end
@@ -96,7 +96,7 @@ if count > 0 then
       redis.call('EXPIRE', KEYS[3], ARGV[4])
     end
   elseif size > 0 then
-    local max_bytes, weight = tonumber(ARGV[6]), 0
+    local weight = 0
     if max_bytes > 0 then
       weight = tonumber(redis.call('GET', KEYS[4]))
       if not weight then  -- a new room, or a history an older wschat kept: weigh it once
@@ -121,7 +121,7 @@ if count > 0 then
     end
     redis.call('EXPIRE', KEYS[3], ARGV[4])
   end
-  if size > 0 and tonumber(ARGV[6]) == 0 then  -- no weight kept: one left would go stale
+  if size > 0 and max_bytes == 0 then  -- no weight kept: one left would go stale
     redis.call('DEL', KEYS[4])
   end
   redis.call('EXPIRE', KEYS[1], ARGV[4])

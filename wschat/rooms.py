@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator
 from . import checks
 from .connection import Connection
 from .dialect import Event, encode, utf8_size
-from .engine import RECORD_OVERHEAD, Delivery, History, Messages, record_of
+from .engine import RECORD_OVERHEAD, Delivery, History, Messages, record_of, within
 from .frames import Opcode
 from .logsafe import quoted
 from .outbound import PreparedBatch, PreparedMessage
@@ -148,10 +148,7 @@ class Recent:
         """``run``'s messages, after those held; the oldest go past ``count`` or ``max_bytes``."""
         self._items.extend(run.kept(self.count))  # (a message's work is in C: this runs for every batch)
         self._sizes.extend(run.sizes(self.count))
-        size = sum(self._sizes)
-        while size > self.max_bytes:
-            self._items.popleft()
-            size -= self._sizes.popleft()
+        size = within(self._items, self._sizes, self.max_bytes)
         self.held.total += size - self.size
         self.size = size
 
