@@ -749,12 +749,18 @@ class RunningServer:
         self.name = name
         self.port = free_port()
         self.log = tempfile.TemporaryFile()  # a file, not a pipe: a chatty server never blocks on it
+        wschat = command[:3] == WSCHAT[:3]  # it prints one line on stdout once all its processes listen
         self.process = subprocess.Popen(
             [part.replace("{port}", str(self.port)) for part in command],
             cwd=cwd[0] if cwd else ROOT, env={**os.environ, **env}, preexec_fn=_server_process_setup,
-            stdout=subprocess.DEVNULL, stderr=self.log,
+            stdout=subprocess.PIPE if wschat else subprocess.DEVNULL, stderr=self.log,
         )
         deadline = time.monotonic() + 20
+        if wschat:  # (the port accepts as soon as one of --processes listens: clients would all go to it)
+            assert self.process.stdout is not None
+            ready = select.select([self.process.stdout], [], [], 20)[0] and self.process.stdout.readline()
+            if not ready:
+                raise BenchError(f"{name} did not start: {self.log_tail()}")
         while True:  # wait until it accepts connections
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
@@ -775,6 +781,8 @@ class RunningServer:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
         self.log.close()
 
 
