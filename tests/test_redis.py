@@ -630,6 +630,61 @@ def test_a_busy_loop_holds_at_most_a_mebibyte_of_its_publications(redis_server, 
         engine.stop()
 
 
+def test_a_publisher_that_cannot_reach_redis_tells_every_sender_and_holds_nothing(redis_server, caplog):
+    """Events meant for a Redis that is gone each fail (a waiting sender
+    wakes with the error; each callback is called, and one that raises is
+    logged while the others are still told), and none of them still counts
+    against the backlog: else every later message would be refused as
+    Redis "not keeping up", even once it is back."""
+    import selectors
+
+    import redis
+
+    from wschat.dialect import message_record
+    from wschat.engine import EngineUnavailable
+    from wschat.redis_nodes import Nodes
+    from wschat.redis_publisher import Publisher, Waiter
+    from wschat.redis_store import RedisStore, message_item
+
+    caplog.set_level(logging.INFO, logger="wschat")
+    store = RedisStore(redis.Redis.from_url(redis_server.url), "wschat", "p1", history=5, room_ttl=60,
+                       presence_timeout=10)
+    selector = selectors.DefaultSelector()
+    publisher = Publisher(Nodes(redis_server.url, 2.0), store, lambda: None, 2.0, selector, 100, 1 << 20)
+
+    def put(room, text, failed=None, waiter=None):
+        item = message_item(message_record(room, "ann", text))
+        publisher.put((room, item, failed, waiter, len(item)))
+
+    answered = Waiter()
+    put("a", "first", waiter=answered)
+    publisher.send()
+    while not answered.is_set():  # (the engine's thread does this: here, this test's)
+        for key, _ in selector.select(5):
+            key.data()
+    assert answered.error is None and store.history("a").records[0]["text"] == "first"
+    redis_server.kill()
+    for key, _ in selector.select(5):  # the end of the connection
+        key.data()
+    assert "a publishing connection dropped" in caplog.text
+
+    def raising(error):
+        raise RuntimeError("a broken callback")
+
+    told, waiting = [], Waiter()
+    put("a", "second", told.append)
+    put("a", "third", raising)
+    put("b", "fourth", waiter=waiting)
+    put("b", "fifth", told.append)
+    assert publisher.unsettled == 4 and publisher.unsettled_bytes > 0
+    with pytest.raises(OSError):
+        publisher.send()  # (the engine's thread then reconnects, with backoff)
+    assert [type(error) for error in told] == [EngineUnavailable, EngineUnavailable]
+    assert isinstance(waiting.error, EngineUnavailable) and "unreachable" in str(waiting.error)
+    assert "a publishing failure's callback failed" in caplog.text
+    assert (publisher.unsettled, publisher.unsettled_bytes, publisher.queued) == (0, 0, 0)
+
+
 @pytest.mark.parametrize("redis", ["redis_server", "tls_redis_server"])
 def test_a_redis_that_stops_reading_never_stalls_the_loop(chats, redis, request, monkeypatch):
     """What the kernel does not take at once for a Redis that stopped reading
