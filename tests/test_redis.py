@@ -685,6 +685,58 @@ def test_a_publisher_that_cannot_reach_redis_tells_every_sender_and_holds_nothin
     assert (publisher.unsettled, publisher.unsettled_bytes, publisher.queued) == (0, 0, 0)
 
 
+def test_a_published_batch_is_delivered_once_whatever_a_gap_fill_delivered_before_it(redis_server):
+    """The subscription may bring a batch that a gap fill (read from the
+    history) delivered already, in whole or in part, or one that comes after
+    messages this process missed: each message is delivered once, in order,
+    the missed ones read from the history first; a batch of a new epoch is
+    taken as it is."""
+    import redis
+
+    from wschat.dialect import message_record
+    from wschat.engine import record_of
+    from wschat.redis_engine import RedisEngine
+    from wschat.redis_store import message_item
+
+    engine = RedisEngine(redis_server.url, presence_timeout=60)
+    engine.start(lambda room, deliveries: None)
+    listener = redis.Redis.from_url(redis_server.url).pubsub(ignore_subscribe_messages=True)
+    listener.subscribe(engine.store.channel("r"))
+    try:
+        records = [message_record("r", "ann", f"m{i}") for i in range(1, 7)]
+        for record in records:
+            engine.publish_message("r", record)  # (waits for Redis: six batches of one)
+        epoch, last = engine.position("r")
+        assert last == 6
+
+        def batch(first, last, epoch=epoch):  # what PUBLISH_BATCH publishes for these messages
+            return "".join([epoch, *(f'\nM{message_item(records[seq - 1])},"seq":{seq}}}'
+                                     for seq in range(first, last + 1))]).encode()
+
+        published = None
+        while published is None:
+            published = listener.get_message(timeout=5)
+        assert published["data"] == batch(1, 1)  # (this test's batches are the script's)
+
+        def received(data, seen):
+            engine._last["r"] = seen
+            deliveries = []
+            engine._received("r", data, deliveries)
+            return ([(type(run).__name__, [(seq, record_of(kept)["text"]) for seq, kept in run.kept()])
+                     for run in deliveries], engine._last["r"])
+
+        assert received(batch(5, 6), (epoch, 6)) == ([], (epoch, 6))  # a gap fill had both
+        assert received(batch(5, 6), (epoch, 5)) == ([("Lines", [(6, "m6")])], (epoch, 6))  # and one of them
+        assert received(batch(5, 6), (epoch, 2)) == (  # 3 and 4 were missed: read from the history first
+            [("Records", [(3, "m3"), (4, "m4")]), ("Lines", [(5, "m5"), (6, "m6")])], (epoch, 6))
+        assert received(batch(3, 4), (epoch, 2)) == ([("Lines", [(3, "m3"), (4, "m4")])], (epoch, 4))
+        assert received(batch(5, 6, "another"), (epoch, 6)) == (
+            [("Lines", [(5, "m5"), (6, "m6")])], ("another", 6))
+    finally:
+        listener.close()
+        engine.stop()
+
+
 @pytest.mark.parametrize("redis", ["redis_server", "tls_redis_server"])
 def test_a_redis_that_stops_reading_never_stalls_the_loop(chats, redis, request, monkeypatch):
     """What the kernel does not take at once for a Redis that stopped reading
