@@ -66,7 +66,7 @@ setup(
             "mypy==2.4.1",  # tests/test_layers.py: mypy --strict wschat
         ],
         "examples": ["flask>=2.3", "gunicorn>=22", "django>=4.2"],  # README's embedding recipes
-        "bench": ["websockets>=12"],
+        "bench": ["websockets>=12", "redis[hiredis]>=5"],  # python-websockets' servers, and the --redis ones
     },
     entry_points={"console_scripts": ["wschat=wschat.__main__:main"]},
     classifiers=[

@@ -102,6 +102,21 @@ def test_the_reference_servers_carry_a_fanout(bench, kind):
         stop_process(process, timeout=10)
 
 
+def test_a_server_that_cannot_start_is_reported_and_the_run_goes_on(bench, monkeypatch, capsys):
+    """A server that exits at start (here wschat refusing a bad option, as
+    one without redis-py refuses ``--redis``) is one FAILED line with its
+    own error, the other servers are measured all the same, and the run's
+    exit code says a wschat server failed."""
+    monkeypatch.setitem(bench.SERVERS, "wschat-broken", (bench.WSCHAT + ["--port", "{port}", "--processes", "2"], {}))
+    monkeypatch.setitem(bench.SERVERS, "wschat-here", (bench.WSCHAT + ["--port", "{port}"], {}))
+    assert bench.main(["--servers", "wschat-broken,wschat-here", "--scenarios", "fanout", "--quick",
+                       "--rounds", "1", "--reference", "wschat-here"]) == 1
+    err = capsys.readouterr().err
+    assert "FAILED: wschat-broken fanout: wschat-broken did not start:" in err
+    assert "--processes needs --redis" in err  # what the server itself said
+    assert "round 1: fanout     wschat-here" in err
+
+
 @pytest.mark.parametrize("name", ["wschat-redis", "wschat-redis-tls"])
 def test_the_redis_variants_carry_a_fanout(bench, name):
     """The benchmark's own redis-server, over TCP and over TLS (rediss://, with

@@ -755,19 +755,26 @@ class RunningServer:
             cwd=cwd[0] if cwd else ROOT, env={**os.environ, **env}, preexec_fn=_server_process_setup,
             stdout=subprocess.PIPE if wschat else subprocess.DEVNULL, stderr=self.log,
         )
+        try:
+            self._wait_ready(wschat)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_ready(self, wschat: bool) -> None:
         deadline = time.monotonic() + 20
         if wschat:  # (the port accepts as soon as one of --processes listens: clients would all go to it)
             assert self.process.stdout is not None
             ready = select.select([self.process.stdout], [], [], 20)[0] and self.process.stdout.readline()
             if not ready:
-                raise BenchError(f"{name} did not start: {self.log_tail()}")
+                raise BenchError(f"{self.name} did not start: {self.log_tail()}")
         while True:  # wait until it accepts connections
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
                 return
             except OSError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise BenchError(f"{name} did not start: {self.log_tail()}")
+                    raise BenchError(f"{self.name} did not start: {self.log_tail()}")
                 time.sleep(0.05)
 
     def log_tail(self, size: int = 600) -> str:
@@ -864,7 +871,12 @@ def main(argv=None) -> int:
             for name in order:
                 if (scenario, name) in failed:
                     continue
-                server = RunningServer(name, deflate=scenario.endswith("-deflate"))
+                try:
+                    server = RunningServer(name, deflate=scenario.endswith("-deflate"))
+                except (BenchError, OSError) as error:  # (its log's tail, if any, is in the error)
+                    print(f"FAILED: {name} {scenario}: {error}", file=sys.stderr)
+                    failed.add((scenario, name))
+                    continue
                 try:
                     figures = table[scenario](server)
                 except (BenchError, OSError) as error:
