@@ -871,20 +871,18 @@ def main(argv=None) -> int:
             for name in order:
                 if (scenario, name) in failed:
                     continue
+                server = None
                 try:
                     server = RunningServer(name, deflate=scenario.endswith("-deflate"))
-                except (BenchError, OSError) as error:  # (its log's tail, if any, is in the error)
-                    print(f"FAILED: {name} {scenario}: {error}", file=sys.stderr)
-                    failed.add((scenario, name))
-                    continue
-                try:
                     figures = table[scenario](server)
-                except (BenchError, OSError) as error:
-                    print(f"FAILED: {name} {scenario}: {error!r}\n{server.log_tail()}", file=sys.stderr)
+                except (BenchError, OSError) as error:  # (one that did not start has its log's tail in error)
+                    tail = "" if server is None else "\n" + server.log_tail()
+                    print(f"FAILED: {name} {scenario}: {error}{tail}", file=sys.stderr)
                     failed.add((scenario, name))
                     continue
                 finally:
-                    server.stop()
+                    if server is not None:
+                        server.stop()
                 for figure, value in figures.items():
                     results.setdefault((scenario, figure), {}).setdefault(name, []).append(value)
                 print(f"round {round_number + 1}: {scenario:10} {name:13} " +
