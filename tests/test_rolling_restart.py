@@ -12,10 +12,14 @@ the end are Redis's own history of the room.
 import json
 import re
 import signal
+import socket
+import ssl
 import subprocess
 import sys
 import threading
 import time
+
+import pytest
 
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.sync.client import connect
@@ -147,3 +151,73 @@ def test_sighup_replaces_every_process_and_loses_nothing(redis_server, tmp_path)
     assert [record["seq"] for record in kept] == list(range(1, len(kept) + 1))
     for talker in talkers:  # each talker's own messages, in the order it sent them
         assert [i for i in ids if i.startswith(f"t{talker.number}-")] == talker.sent
+
+
+def certificate_in(folder) -> tuple[str, str]:
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    try:
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                        "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"openssl cannot make a certificate here: {exc}")
+    return str(cert), str(key)
+
+
+def healthy(port: int) -> bool:
+    """``/healthz`` answers 200 over TLS (the certificate is not what is tested here)."""
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=5)) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        return sock.recv(100).startswith(b"HTTP/1.1 200")
+
+
+def test_a_replacement_that_cannot_start_leaves_the_old_processes_serving(redis_server, tmp_path):
+    """SIGHUP with a certificate that has gone bad: the first replacement
+    fails, the supervisor says so and keeps the old processes, which go on
+    serving; once the file is good again, the next SIGHUP replaces them."""
+    cert, key = certificate_in(tmp_path)
+    good = open(cert).read()
+    log_path = tmp_path / "supervisor.log"
+    with open(log_path, "w") as log:
+        parent = subprocess.Popen(
+            [sys.executable, "-m", "wschat", "--port", "0", "--redis", redis_server.url, "--processes", "2",
+             "--certfile", cert, "--keyfile", key, "--log-level", "info"],
+            stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        line = parent.stdout.readline()
+        assert "(2 processes)" in line, line + log_path.read_text()
+        port = int(re.search(r":(\d+)/chat", line).group(1))
+        first = set(children_of(parent.pid))
+        with open(cert, "w") as broken:
+            broken.write("not a certificate\n")
+        parent.send_signal(signal.SIGHUP)
+        wait_until(lambda: "keeping the old processes" in log_path.read_text(), timeout=30, what="the refusal")
+        assert "its replacement could not start (exit code 1)" in log_path.read_text()
+        assert set(children_of(parent.pid)) == first and healthy(port)
+
+        with open(cert, "w") as fixed:
+            fixed.write(good)
+        parent.send_signal(signal.SIGHUP)
+        wait_until(lambda: "every process replaced" in log_path.read_text(), timeout=60, what="the rolling restart")
+        now = set(children_of(parent.pid))
+        assert len(now) == 2 and not now & first and healthy(port)
+    finally:
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(30) == 0
+        parent.stdout.close()
+
+
+def test_a_child_that_cannot_start_stops_the_supervisor_with_its_error(redis_server, tmp_path):
+    """Every child fails at start (a certificate it cannot use): one error
+    from the child, one from the supervisor, and exit code 1."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("not a certificate\n")
+    key.write_text("not a key\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "wschat", "--port", "0", "--redis", redis_server.url, "--processes", "2",
+         "--certfile", str(cert), "--keyfile", str(key)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"cannot use {cert} and {key} as certificate and key" in result.stderr
+    assert "process 1 could not start (exit code 1): stopping" in result.stderr
+    assert result.stdout == ""  # no ready line
