@@ -10,6 +10,7 @@ the end are Redis's own history of the room.
 """
 
 import json
+import os
 import re
 import signal
 import socket
@@ -221,3 +222,31 @@ def test_a_child_that_cannot_start_stops_the_supervisor_with_its_error(redis_ser
     assert f"cannot use {cert} and {key} as certificate and key" in result.stderr
     assert "process 1 could not start (exit code 1): stopping" in result.stderr
     assert result.stdout == ""  # no ready line
+
+
+def test_a_child_that_keeps_dying_is_restarted_later_each_time_and_a_stop_does_not_wait(redis_server, tmp_path):
+    """A child that dies soon after it started is restarted after 0.5 s,
+    then 1 s, and so on (up to 10 s): a crash loop does not spin. SIGTERM
+    during such a wait stops everything at once, the restart never made."""
+    log_path = tmp_path / "supervisor.log"
+    with open(log_path, "w") as log:
+        parent = subprocess.Popen(
+            [sys.executable, "-m", "wschat", "--port", "0", "--redis", redis_server.url, "--processes", "2",
+             "--log-level", "info"], stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        assert "(2 processes)" in parent.stdout.readline(), log_path.read_text()
+        first = children_of(parent.pid)
+        os.kill(first[0], signal.SIGKILL)
+        wait_until(lambda: "restarted (pid" in log_path.read_text(), timeout=30, what="the first restart")
+        assert "restarting it in 0.5 s" in log_path.read_text()
+        (replacement,) = set(children_of(parent.pid)) - set(first)
+        os.kill(replacement, signal.SIGKILL)  # dead again at once: the wait doubles
+        wait_until(lambda: "restarting it in 1.0 s" in log_path.read_text(), timeout=30, what="the second wait")
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(30) == 0
+    finally:
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()
+    assert log_path.read_text().count("restarted (pid") == 1
+    wait_until(lambda: not os.path.exists(f"/proc/{first[1]}"), what="the other child to be gone")
