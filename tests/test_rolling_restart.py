@@ -7,6 +7,10 @@ the next once it has seen the last come back, and when its connection is
 closed it comes back with ``since``/``epoch``; a message of its own that is
 not in what it gets then was never taken, and is sent again.  The counts at
 the end are Redis's own history of the room.
+
+And when processes cannot start or keep dying: a replacement that cannot
+start leaves the old processes serving, children that cannot start stop the
+supervisor with their error, and a crash loop is restarted with backoff.
 """
 
 import json
