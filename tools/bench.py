@@ -40,6 +40,7 @@ import tempfile
 import time
 import zlib
 from collections import deque
+from typing import Callable
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -847,6 +848,22 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def measure(name: str, scenario: str, run: Callable[[RunningServer], dict]) -> dict | None:
+    """``name`` started afresh and put through ``scenario``: its figures, or
+    None when it failed (said on stderr, with the end of its log)."""
+    server = None
+    try:
+        server = RunningServer(name, deflate=scenario.endswith("-deflate"))
+        return run(server)
+    except (BenchError, OSError) as error:  # (one that did not start has its log's tail in error)
+        tail = "" if server is None else "\n" + server.log_tail()
+        print(f"FAILED: {name} {scenario}: {error}{tail}", file=sys.stderr)
+        return None
+    finally:
+        if server is not None:
+            server.stop()
+
+
 def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
     for number, baseline in enumerate(args.baseline, 1):
@@ -865,31 +882,27 @@ def main(argv=None) -> int:
     print(f"command: python tools/bench.py {' '.join(argv if argv is not None else sys.argv[1:])}".rstrip())
     results: dict = {}
     failed: set = set()
-    for round_number in range(args.rounds):
-        order = servers if round_number % 2 == 0 else servers[::-1]  # A B C, C B A, ...: drift in a round cancels
-        for scenario in chosen:
-            for name in order:
-                if (scenario, name) in failed:
-                    continue
-                server = None
-                try:
-                    server = RunningServer(name, deflate=scenario.endswith("-deflate"))
-                    figures = table[scenario](server)
-                except (BenchError, OSError) as error:  # (one that did not start has its log's tail in error)
-                    tail = "" if server is None else "\n" + server.log_tail()
-                    print(f"FAILED: {name} {scenario}: {error}{tail}", file=sys.stderr)
-                    failed.add((scenario, name))
-                    continue
-                finally:
-                    if server is not None:
-                        server.stop()
-                for figure, value in figures.items():
-                    results.setdefault((scenario, figure), {}).setdefault(name, []).append(value)
-                print(f"round {round_number + 1}: {scenario:10} {name:13} " +
-                      "  ".join(f"{k} {v:,.{2 if v < 10 else 1}f}" for k, v in figures.items()
-                                if not k.startswith(THREAD)), file=sys.stderr, flush=True)
-    if REDIS is not None:
-        REDIS.stop()
+    global REDIS
+    try:  # (a redis-server of its own is stopped however the run ends: Ctrl-C, or a bug)
+        for round_number in range(args.rounds):
+            order = servers if round_number % 2 == 0 else servers[::-1]  # A B C, C B A, ...: drift in a round cancels
+            for scenario in chosen:
+                for name in order:
+                    if (scenario, name) in failed:
+                        continue
+                    figures = measure(name, scenario, table[scenario])
+                    if figures is None:
+                        failed.add((scenario, name))
+                        continue
+                    for figure, value in figures.items():
+                        results.setdefault((scenario, figure), {}).setdefault(name, []).append(value)
+                    print(f"round {round_number + 1}: {scenario:10} {name:13} " +
+                          "  ".join(f"{k} {v:,.{2 if v < 10 else 1}f}" for k, v in figures.items()
+                                    if not k.startswith(THREAD)), file=sys.stderr, flush=True)
+    finally:
+        if REDIS is not None:
+            REDIS.stop()
+            REDIS = None
     print_table(results, servers, failed, args.reference)
     print_costs(results, servers)
     return 1 if any(name.startswith("wschat") for _, name in failed) else 0
