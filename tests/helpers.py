@@ -48,6 +48,14 @@ def pull(protocol: ServerProtocol, data: bytes = b"", *, answer: bool = True) ->
     return events
 
 
+def self_signed(certificate: str, key: str) -> None:
+    """A certificate and key for 127.0.0.1 and localhost, valid for a day (raises
+    ``OSError`` or ``CalledProcessError`` where openssl cannot make one)."""
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", key, "-out", certificate],
+                   check=True, capture_output=True)
+
+
 def start_server(**kwargs) -> Server:
     kwargs.setdefault("ping_interval", 0)
     server = Server("127.0.0.1", 0, **kwargs)
@@ -246,9 +254,7 @@ class RedisServer:
         listen = ["--port", str(self.port)]
         if self.certificate:  # TLS only (rediss://), with a certificate made here
             key = os.path.join(self.directory, "redis.key")
-            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                            "-keyout", key, "-out", self.certificate], check=True, capture_output=True)
+            self_signed(self.certificate, key)
             listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.certificate,
                       "--tls-key-file", key, "--tls-ca-cert-file", self.certificate, "--tls-auth-clients", "no"]
         self.process = subprocess.Popen(

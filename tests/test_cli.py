@@ -15,6 +15,8 @@ from websockets.sync.client import connect
 from wschat import cli
 from wschat.chat import DEFAULT_WELCOME
 
+from .helpers import self_signed
+
 
 def run_server(*args):
     process = subprocess.Popen(
@@ -144,8 +146,7 @@ def test_build_wires_every_option(tmp_path):
 @pytest.mark.parametrize("which", ["certfile", "keyfile"])
 def test_a_missing_certificate_or_key_is_one_line_naming_it(tmp_path, which):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=x",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    self_signed(str(cert), str(key))
     missing = tmp_path / "missing.pem"
     args = {"certfile": [str(missing), str(key)], "keyfile": [str(cert), str(missing)]}[which]
     result = subprocess.run([sys.executable, "-m", "wschat", "--port", "0", "--certfile", args[0], "--keyfile", args[1]],

@@ -29,7 +29,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.sync.client import connect
 
-from .helpers import wait_until
+from .helpers import self_signed, wait_until
 from .test_redis import children_of
 
 TALKERS = 6
@@ -161,8 +161,7 @@ def test_sighup_replaces_every_process_and_loses_nothing(redis_server, tmp_path)
 def certificate_in(folder) -> tuple[str, str]:
     cert, key = folder / "cert.pem", folder / "key.pem"
     try:
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-                        "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+        self_signed(str(cert), str(key))
     except (OSError, subprocess.CalledProcessError) as exc:
         pytest.skip(f"openssl cannot make a certificate here: {exc}")
     return str(cert), str(key)

@@ -21,7 +21,7 @@ from wschat.frames import Opcode, encode_frame
 from wschat.outbound import BUFFER_OVERHEAD
 from wschat.server import Server
 
-from .helpers import RawClient, Recorder, server_with_slow_client, start_server, wait_until
+from .helpers import RawClient, Recorder, self_signed, server_with_slow_client, start_server, wait_until
 
 
 def echo_server(**kwargs):
@@ -498,11 +498,7 @@ def certificate(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tls")
     cert, key = folder / "cert.pem", folder / "key.pem"
     try:
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-             "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-            check=True, capture_output=True,
-        )
+        self_signed(str(cert), str(key))
     except (OSError, subprocess.CalledProcessError) as exc:
         pytest.skip(f"openssl cannot make a certificate here: {exc}")
     return str(cert), str(key)
