@@ -9,7 +9,7 @@ import pytest
 from wschat.deflate import INFLATER_COST, PerMessageDeflate
 from wschat.errors import InvalidPayload, MessageTooBig, ProtocolError
 from wschat.frames import FrameParser, Opcode, encode_frame
-from wschat.outbound import PreparedBatch, PreparedMessage
+from wschat.outbound import LARGE_PAYLOAD, PreparedBatch, PreparedMessage
 from wschat.protocol import BinaryMessage, ConnectionFailed, Ping, ServerProtocol, TextMessage
 
 from .helpers import REQUEST, pull
@@ -214,6 +214,8 @@ def test_a_prepared_batch_is_its_messages_framed_in_order_plain_and_compressed(t
     assert b"".join(batch.parts) == b"".join(b"".join(PreparedMessage(text).parts) for text in texts)
     assert batch.size == sum(PreparedMessage(text).size for text in texts)
     assert all(type(part) is bytes for part in batch.parts[:1])  # a buffer that starts a frame (Outbox's rule)
+    large = max(map(len, batch.payloads)) >= LARGE_PAYLOAD  # its payload is a buffer of its own, not copied
+    assert [type(part) for part in batch.parts].count(memoryview) == large and (len(batch.parts) == 1) != large
     default = PerMessageDeflate().accept([])
     parts, size = batch.frame_for(default)
     assert batch.frame_for(default)[0] is parts  # compressed once

@@ -118,6 +118,15 @@ def test_frame_texts_is_each_payload_as_a_final_text_frame(size):
     assert frames.frame_texts(payloads) == expected  # the accelerator's where it is built
 
 
+@pytest.mark.parametrize("implementation", [frames.frame_texts_python, frames.frame_texts])
+def test_frame_texts_gives_none_when_a_payload_reaches_below(implementation):
+    payloads = [b"a", b"x" * 100, b"b"]
+    assert implementation(payloads, 101) == implementation(payloads) == implementation(payloads, 0)
+    assert implementation(payloads, 100) is None
+    assert implementation([b"x" * 16384], 16384) is None
+    assert implementation([], 1) == b""
+
+
 @pytest.mark.skipif(_speedups is None, reason="C accelerator not built")
 def test_c_frame_texts_checks_its_arguments():
     assert _speedups.frame_texts([]) == b""
@@ -125,6 +134,12 @@ def test_c_frame_texts_checks_its_arguments():
         _speedups.frame_texts((b"a",))
     with pytest.raises(TypeError):
         _speedups.frame_texts([b"a", "b"])
+    with pytest.raises(TypeError):
+        _speedups.frame_texts([b"a"], "1")
+    with pytest.raises(TypeError):
+        _speedups.frame_texts()
+    with pytest.raises(TypeError):
+        _speedups.frame_texts([b"a"], 1, 2)
 
 
 def test_runs_of_records_break_where_the_numbering_skips():

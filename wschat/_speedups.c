@@ -5,8 +5,9 @@
  *     XOR a bytes-like object with a 4-byte mask repeated, eight bytes at a
  *     time (wschat.frames.apply_mask_python).
  *
- * frame_texts(payloads) -> bytes
- *     A list of UTF-8 payloads as final text frames, unmasked, joined
+ * frame_texts(payloads, below=0) -> bytes or None
+ *     A list of UTF-8 payloads as final text frames, unmasked, joined; None
+ *     when a payload has ``below`` bytes or more (below > 0)
  *     (wschat.frames.frame_texts_python).
  *
  * json_texts(lines, fallback) -> list
@@ -83,12 +84,19 @@ text_header_size(Py_ssize_t size)
 }
 
 static PyObject *
-frame_texts(PyObject *module, PyObject *payloads)
+frame_texts(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_ssize_t count, total = 0;
-    PyObject *result;
+    Py_ssize_t count, total = 0, below = 0;
+    PyObject *payloads, *result;
     unsigned char *out;
 
+    if (nargs < 1 || nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "frame_texts(payloads, below=0) takes 1 or 2 arguments");
+        return NULL;
+    }
+    if (nargs == 2 && (below = PyLong_AsSsize_t(args[1])) == -1 && PyErr_Occurred())
+        return NULL;
+    payloads = args[0];
     if (!PyList_Check(payloads)) {
         PyErr_SetString(PyExc_TypeError, "frame_texts() takes a list of bytes");
         return NULL;
@@ -100,6 +108,8 @@ frame_texts(PyObject *module, PyObject *payloads)
             PyErr_SetString(PyExc_TypeError, "frame_texts() takes a list of bytes");
             return NULL;
         }
+        if (below > 0 && PyBytes_GET_SIZE(payload) >= below)
+            Py_RETURN_NONE;
         total += text_header_size(PyBytes_GET_SIZE(payload)) + PyBytes_GET_SIZE(payload);
     }
     result = PyBytes_FromStringAndSize(NULL, total);
@@ -253,8 +263,9 @@ error:
 static PyMethodDef speedups_methods[] = {
     {"apply_mask", (PyCFunction)(void (*)(void))apply_mask, METH_FASTCALL,
      "apply_mask(data, mask) -> bytes: XOR data with the 4-byte mask repeated."},
-    {"frame_texts", (PyCFunction)frame_texts, METH_O,
-     "frame_texts(payloads) -> bytes: UTF-8 payloads as final text frames, joined."},
+    {"frame_texts", (PyCFunction)(void (*)(void))frame_texts, METH_FASTCALL,
+     "frame_texts(payloads, below=0) -> bytes: UTF-8 payloads as final text frames, joined; "
+     "None when one has below bytes or more."},
     {"json_texts", (PyCFunction)(void (*)(void))json_texts, METH_FASTCALL,
      "json_texts(lines, fallback) -> list: each JSON line's text, fallback(line) where it must be decoded."},
     {"message_lines", (PyCFunction)message_lines, METH_O,

@@ -129,9 +129,13 @@ def frame_header(opcode: int, size: int, *, fin: bool = True, rsv: int = 0, mask
     return _pack_64(first, mask_bit | 127, size)
 
 
-def frame_texts_python(payloads: list[bytes]) -> bytes:
+def frame_texts_python(payloads: list[bytes], below: int = 0) -> bytes | None:
     """Text messages (UTF-8 payloads) as final, unmasked frames, joined
-    (a small payload's two-byte header made inline: the usual case)."""
+    (a small payload's two-byte header made inline: the usual case); None
+    when one has ``below`` bytes or more (``below`` > 0: the caller frames
+    such a batch otherwise, found in the same pass)."""
+    if below > 0 and any(len(payload) >= below for payload in payloads):
+        return None
     return b"".join([(bytes((0x81, len(payload))) if len(payload) < 126 else frame_header(Opcode.TEXT, len(payload)))
                      + payload for payload in payloads])
 

@@ -96,8 +96,8 @@ class PreparedBatch(PreparedMessage):
         self.payloads = payloads
         self.count = len(payloads)
         self.opcode = Opcode.TEXT
-        if max(map(len, payloads)) < LARGE_PAYLOAD:  # the common case: no payload is a buffer of its own
-            joined = frame_texts(payloads)
+        joined = frame_texts(payloads, LARGE_PAYLOAD)
+        if joined is not None:  # the common case: no payload is a buffer of its own
             self.parts, self.size = (joined,), len(joined)
         else:
             self.parts, self.size = _joined([_frame(Opcode.TEXT, payload, 0)[0] for payload in payloads])
