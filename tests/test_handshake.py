@@ -67,8 +67,6 @@ def test_path_drops_query():
         (GOOD, "GET /chat HTTP/1.0", "HTTP/1.1"),
         (without("host"), None, "Host"),
         (GOOD + ["Host: other"], None, "more than one Host"),
-        (without("upgrade"), None, "Upgrade"),
-        (without("upgrade") + ["Upgrade: h2c"], None, "Upgrade"),
         (without("connection"), None, "Connection"),
         (without("connection") + ["Connection: keep-alive"], None, "Connection"),
         (without("sec-websocket-key"), None, "Key"),
@@ -85,6 +83,21 @@ def test_bad_requests_get_400(lines, request_line, reason):
     assert error.status == 400 and reason in error.reason
 
 
+@pytest.mark.parametrize("lines", [without("upgrade"), without("upgrade") + ["Upgrade: h2c"], ["Host: x"]],
+                         ids=["no-upgrade", "another-protocol", "a-page-request"])
+def test_a_request_that_asks_no_websocket_upgrade_gets_426_naming_it(lines):
+    """A browser that opens the WebSocket address as a page gets 426 (RFC 9110
+    15.5.22: the response names the protocol wanted, in Upgrade and so in
+    Connection), not 400: its request is good HTTP."""
+    error = refused(lines)
+    assert error.status == 426 and error.headers == (("Upgrade", "websocket"),)
+    assert "WebSocket connections only" in error.reason and "Upgrade: websocket" in error.reason
+    head, _, body = handshake.build_error_response(error).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 426 Upgrade Required\r\n")
+    assert b"\r\nUpgrade: websocket\r\n" in head and b"\r\nConnection: Upgrade, close\r\n" in head
+    assert body == (error.reason + "\n").encode()
+
+
 @pytest.mark.parametrize("version", [None, "8", "14", "13, 8"])
 def test_other_versions_get_426_with_version_header(version):
     lines = without("sec-websocket-version") + ([f"Sec-WebSocket-Version: {version}"] if version else [])
@@ -92,7 +105,7 @@ def test_other_versions_get_426_with_version_header(version):
     assert error.status == 426 and error.headers == (("Sec-WebSocket-Version", "13"),)
     response = handshake.build_error_response(error)
     assert response.startswith(b"HTTP/1.1 426 Upgrade Required\r\n")
-    assert b"\r\nSec-WebSocket-Version: 13\r\n" in response
+    assert b"\r\nSec-WebSocket-Version: 13\r\n" in response and b"\r\nConnection: close\r\n" in response
 
 
 def test_origin_allow_list():

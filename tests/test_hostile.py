@@ -333,7 +333,7 @@ def test_a_signal_handler_calling_stop_wakes_the_loop(monkeypatch):
 # -- 9. HEAD, 10. symbolic links out of the static folder --------------------------------------
 
 
-@pytest.mark.parametrize("path, status", [("/missing", 404), ("/chat", 400), ("/", 405)])
+@pytest.mark.parametrize("path, status", [("/missing", 404), ("/chat", 426), ("/", 405)])
 def test_head_responses_carry_no_body(tmp_path, path, status):
     server = echo_server(static_dir=str(tmp_path))
     try:

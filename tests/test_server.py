@@ -470,7 +470,7 @@ def test_static_404_and_no_traversal(files_server, path):
 def test_static_405_and_upgrade_needed(files_server):
     assert http_get(files_server, "/", "POST")[0] == 405
     status, _, body, _ = http_get(files_server, "/chat")  # the WebSocket path, without an upgrade
-    assert status == 400 and b"Upgrade" in body
+    assert status == 426 and b"WebSocket connections only" in body
 
 
 def test_no_static_dir_means_404():

@@ -283,13 +283,18 @@ def negotiate(
 ) -> Accepted:
     """Check an upgrade request (RFC 6455 section 4.2.1) and agree on its terms.
 
-    Raises ``HandshakeError`` with the status to answer: 426 for a version
+    Raises ``HandshakeError`` with the status to answer: 426 for a request
+    that asks no upgrade to WebSocket (a browser that opens the address as a
+    page, say: the response names the protocol wanted) or for a version
     other than 13, 403 for an Origin outside ``allowed_origins`` (a request
     without Origin, from a non-browser client, is let through), 400 for
     anything else.  The subprotocol chosen is the first of ``subprotocols``
     (server preference) that the client offered, compared without regard to
     case and answered in the client's own spelling.
     """
+    if "websocket" not in request.tokens("Upgrade"):
+        raise HandshakeError(426, "this address takes WebSocket connections only (missing 'Upgrade: websocket')",
+                             (("Upgrade", "websocket"),))
     if request.method != "GET":
         raise HandshakeError(400, "WebSocket upgrade needs the GET method")
     if request.version != "HTTP/1.1":
@@ -300,8 +305,6 @@ def negotiate(
         # Section 4.1: the upgrade is a GET without a body.  Bytes after the head are frames, so a
         # body would be read as frames (standalone) or swallowed by a WSGI server: refuse it before the 101.
         raise HandshakeError(400, "a WebSocket upgrade request has no body")
-    if "websocket" not in request.tokens("Upgrade"):
-        raise HandshakeError(400, "missing 'Upgrade: websocket'")
     if "upgrade" not in request.tokens("Connection"):
         raise HandshakeError(400, "missing 'Connection: Upgrade'")
     version = _single(request, "Sec-WebSocket-Version")
@@ -368,9 +371,13 @@ SECURITY_HEADERS = (
 def text_response(status: int, body: bytes, content_type: str = "text/plain; charset=utf-8", *,
                   head_only: bool = False, headers: Iterable[tuple[str, str]] = ()) -> bytes:
     """A whole response that closes the connection: ``body`` (but not for HEAD),
-    never cached, never sniffed as another type, never framed."""
-    headers = [*headers, ("Content-Type", content_type), ("Cache-Control", "no-store"), *SECURITY_HEADERS,
-               ("Connection", "close")]
+    never cached, never sniffed as another type, never framed.  An
+    ``Upgrade`` among ``headers`` is named in ``Connection`` too, as RFC 9110
+    section 7.8 requires of its sender."""
+    headers = list(headers)
+    connection = "Upgrade, close" if any(name == "Upgrade" for name, _ in headers) else "close"
+    headers += [("Content-Type", content_type), ("Cache-Control", "no-store"), *SECURITY_HEADERS,
+                ("Connection", connection)]
     return build_response(status, headers, body, with_length=True, head_only=head_only)
 
 
