@@ -4,6 +4,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -47,6 +48,21 @@ def test_ratios_pair_up_round_by_round(bench):
     assert bench.paired_ratio([10, 1, 1], [5, 1, 0.25]) == 2  # the ratio of the medians: 1
     assert bench.paired_ratio([3], [1, 2, 3]) == 3  # failed after round 1
     assert bench.paired_ratio([1], [0]) is None
+
+
+def test_the_fanout_window_reaches_the_fanout_scenarios_only(bench, monkeypatch):
+    """``--fanout-window``: how many messages a fanout client keeps in flight
+    (a server's batches are at most that many per client it holds)."""
+    windows = {}
+    monkeypatch.setattr(bench, "run_fanout", lambda port, clients, messages, size, *, window, **kwargs:
+                        windows.setdefault(size, set()).add(window))
+    server = types.SimpleNamespace(port=1, process=types.SimpleNamespace(pid=1), broker=None)
+    table = bench.scenarios(True, 20, 40)
+    for name in ("fanout", "fanout-10", "fanout-deflate", "large-64k", "large-1m"):
+        table[name](server)
+    assert windows == {64: {40}, 65536: {2}, 1 << 20: {1}}  # the large messages keep theirs
+    with pytest.raises(SystemExit):
+        bench.main(["--fanout-window", "0"])
 
 
 @pytest.mark.parametrize("size", [64, 70000])

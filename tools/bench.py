@@ -794,10 +794,10 @@ class RunningServer:
         self.log.close()
 
 
-def scenarios(quick: bool, fanout_messages: int = 200) -> dict:
+def scenarios(quick: bool, fanout_messages: int = 200, window: int = 10) -> dict:
     scale = 0.1 if quick else 1
     return {
-        "fanout": lambda s: run_fanout(s.port, 50, max(10, int(fanout_messages * scale)), 64, window=10,
+        "fanout": lambda s: run_fanout(s.port, 50, max(10, int(fanout_messages * scale)), 64, window=window,
                                        pid=s.process.pid, broker=s.broker),
         "large-64k": lambda s: run_fanout(s.port, 4, int(1000 * scale), 65536, window=2, pid=s.process.pid,
                                           broker=s.broker),
@@ -806,11 +806,11 @@ def scenarios(quick: bool, fanout_messages: int = 200) -> dict:
         "idle": lambda s: run_idle(s.port, 200 if quick else 2000, s.process.pid),
         "idle-10k": lambda s: run_idle(s.port, 1000 if quick else 10000, s.process.pid),
         "churn": lambda s: run_churn(s.port, total=100 if quick else 1000),
-        # permessage-deflate offered by the clients, as browsers do (and on in every server):
         # The same messages to a fifth of the members: with fanout, CPU per message and per delivery apart.
-        "fanout-10": lambda s: run_fanout(s.port, 10, max(10, int(5 * fanout_messages * scale)), 64, window=10,
+        "fanout-10": lambda s: run_fanout(s.port, 10, max(10, int(5 * fanout_messages * scale)), 64, window=window,
                                           pid=s.process.pid, broker=s.broker),
-        "fanout-deflate": lambda s: run_fanout(s.port, 50, max(10, int(200 * scale)), 64, window=10,
+        # permessage-deflate offered by the clients, as browsers do (and on in every server):
+        "fanout-deflate": lambda s: run_fanout(s.port, 50, max(10, int(200 * scale)), 64, window=window,
                                                pid=s.process.pid, deflate=True),
         "large-64k-deflate": lambda s: run_fanout(s.port, 4, int(1000 * scale), 65536, window=2, pid=s.process.pid,
                                                   deflate=True),
@@ -839,6 +839,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="small counts: a smoke run")
     parser.add_argument("--fanout-messages", type=int, default=200, metavar="N",
                         help="messages each of fanout's 50 clients sends (default 200; more: a longer, steadier run)")
+    parser.add_argument("--fanout-window", type=int, default=10, metavar="N",
+                        help="messages each fanout client keeps sent and not yet echoed back to it (default 10); "
+                             "a server's batch holds at most what its own clients keep in flight")
     parser.add_argument("--baseline", metavar="DIR", action="append", default=[],
                         help="also offer the wschat of another checkout (e.g. a git worktree of an older commit) "
                              "as the servers 'wschat-base' (and -redis, -redis-2p): before and after in the same run; "
@@ -865,7 +868,8 @@ def measure(name: str, scenario: str, run: Callable[[RunningServer], dict]) -> d
 
 
 def main(argv=None) -> int:
-    args = make_parser().parse_args(argv)
+    parser = make_parser()
+    args = parser.parse_args(argv)
     for number, baseline in enumerate(args.baseline, 1):
         for name in VARIED:
             command, env = SERVERS[name][:2]
@@ -873,7 +877,9 @@ def main(argv=None) -> int:
             SERVERS[name.replace("wschat", base, 1)] = (command, env, os.path.abspath(baseline))
     servers = args.servers.split(",")
     chosen = args.scenarios.split(",")
-    table = scenarios(args.quick, args.fanout_messages)
+    if args.fanout_window < 1:
+        parser.error("--fanout-window must be 1 or more")
+    table = scenarios(args.quick, args.fanout_messages, args.fanout_window)
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if hasattr(os, "sched_setaffinity") and os.cpu_count() > 1:
