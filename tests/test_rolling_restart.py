@@ -8,9 +8,11 @@ closed it comes back with ``since``/``epoch``; a message of its own that is
 not in what it gets then was never taken, and is sent again.  The counts at
 the end are Redis's own history of the room.
 
-And when processes cannot start or keep dying: a replacement that cannot
-start leaves the old processes serving, children that cannot start stop the
-supervisor with their error, and a crash loop is restarted with backoff.
+And when processes cannot start, keep dying or hang: a replacement that
+cannot start leaves the old processes serving, children that cannot start
+stop the supervisor with their error, a crash loop is restarted with
+backoff, a child that does not stop within ``--graceful-timeout`` is killed,
+and what cannot work (no Redis, a port taken) is refused before any child starts.
 """
 
 import json
@@ -253,3 +255,61 @@ def test_a_child_that_keeps_dying_is_restarted_later_each_time_and_a_stop_does_n
         parent.stdout.close()
     assert log_path.read_text().count("restarted (pid") == 1
     wait_until(lambda: not os.path.exists(f"/proc/{first[1]}"), what="the other child to be gone")
+
+
+def test_a_child_that_does_not_stop_in_time_is_killed_in_a_restart_and_in_a_stop(redis_server, tmp_path):
+    """``--graceful-timeout``: a child that has not gone that long after its
+    SIGTERM (here one that is stopped, SIGSTOP, and so cannot close its
+    clients) is killed, in a rolling restart (which goes on to the next
+    child) and when the supervisor stops (which then exits as usual)."""
+    log_path = tmp_path / "supervisor.log"
+    with open(log_path, "w") as log:
+        parent = subprocess.Popen(
+            [sys.executable, "-m", "wschat", "--port", "0", "--redis", redis_server.url, "--processes", "2",
+             "--graceful-timeout", "1", "--log-level", "info"], stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        assert "(2 processes)" in parent.stdout.readline(), log_path.read_text()
+        hung, other = children_of(parent.pid)
+        os.kill(hung, signal.SIGSTOP)
+        parent.send_signal(signal.SIGHUP)
+        wait_until(lambda: "every process replaced" in log_path.read_text(), timeout=60, what="the rolling restart")
+        assert f"process 1 (pid {hung}) did not stop in time: killing it" in log_path.read_text()
+        assert f"process 2 (pid {other}) did not stop" not in log_path.read_text()  # it stopped by itself
+        assert not os.path.exists(f"/proc/{hung}")  # killed, and reaped
+        new_hung, _ = children_of(parent.pid)
+        os.kill(new_hung, signal.SIGSTOP)
+        parent.send_signal(signal.SIGTERM)
+        assert parent.wait(30) == 0
+        assert f"process 1 (pid {new_hung}) did not stop in time: killing it" in log_path.read_text()
+        assert not os.path.exists(f"/proc/{new_hung}")
+    finally:
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()
+
+
+def test_the_supervisor_refuses_at_once_what_cannot_work(redis_server):
+    """Before any child starts: an unreachable Redis (named without its
+    password), a port another program holds, a grace that is no time."""
+    def run(*options):
+        return subprocess.run([sys.executable, "-m", "wschat", "--host", "127.0.0.1", "--processes", "2", *options],
+                              capture_output=True, text=True, timeout=60)
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]  # (bound, not listening: nothing answers there)
+        result = run("--port", "0", "--redis", f"redis://:sekrit@127.0.0.1:{port}/0")
+    assert result.returncode == 1 and result.stdout == "", result.stderr
+    assert f"wschat: cannot reach Redis at redis://:***@127.0.0.1:{port}/0: " in result.stderr
+    assert "sekrit" not in result.stderr and "Traceback" not in result.stderr
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("--port", str(port), "--redis", redis_server.url)
+    assert result.returncode == 1 and result.stdout == "", result.stderr
+    assert f"wschat: cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+
+    result = run("--port", "0", "--redis", redis_server.url, "--graceful-timeout", "0")
+    assert result.returncode == 2 and "--graceful-timeout must be a number of seconds > 0, not 0.0" in result.stderr

@@ -110,6 +110,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="with --redis: the members of a process that stops answering leave after this many seconds (default 10)")
     add("--processes", type=int, default=1,
         help="serve the port from N processes (0: one per core), restarted when they die; needs --redis (default 1)")
+    add("--graceful-timeout", type=float, default=15.0, metavar="SECONDS",
+        help="with --processes: a process stopped or replaced that has not closed its clients after this many "
+             "seconds is killed (default 15)")
     add("--scheduling", choices=["batch", "normal"], default="batch",
         help="how Linux schedules the server's threads: batch (default) lets a thread woken while the CPU is busy "
              "wait for the tick rather than preempt the running one, so under load work passes between threads "
@@ -172,6 +175,8 @@ def setting_problem(args: argparse.Namespace) -> str | None:
     try:
         if args.redis:
             checks.seconds("presence_timeout", args.presence_timeout, positive=True)
+        if args.processes != 1:
+            checks.seconds("graceful_timeout", args.graceful_timeout, positive=True)
         build(args, dry_run=True)
     except checks.SettingError as error:
         option = OPTIONS.get(error.name, "--" + error.name.replace("_", "-"))

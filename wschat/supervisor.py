@@ -31,7 +31,6 @@ from .logsafe import without_password
 log = logging.getLogger("wschat")
 
 RESTART_DELAY_MAX = 10.0  # seconds between restarts of a child that keeps dying at once
-STOP_GRACE = 15.0  # seconds a child has to close its clients before it is killed
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -69,6 +68,7 @@ class Child:
 
 def supervise(args: argparse.Namespace, argv: list[str]) -> int:
     count = args.processes or os.cpu_count() or 1
+    grace = args.graceful_timeout  # what a child has to close its clients before it is killed
     try:  # one clear error here rather than one per child
         engine = redis_engine(args)
         engine.redis.ping()
@@ -92,7 +92,7 @@ def supervise(args: argparse.Namespace, argv: list[str]) -> int:
     for child in children:
         if not child.wait_ready():
             log.error("process %d could not start (exit code %s): stopping", child.number, child.process.wait())
-            _stop_all(children)
+            _stop_all(children, grace)
             return 1
     scheme = "wss" if args.certfile else "ws"
     host = f"[{args.host}]" if ":" in args.host else args.host
@@ -105,7 +105,7 @@ def supervise(args: argparse.Namespace, argv: list[str]) -> int:
         if received is not None and received.si_signo != signal.SIGHUP:
             break
         if received is not None:
-            stopping = not _roll(children, child_argv, signals)
+            stopping = not _roll(children, child_argv, signals, grace)
             continue
         for index, child in enumerate(children):
             code = child.process.poll()
@@ -122,12 +122,12 @@ def supervise(args: argparse.Namespace, argv: list[str]) -> int:
             children[index] = replacement = Child(child.number, child_argv)
             if replacement.wait_ready():
                 log.info("process %d restarted (pid %d)", child.number, replacement.process.pid)
-    _stop_all(children)
+    _stop_all(children, grace)
     reserved.close()
     return 0
 
 
-def _roll(children: list[Child], argv: list[str], signals: set[signal.Signals]) -> bool:
+def _roll(children: list[Child], argv: list[str], signals: set[signal.Signals], grace: float) -> bool:
     """Replace every child, one at a time, each new one listening before the
     old one stops; False when a stop signal came meanwhile (every child,
     old or new, is then stopped by the caller)."""
@@ -141,10 +141,10 @@ def _roll(children: list[Child], argv: list[str], signals: set[signal.Signals]) 
             return True
         children[index] = new
         old.process.send_signal(signal.SIGTERM)  # it lets go of the port, then closes its clients with 1001
-        deadline = time.monotonic() + STOP_GRACE
+        deadline = time.monotonic() + grace
         while old.process.poll() is None:
             if signal.sigtimedwait(signals, 0.1) is not None:
-                _stop_all([old])
+                _stop_all([old], grace)
                 return False
             if time.monotonic() > deadline:
                 log.warning("process %d (pid %d) did not stop in time: killing it", old.number, old.process.pid)
@@ -156,12 +156,13 @@ def _roll(children: list[Child], argv: list[str], signals: set[signal.Signals]) 
     return True
 
 
-def _stop_all(children: list[Child]) -> None:
-    """SIGTERM every child (each closes its clients with 1001); kill the ones that hang."""
+def _stop_all(children: list[Child], grace: float) -> None:
+    """SIGTERM every child (each closes its clients with 1001); kill the ones
+    still there ``grace`` seconds later."""
     for child in children:
         if child.process.poll() is None:
             child.process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE
+    deadline = time.monotonic() + grace
     for child in children:
         try:
             child.process.wait(max(0.1, deadline - time.monotonic()))
