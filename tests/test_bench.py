@@ -56,7 +56,7 @@ def test_the_fanout_window_reaches_the_fanout_scenarios_only(bench, monkeypatch)
     windows = {}
     monkeypatch.setattr(bench, "run_fanout", lambda port, clients, messages, size, *, window, **kwargs:
                         windows.setdefault(size, set()).add(window))
-    server = types.SimpleNamespace(port=1, process=types.SimpleNamespace(pid=1), broker=None)
+    server = types.SimpleNamespace(port=1, process=types.SimpleNamespace(pid=1), broker=None, publishes=None)
     table = bench.scenarios(True, 20, 40)
     for name in ("fanout", "fanout-10", "fanout-deflate", "large-64k", "large-1m"):
         table[name](server)
@@ -147,9 +147,10 @@ def test_the_redis_variants_carry_a_fanout(bench, name):
     server = bench.RunningServer(name)
     try:
         figures = bench.run_fanout(server.port, clients=3, messages=20, size=64, window=2,
-                                   pid=server.process.pid, broker=server.broker)
+                                   pid=server.process.pid, broker=server.broker, publishes=server.publishes)
         assert figures["deliveries/s"] > 0  # (every message checked: once each, in order)
         assert figures["CPU/redis CPU"] >= 0  # (0 when redis-server used less than a clock tick)
+        assert 1 <= figures["msgs/publish"] <= 3 * 2  # a batch holds at most what the clients have in flight
     finally:
         server.stop()
         bench.REDIS.stop()

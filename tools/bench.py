@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import re
 import resource
 import select
 import selectors
@@ -305,12 +306,14 @@ def close_clients(clients: list[Client]) -> None:
 
 
 def run_fanout(port: int, clients: int = 50, messages: int = 200, size: int = 64, window: int = 10,
-               stall: float = 10.0, pid: int | None = None, deflate: bool = False, broker: int | None = None) -> dict:
+               stall: float = 10.0, pid: int | None = None, deflate: bool = False, broker: int | None = None,
+               publishes: Callable[[], int] | None = None) -> dict:
     """Every client sends ``messages`` messages, at most ``window`` not yet
     echoed back to it; every message goes to every client.  With ``deflate``
     the clients offer permessage-deflate, compress what they send, and inflate
     every frame they read to check it.  The CPU time of ``pid`` (and its
-    children) and of the ``broker`` process (redis-server) gives the CPU per delivery."""
+    children) and of the ``broker`` process (redis-server) gives the CPU per
+    delivery, and ``publishes`` (its PUBLISH count) the messages a batch."""
     peers, _ = open_clients(port, clients, deflate=deflate)
     header = server_header(size)
     frame_len = len(header) + size
@@ -428,6 +431,7 @@ def run_fanout(port: int, clients: int = 50, messages: int = 200, size: int = 64
             selector.register(peer.sock, selectors.EVENT_READ, peer)
         start = last = time.perf_counter()
         cpu_start, server_start, broker_start = time.process_time(), cpu_seconds(pid), cpu_seconds(broker)
+        publishes_start = publishes() if publishes else 0
         threads_start = thread_cpu(pid)
         for peer in peers:
             pump(peer, start)
@@ -460,6 +464,7 @@ def run_fanout(port: int, clients: int = 50, messages: int = 200, size: int = 64
         loadgen_cpu = time.process_time() - cpu_start
         server_cpu = cpu_seconds(pid) - server_start
         broker_cpu = cpu_seconds(broker) - broker_start
+        published = publishes() - publishes_start if publishes else 0
         threads = {name: seconds - threads_start.get(name, 0.0) for name, seconds in thread_cpu(pid).items()}
         for peer in peers:
             tags_seen = peer.tags if read is not read_bulk else tags_of(b"".join(peer.chunks), size, peer.index)
@@ -481,6 +486,8 @@ def run_fanout(port: int, clients: int = 50, messages: int = 200, size: int = 64
         # The server's CPU per unit of redis-server's: the host's speed, which
         # moves deliveries/s by a third from round to round here, cancels out.
         figures["CPU/redis CPU"] = server_cpu / broker_cpu if broker_cpu else 0.0
+    if published:  # a process batches at most what its own clients have in flight (see --fanout-window)
+        figures["msgs/publish"] = clients * messages / published
     figures["CPU us/deliv"] = 1e6 * (server_cpu + broker_cpu) / deliveries  # the server's and its broker's
     figures["loadgen CPU %"] = 100 * loadgen_cpu / elapsed
     for name, seconds in threads.items():  # where a message's CPU goes: see print_costs
@@ -721,6 +728,17 @@ class BenchRedis:
         except OSError:
             return False
 
+    def publishes(self) -> int:
+        """The PUBLISH commands it ran so far (wschat's script runs one for
+        each batch a process sends; INFO commandstats counts it)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(b"INFO commandstats\r\n")
+            head, _, text = sock.recv(65536).partition(b"\r\n")  # "$LENGTH", then the text
+            while len(text) < int(head[1:]):
+                text += sock.recv(65536)
+        found = re.search(rb"cmdstat_publish:calls=(\d+)", text)
+        return int(found.group(1)) if found else 0
+
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(10)
@@ -734,6 +752,7 @@ class RunningServer:
     def __init__(self, name: str, deflate: bool = False):
         command, env, *cwd = SERVERS[name]
         self.broker: int | None = None  # the redis-server it uses, whose CPU counts as its own
+        self.publishes: Callable[[], int] | None = None  # and what counts the batches it publishes there
         if "{redis}" in command or "{rediss}" in command:
             global REDIS
             REDIS = REDIS or BenchRedis()
@@ -745,6 +764,7 @@ class RunningServer:
                 env = {**env, "SSL_CERT_FILE": REDIS.certificate}
             command = [part.replace("{redis}", REDIS.url) for part in command]
             self.broker = REDIS.process.pid
+            self.publishes = REDIS.publishes
         if deflate and name.startswith("ws-"):
             command = [*command, "deflate"]  # python-websockets compresses only when told to
         self.name = name
@@ -798,17 +818,17 @@ def scenarios(quick: bool, fanout_messages: int = 200, window: int = 10) -> dict
     scale = 0.1 if quick else 1
     return {
         "fanout": lambda s: run_fanout(s.port, 50, max(10, int(fanout_messages * scale)), 64, window=window,
-                                       pid=s.process.pid, broker=s.broker),
+                                       pid=s.process.pid, broker=s.broker, publishes=s.publishes),
         "large-64k": lambda s: run_fanout(s.port, 4, int(1000 * scale), 65536, window=2, pid=s.process.pid,
-                                          broker=s.broker),
+                                          broker=s.broker, publishes=s.publishes),
         "large-1m": lambda s: run_fanout(s.port, 4, int(100 * scale), 1 << 20, window=1, pid=s.process.pid,
-                                         broker=s.broker),
+                                         broker=s.broker, publishes=s.publishes),
         "idle": lambda s: run_idle(s.port, 200 if quick else 2000, s.process.pid),
         "idle-10k": lambda s: run_idle(s.port, 1000 if quick else 10000, s.process.pid),
         "churn": lambda s: run_churn(s.port, total=100 if quick else 1000),
         # The same messages to a fifth of the members: with fanout, CPU per message and per delivery apart.
         "fanout-10": lambda s: run_fanout(s.port, 10, max(10, int(5 * fanout_messages * scale)), 64, window=window,
-                                          pid=s.process.pid, broker=s.broker),
+                                          pid=s.process.pid, broker=s.broker, publishes=s.publishes),
         # permessage-deflate offered by the clients, as browsers do (and on in every server):
         "fanout-deflate": lambda s: run_fanout(s.port, 50, max(10, int(200 * scale)), 64, window=window,
                                                pid=s.process.pid, deflate=True),
