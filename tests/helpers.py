@@ -56,6 +56,19 @@ def self_signed(certificate: str, key: str) -> None:
                    check=True, capture_output=True)
 
 
+def certificate_in(folder) -> tuple[str, str]:
+    """``self_signed`` into ``folder`` (a ``pathlib.Path``): the certificate's
+    and the key's paths; the test is skipped where openssl cannot make them."""
+    import pytest
+
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    try:
+        self_signed(str(cert), str(key))
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"openssl cannot make a certificate here: {exc}")
+    return str(cert), str(key)
+
+
 def start_server(**kwargs) -> Server:
     kwargs.setdefault("ping_interval", 0)
     server = Server("127.0.0.1", 0, **kwargs)

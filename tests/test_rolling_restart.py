@@ -26,12 +26,10 @@ import sys
 import threading
 import time
 
-import pytest
-
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.sync.client import connect
 
-from .helpers import self_signed, wait_until
+from .helpers import certificate_in, wait_until
 from .test_redis import children_of
 
 TALKERS = 6
@@ -158,15 +156,6 @@ def test_sighup_replaces_every_process_and_loses_nothing(redis_server, tmp_path)
     assert [record["seq"] for record in kept] == list(range(1, len(kept) + 1))
     for talker in talkers:  # each talker's own messages, in the order it sent them
         assert [i for i in ids if i.startswith(f"t{talker.number}-")] == talker.sent
-
-
-def certificate_in(folder) -> tuple[str, str]:
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    try:
-        self_signed(str(cert), str(key))
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"openssl cannot make a certificate here: {exc}")
-    return str(cert), str(key)
 
 
 def healthy(port: int) -> bool:

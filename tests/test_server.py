@@ -21,7 +21,7 @@ from wschat.frames import Opcode, encode_frame
 from wschat.outbound import BUFFER_OVERHEAD
 from wschat.server import Server
 
-from .helpers import RawClient, Recorder, self_signed, server_with_slow_client, start_server, wait_until
+from .helpers import RawClient, Recorder, certificate_in, server_with_slow_client, start_server, wait_until
 
 
 def echo_server(**kwargs):
@@ -495,13 +495,7 @@ def tls_echo(client, payload):
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    try:
-        self_signed(str(cert), str(key))
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"openssl cannot make a certificate here: {exc}")
-    return str(cert), str(key)
+    return certificate_in(tmp_path_factory.mktemp("tls"))
 
 
 def test_tls(certificate):
