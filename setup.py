@@ -64,6 +64,7 @@ setup(
             "django>=4.2",
             "redis[hiredis]>=5",
             "mypy==2.4.1",  # tests/test_layers.py: mypy --strict wschat
+            "pyflakes==4.1.0",  # and pyflakes on wschat, tests and tools
         ],
         "examples": ["flask>=2.3", "gunicorn>=22", "django>=4.2"],  # README's embedding recipes
         "bench": ["websockets>=12", "redis[hiredis]>=5"],  # python-websockets' servers, and the --redis ones

@@ -1,6 +1,6 @@
 """The package's shape: no import cycle, no reads of another object's
-privates (``tools/check_layers.py``), and ``mypy --strict`` clean, with
-``py.typed`` shipped so that embedders get the types too."""
+privates (``tools/check_layers.py``), ``mypy --strict`` and pyflakes clean,
+with ``py.typed`` shipped so that embedders get the types too."""
 
 import subprocess
 import sys
@@ -43,6 +43,14 @@ def test_the_check_finds_a_cycle_behind_type_checking_and_a_private_read(tmp_pat
 @pytest.mark.timeout(600)
 def test_mypy_strict_is_clean():
     result = subprocess.run([sys.executable, "-m", "mypy", "--strict", "wschat"], cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
+
+
+@pytest.mark.timeout(120)
+def test_pyflakes_finds_nothing():
+    """No unused import or name, no undefined one, in the package, its tests and tools."""
+    result = subprocess.run([sys.executable, "-m", "pyflakes", "wschat", "tests", "tools"], cwd=ROOT,
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
 

@@ -220,7 +220,7 @@ def test_ping_scheduler_pings_and_drops_silent_clients():
 def test_max_connections_503():
     server = echo_server(max_connections=2)
     try:
-        with connect(url(server)) as a, connect(url(server)) as b:
+        with connect(url(server)) as a, connect(url(server)):  # two open: the third is one too many
             with pytest.raises(InvalidStatus) as info:
                 with connect(url(server)):
                     pass

@@ -37,7 +37,6 @@ room is ``redis_nodes``'.  This module makes them an engine (see
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
