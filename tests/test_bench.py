@@ -4,6 +4,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import time
 import types
 
 import pytest
@@ -36,10 +37,22 @@ def test_smoke_run_of_every_scenario(bench, chat_port):
     figures = bench.run_fanout(chat_port, clients=3, messages=10, size=64, window=2, pid=os.getpid())
     assert figures["deliveries/s"] > 0 and figures["p99 ms"] >= figures["p50 ms"] > 0
     assert figures[bench.THREAD + "wschat-loop"] > 0  # the CPU of the server's threads, told apart by name
+    assert 0 <= figures["server sys %"] <= 100
     assert bench.run_fanout(chat_port, clients=2, messages=3, size=70000, window=1)["MB/s"] > 0
     idle = bench.run_idle(chat_port, 20, os.getpid())
     assert idle["handshakes/s"] > 0 and idle["broadcast ms"] > 0
     assert bench.run_churn(chat_port, total=10, concurrency=3)["connections/s"] > 0
+
+
+def test_cpu_times_tell_user_from_system(bench):
+    """``server sys %`` rests on them: Python arithmetic is user time."""
+    user, system = bench.cpu_times(os.getpid())
+    start = time.process_time()
+    while time.process_time() - start < 0.2:
+        sum(range(1000))
+    more_user, more_system = bench.cpu_times(os.getpid())
+    assert more_user - user >= 0.1 > more_system - system
+    assert bench.cpu_seconds(os.getpid()) >= more_user + more_system
 
 
 def test_ratios_pair_up_round_by_round(bench):

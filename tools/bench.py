@@ -430,7 +430,7 @@ def run_fanout(port: int, clients: int = 50, messages: int = 200, size: int = 64
         for peer in peers:
             selector.register(peer.sock, selectors.EVENT_READ, peer)
         start = last = time.perf_counter()
-        cpu_start, server_start, broker_start = time.process_time(), cpu_seconds(pid), cpu_seconds(broker)
+        cpu_start, server_start, broker_start = time.process_time(), cpu_times(pid), cpu_seconds(broker)
         publishes_start = publishes() if publishes else 0
         threads_start = thread_cpu(pid)
         for peer in peers:
@@ -462,7 +462,8 @@ def run_fanout(port: int, clients: int = 50, messages: int = 200, size: int = 64
                     remaining -= 1
         elapsed = last - start
         loadgen_cpu = time.process_time() - cpu_start
-        server_cpu = cpu_seconds(pid) - server_start
+        server_user, server_system = (after - before for after, before in zip(cpu_times(pid), server_start))
+        server_cpu = server_user + server_system
         broker_cpu = cpu_seconds(broker) - broker_start
         published = publishes() - publishes_start if publishes else 0
         threads = {name: seconds - threads_start.get(name, 0.0) for name, seconds in thread_cpu(pid).items()}
@@ -480,6 +481,8 @@ def run_fanout(port: int, clients: int = 50, messages: int = 200, size: int = 64
         "p50 ms": 1000 * latencies[len(latencies) // 2],
         "p99 ms": 1000 * latencies[int(len(latencies) * 0.99)],
         "server CPU %": 100 * server_cpu / elapsed,
+        # In the kernel (system calls, TCP); the rest is wschat's own code, Python or C.
+        "server sys %": 100 * server_system / server_cpu if server_cpu else 0.0,
     }
     if broker is not None:
         figures["redis CPU %"] = 100 * broker_cpu / elapsed
@@ -495,15 +498,22 @@ def run_fanout(port: int, clients: int = 50, messages: int = 200, size: int = 64
     return figures
 
 
-def cpu_seconds(pid: int | None) -> float:
-    """User and system CPU seconds of process ``pid`` and its running children
-    (``--processes``) so far (0 without one)."""
-    total = 0.0
+def cpu_times(pid: int | None) -> tuple[float, float]:
+    """User and system CPU seconds of process ``pid`` and its running
+    children (``--processes``) so far (0 without one)."""
+    user = system = 0
     for process in process_tree(pid):
         with open(f"/proc/{process}/stat") as stat:
             fields = stat.read().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+        user += int(fields[11])
+        system += int(fields[12])
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """``cpu_times``, user and system together."""
+    return sum(cpu_times(pid))
 
 
 def process_tree(pid: int | None) -> list[int]:
