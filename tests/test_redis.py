@@ -774,6 +774,29 @@ def test_a_redis_that_stops_reading_never_stalls_the_loop(chats, redis, request,
         assert collect(bob, 250) == list(range(1, 251))
 
 
+def test_one_read_of_the_subscriptions_takes_all_the_kernel_holds(redis_server, monkeypatch):
+    """Pushes that came while the last ones were handled are read together
+    (one batch for the room, not a read each), without waiting for more,
+    and a connection Redis closed says so."""
+    from wschat import resp
+
+    monkeypatch.setattr(resp, "READ_SIZE", 1024)  # each push is 3 reads
+    subscriber, publisher = (resp.RespConnection(("127.0.0.1", redis_server.port), 5, raw=True) for _ in range(2))
+    try:
+        subscriber.call("SUBSCRIBE", "room")
+        texts = [bytes([ord("a") + n]) * 3000 for n in range(3)]
+        for text in texts:  # each reply comes once Redis wrote the push: all three wait in the kernel
+            assert publisher.call("PUBLISH", "room", text) == 1
+        assert subscriber.pending() == [[b"message", b"room", text] for text in texts]
+        assert subscriber.pending() == []  # nothing more: it does not wait
+        redis_server.kill()
+        with pytest.raises(OSError):  # (ConnectionError: b"" read, or reset)
+            subscriber.pending()
+    finally:
+        subscriber.close()
+        publisher.close()
+
+
 def test_a_server_that_stops_publishes_what_its_loop_took_in(chats, caplog):
     """Stopping drains on the loop thread (Resource.on_drain: the engine's
     flush, which wakes the engine's thread for what the loop has not sent):

@@ -21,6 +21,8 @@ from typing import Any, Iterable, Iterator
 import hiredis
 
 ReplyError = hiredis.ReplyError
+READ_SIZE = 1 << 16  # what one read takes at most
+DRAIN_SIZE = 1 << 20  # and a pending() at most, in reads one after another
 
 
 def pack(*args: str | bytes | int) -> bytes:
@@ -105,18 +107,35 @@ class RespConnection:
         return reply
 
     def pending(self) -> list[Any]:
-        """What one read brings (the socket is readable): every complete reply or push."""
+        """What the socket holds now (it is readable): every complete reply or push."""
         if self.tls:
             self._fill_tls()
         else:
-            self._fill()
+            self._fill_now()
         found = []
         while (reply := self.reader.gets()) is not False:
             found.append(reply)
         return found
 
     def _fill(self) -> None:
-        self._feed(self.sock.recv(1 << 16))
+        self._feed(self.sock.recv(READ_SIZE))
+
+    def _fill_now(self) -> None:
+        """Read what the kernel holds, up to ``DRAIN_SIZE``, without waiting:
+        pushes that came while the last ones were handled are delivered with
+        the next ones, as one batch, not one read after another.  (``os.read``:
+        a socket with a timeout would wait in ``poll`` first.)"""
+        fd = self.sock.fileno()
+        taken = 0
+        while taken < DRAIN_SIZE:
+            try:
+                data = os.read(fd, READ_SIZE)
+            except BlockingIOError:
+                return
+            self._feed(data)
+            if len(data) < READ_SIZE:
+                return
+            taken += READ_SIZE
 
     def _fill_tls(self) -> None:
         """Under TLS a readable socket may hold no data yet (a session ticket,
