@@ -173,6 +173,21 @@ def test_the_page_finds_the_chat_where_the_server_put_it_and_takes_its_limits(pa
         server.stop()
 
 
+def test_a_chat_at_the_root_serves_its_page_there_too(page_for):
+    """``--path /``: the page, its script and its style come over plain HTTP
+    from below the chat's path, and a room is one step below it."""
+    server = chat_server(path="/")
+    try:
+        ann, bob = page_for(server, "ann", room="lobby"), page_for(server, "bob", room="lobby")
+        assert server.chat.users("lobby") == ["ann", "bob"]
+        assert [conn.path for conn in server.connections("/")] == ["/lobby", "/lobby"]  # not //lobby
+        send(ann, "from the root")
+        last_message(bob, "from the root")
+        assert ann.failed == [] and bob.failed == []
+    finally:
+        server.stop()
+
+
 def test_reconnect_after_a_restart_keeps_the_lines_without_duplicates(page_for):
     server = chat_server()
     port = server.port

@@ -473,6 +473,30 @@ def test_static_405_and_upgrade_needed(files_server):
     assert status == 426 and b"WebSocket connections only" in body
 
 
+def test_a_chat_at_the_root_leaves_the_files_to_plain_http(tmp_path):
+    """``--path /``: a WebSocket endpoint that every path falls under.  A
+    plain request for a file gets it (the page at /), one for no file gets
+    426, and every upgrade goes to the endpoint."""
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "index.html").write_text("<h1>hi</h1>")
+    (root / "app.js").write_text("let x = 1;")
+    server = start_server(static_dir=str(root))
+    server.resource("/", on_message=lambda conn, message: conn.send(message))
+    try:
+        assert http_get(server, "/")[2] == b"<h1>hi</h1>"
+        assert http_get(server, "/app.js")[2] == b"let x = 1;"
+        status, _, body, _ = http_get(server, "/room")
+        assert status == 426 and b"WebSocket connections only" in body
+        assert http_get(server, "/", "POST")[0] == 405
+        for path in ("/", "/app.js"):
+            with connect(f"ws://127.0.0.1:{server.port}{path}") as client:
+                client.send("echo")
+                assert client.recv(timeout=5) == "echo"
+    finally:
+        server.stop()
+
+
 def test_no_static_dir_means_404():
     server = echo_server()
     try:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 from .errors import HandshakeError
-from .files import file_response
+from .files import file_response, resolve
 from .handshake import Accepted, Extension, Request, build_error_response, negotiate
 from .resources import Resource
 
@@ -88,10 +88,11 @@ class Admission:
                     raise HandshakeError(405, f"method {request.method} not allowed", (("Allow", "GET, HEAD"),))
                 return Answer(responder(request))
             resource = self.route(request.path)
-            if resource is None:
-                if request.is_upgrade:
-                    raise HandshakeError(404, "no WebSocket endpoint at this path")
+            if not request.is_upgrade and (resource is None or resolve(self.static_dir, request.path)):
+                # A file is served, even below a chat's path (``--path /``: the page at /, the chat too).
                 return Answer(file_response(self.static_dir, request, self.page_policy))
+            if resource is None:
+                raise HandshakeError(404, "no WebSocket endpoint at this path")
             self.admit(open_count, ip_count, stopping)
             accepted = negotiate(request, allowed_origins=self.allowed_origins,
                                  subprotocols=resource.subprotocols, extensions=self.extensions)

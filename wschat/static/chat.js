@@ -38,10 +38,11 @@
 
   function chatUrl() {
     const scheme = location.protocol === "https:" ? "wss" : "ws";
-    const room = state.room ? "/" + encodeURIComponent(state.room) : "";
+    // A room is a step below the chat's path (below "/" too, served with --path /).
+    const path = state.room ? `${config.path.replace(/\/$/, "")}/${encodeURIComponent(state.room)}` : config.path;
     // Coming back: the server sends exactly what was missed since the last message seen.
     const since = state.epoch === null ? "" : `&since=${state.lastSeq}&epoch=${encodeURIComponent(state.epoch)}`;
-    return `${scheme}://${location.host}${config.path}${room}?nick=${encodeURIComponent(state.chosen)}${since}`;
+    return `${scheme}://${location.host}${path}?nick=${encodeURIComponent(state.chosen)}${since}`;
   }
 
   // -- what the page shows -----------------------------------------------------------------
