@@ -34,6 +34,17 @@ def test_version_says_which_frames_path():
     assert re.fullmatch(r"wschat \d+\.\d+\.\d+ \(frames: (C; C accelerator in use|Python; C accelerator not in use)\)\n", out)
 
 
+@pytest.mark.parametrize("url, page", [
+    ("ws://127.0.0.1:1984", "http://127.0.0.1:1984/"),
+    ("ws://0.0.0.0:1984", "http://127.0.0.1:1984/"),  # every address: a browser here opens the loopback
+    ("ws://[::]:1984", "http://[::1]:1984/"),
+    ("wss://chat.example:443", "https://chat.example:443/"),
+])
+def test_the_ready_line_gives_a_page_address_a_browser_opens(url, page):
+    assert cli.ready_line(url, "/chat") == f"wschat listening on {url}/chat - open {page} in a browser"
+    assert cli.ready_line(url, "/chat", 2).endswith(" in a browser (2 processes)")
+
+
 def test_help_lists_every_option():
     out = subprocess.run([sys.executable, "-m", "wschat", "--help"], capture_output=True, text=True, check=True).stdout
     for option in ["--host", "--port", "--ping-interval", "--max-message-size", "--max-connections", "--allowed-origin",

@@ -243,6 +243,9 @@ def raise_descriptor_limit() -> None:
 
 
 def ready_line(url: str, path: str, processes: int = 1) -> str:
-    web = url.replace("ws", "http", 1)
+    """The line printed once serving: where, and the page's address for a
+    browser here (on the loopback where every address is listened on:
+    0.0.0.0 names no host, and some browsers refuse it)."""
+    web = url.replace("ws", "http", 1).replace("//0.0.0.0:", "//127.0.0.1:", 1).replace("//[::]:", "//[::1]:", 1)
     each = f" ({processes} processes)" if processes > 1 else ""
     return f"wschat listening on {url}{path} - open {web}/ in a browser{each}"
