@@ -142,6 +142,17 @@ def test_certfile_needs_keyfile():
         cli.parse_args(["--certfile", "cert.pem"])
 
 
+@pytest.mark.parametrize("given", ["DEBUG", "Warning", "info"])
+def test_a_log_level_in_any_case(given):
+    assert cli.parse_args(["--log-level", given]).log_level == given.lower()
+
+
+def test_an_unknown_log_level_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--log-level", "verbose"])
+    assert "invalid choice: 'verbose'" in capsys.readouterr().err
+
+
 def test_build_wires_every_option(tmp_path):
     args = cli.parse_args(["--port", "0", "--ping-interval", "2", "--max-message-size", "100", "--max-connections", "7",
                            "--allowed-origin", "http://a", "--allowed-origin", "http://b", "--workers", "3",

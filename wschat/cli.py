@@ -118,7 +118,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
              "wait for the tick rather than preempt the running one, so under load work passes between threads "
              "in fewer, larger batches (more messages per second, a few ms more latency); normal: the system's default")
     add("--supervised-by", type=int, help=argparse.SUPPRESS)  # set by --processes for its children
-    add("--log-level", default="info", choices=["debug", "info", "warning", "error"], help="default info")
+    add("--log-level", default="info", type=str.lower, choices=["debug", "info", "warning", "error"],
+        help="default info (any case: DEBUG too)")
     args = parser.parse_args(argv)
     if bool(args.certfile) != bool(args.keyfile):
         parser.error("--certfile and --keyfile go together")
