@@ -65,6 +65,7 @@ setup(
             "redis[hiredis]>=5",
             "mypy==2.4.1",  # tests/test_layers.py: mypy --strict wschat
             "pyflakes==4.1.0",  # and pyflakes on wschat, tests and tools
+            "vermin==1.9.2",  # and that nothing needs a newer Python than python_requires
         ],
         "examples": ["flask>=2.3", "gunicorn>=22", "django>=4.2"],  # README's embedding recipes
         "bench": ["websockets>=12", "redis[hiredis]>=5"],  # python-websockets' servers, and the --redis ones

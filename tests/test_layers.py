@@ -1,7 +1,9 @@
 """The package's shape: no import cycle, no reads of another object's
 privates (``tools/check_layers.py``), ``mypy --strict`` and pyflakes clean,
-with ``py.typed`` shipped so that embedders get the types too."""
+nothing newer than the oldest Python it claims (vermin), with ``py.typed``
+shipped so that embedders get the types too."""
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -52,6 +54,18 @@ def test_pyflakes_finds_nothing():
     """No unused import or name, no undefined one, in the package, its tests and tools."""
     result = subprocess.run([sys.executable, "-m", "pyflakes", "wschat", "tests", "tools"], cwd=ROOT,
                             capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
+
+
+@pytest.mark.timeout(120)
+def test_nothing_needs_a_newer_python_than_setup_py_allows():
+    """The package claims Python 3.10 (``python_requires``) and is tested on
+    3.11: vermin finds what a module uses that 3.10 lacks (``typing.Self``, once)."""
+    setup = (ROOT / "setup.py").read_text()
+    oldest = re.search(r'python_requires=">=(3\.\d+)"', setup).group(1)
+    vermin = Path(sys.executable).parent / "vermin"
+    result = subprocess.run([str(vermin), "-q", "--no-tips", "--eval-annotations", f"-t={oldest}-", "--violations",
+                             "wschat"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-2000:]
 
 

@@ -34,7 +34,7 @@ import secrets
 import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Iterable, Protocol, Self, TypeVar
+from typing import Any, Callable, Generic, Iterable, Protocol, TypeVar
 
 from .dialect import Event, encode, texts_of, utf8_size
 from .names import nick_key
@@ -46,6 +46,7 @@ ADDED = "added"  # one more connection of the user who holds it
 TAKEN = "taken"  # someone else holds it
 
 Kept = TypeVar("Kept", Event, bytes)
+Run = TypeVar("Run", bound="Messages[Any]")  # (typing.Self is Python 3.11's)
 
 
 class Messages(Generic[Kept]):
@@ -75,7 +76,7 @@ class Messages(Generic[Kept]):
     def last(self) -> int:
         return self.first + len(self.items) - 1
 
-    def after(self, seq: int) -> Self:
+    def after(self: Run, seq: int) -> Run:
         """The messages numbered after ``seq``."""
         skip = max(0, seq + 1 - self.first)
         return type(self)(self.epoch, self.first + skip, self.items[skip:])
