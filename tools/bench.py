@@ -979,9 +979,9 @@ def paired_ratio(values: list[float], reference: list[float]) -> float | None:
 
 
 def print_costs(results: dict, servers: list[str]) -> None:
-    """CPU per message, wschat's and redis-server's apart, from fanout (50
+    """CPU per message, the server's and redis-server's apart, from fanout (50
     members) and fanout-10 (10 members, as many messages): the inputs of the
-    scaling model in README.rst; and where wschat's goes, thread by thread."""
+    scaling model in README.rst; and where the server's goes, thread by thread."""
     rows = []
     for name in servers:
         for scenario, members in (("fanout", 50), ("fanout-10", 10)):
@@ -996,8 +996,8 @@ def print_costs(results: dict, servers: list[str]) -> None:
                               if row_scenario == scenario and figure.startswith(THREAD) and name in values),
                              reverse=True)
             where = ", ".join(f"{thread} {cost:.2f}" for cost, thread in threads if cost >= 0.005)
-            rows.append(f"{name:20} {scenario:9}  wschat {total - broker:5.1f}, redis-server {broker:4.1f}"
-                        + (f"   (wschat by thread: {where})" if where else ""))
+            rows.append(f"{name:20} {scenario:9}  server {total - broker:5.1f}, redis-server {broker:4.1f}"
+                        + (f"   (by thread: {where})" if where else ""))
     if rows:
         print("\nCPU per message, in us (all its deliveries included):")
         print("\n".join(rows))
