@@ -481,7 +481,7 @@ def run_fanout(port: int, clients: int = 50, messages: int = 200, size: int = 64
         "p50 ms": 1000 * latencies[len(latencies) // 2],
         "p99 ms": 1000 * latencies[int(len(latencies) * 0.99)],
         "server CPU %": 100 * server_cpu / elapsed,
-        # In the kernel (system calls, TCP); the rest is wschat's own code, Python or C.
+        # In the kernel (system calls, TCP); the rest is the server's own code, Python or C.
         "server sys %": 100 * server_system / server_cpu if server_cpu else 0.0,
     }
     if broker is not None:
