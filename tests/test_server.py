@@ -217,6 +217,27 @@ def test_ping_scheduler_pings_and_drops_silent_clients():
 # -- limits --------------------------------------------------------------------
 
 
+def test_a_path_is_served_by_one_resource_only():
+    """A second resource at the same path would never be reached: it is
+    refused, naming the path, and the first serves on (a Chat made twice on
+    one server is refused the same way)."""
+    from wschat.chat import Chat
+    from wschat.checks import SettingError
+
+    server = echo_server()
+    try:
+        with pytest.raises(SettingError, match="'/chat'") as info:
+            server.resource("/chat", on_message=lambda conn, message: conn.send("the other one"))
+        assert info.value.name == "path"
+        with pytest.raises(SettingError, match="'/chat'"):
+            Chat(server)
+        with connect(url(server)) as client:
+            client.send("first")
+            assert client.recv(timeout=5) == "first"
+    finally:
+        server.stop()
+
+
 def test_max_connections_503():
     server = echo_server(max_connections=2)
     try:

@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
+from .checks import SettingError
 from .errors import HandshakeError
 from .files import file_response, resolve
 from .handshake import Accepted, Extension, Request, build_error_response, negotiate
@@ -66,7 +67,10 @@ class Admission:
         self._lock = threading.Lock()  # for writers; readers take the current table as it is
 
     def add_resource(self, resource: Resource) -> None:
+        """Raises ``SettingError`` when a resource serves its path already (it would never be reached)."""
         with self._lock:
+            if any(other.path == resource.path for other in self.resources):
+                raise SettingError("path", "a path no other resource of this server serves", resource.path)
             self.resources = tuple(sorted((*self.resources, resource), key=lambda r: len(r.path), reverse=True))
 
     def add_http_route(self, path: str, responder: Responder) -> None:
