@@ -217,6 +217,17 @@ def test_ping_scheduler_pings_and_drops_silent_clients():
 # -- limits --------------------------------------------------------------------
 
 
+def test_the_url_names_the_port_once_there_is_one():
+    server = Server("127.0.0.1", 0)
+    assert server.url is None  # port 0: any free one, known once bound
+    server.start()
+    try:
+        assert server.url == f"ws://127.0.0.1:{server.port}" and server.port > 0
+    finally:
+        server.stop()
+    assert Server("::1", 1984).url == "ws://[::1]:1984"
+
+
 def test_a_path_is_served_by_one_resource_only():
     """A second resource at the same path would never be reached: it is
     refused, naming the path, and the first serves on (a Chat made twice on

@@ -266,8 +266,9 @@ class Server:
 
     @property
     def url(self) -> str | None:
-        """``ws://host:port`` (``wss`` with TLS); None without a port."""
-        if self.port is None:
+        """``ws://host:port`` (``wss`` with TLS); None without a port (or
+        before ``start`` binds a port 0 asked for)."""
+        if not self.port:
             return None
         scheme = "wss" if self.ssl_context else "ws"
         host = f"[{self.host}]" if ":" in self.host else self.host
