@@ -77,6 +77,14 @@ def test_prepared_message_is_the_encoded_frame(size):
     assert repr(PreparedMessage(b"", Opcode.PING)) == "<PreparedMessage PING 2 bytes>"
 
 
+@pytest.mark.parametrize("wrong", [123, None, ["a"], {"text": "hi"}])
+def test_a_message_that_is_neither_text_nor_bytes_is_refused(wrong):
+    """``bytes(123)`` is 123 zero bytes: a number must not go out as them."""
+    with pytest.raises(TypeError, match=f"str \\(text\\) or bytes \\(binary\\), not {type(wrong).__name__}"):
+        PreparedMessage(wrong)
+    assert PreparedMessage(memoryview(b"ok")).payload == b"ok"
+
+
 def test_a_pong_not_yet_begun_is_replaced_by_the_next_and_a_begun_one_is_not():
     outbox = Outbox()
     outbox.put_pong(b"\x8a\x01a")

@@ -217,6 +217,19 @@ def test_ping_scheduler_pings_and_drops_silent_clients():
 # -- limits --------------------------------------------------------------------
 
 
+def test_a_number_is_refused_not_sent_as_zero_bytes(echo):
+    with connect(url(echo)) as client:
+        client.send("hello")
+        assert client.recv(timeout=5) == "hello"
+        (conn,) = echo.connections("/chat")
+        with pytest.raises(TypeError, match="not int"):
+            conn.send(3)
+        with pytest.raises(TypeError, match="not int"):
+            echo.broadcast(3)
+        conn.send("next")
+        assert client.recv(timeout=5) == "next"  # nothing went out before it
+
+
 def test_the_url_names_the_port_once_there_is_one():
     server = Server("127.0.0.1", 0)
     assert server.url is None  # port 0: any free one, known once bound

@@ -55,8 +55,10 @@ class PreparedMessage:
     def __init__(self, message: str | bytes | bytearray | memoryview, opcode: int | None = None):
         if isinstance(message, str):
             payload, default = message.encode("utf-8"), Opcode.TEXT
-        else:
+        elif isinstance(message, (bytes, bytearray, memoryview)):
             payload, default = bytes(message), Opcode.BINARY
+        else:  # (bytes(123) would be 123 zero bytes, sent as if meant)
+            raise TypeError(f"a message is str (text) or bytes (binary), not {type(message).__name__}")
         self.opcode = default if opcode is None else opcode
         self.payload = payload
         self.parts, self.size = _frame(self.opcode, payload, 0)
