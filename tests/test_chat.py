@@ -362,6 +362,11 @@ def test_post_from_the_application(make_chat):
     chat.post("for whoever comes", room="empty")  # no one there: it waits in the room's history
     with structured(chat, "/empty", nick="late") as late:
         assert [m["text"] for m in recv_json(late, "welcome")["history"]] == ["for whoever comes"]
+    with pytest.raises(TypeError, match="text must be a str, not int"):
+        chat.post(3)
+    with pytest.raises(ValueError, match="a room name is 1 to 64"):
+        chat.post("lost", room="no such/room")  # no client could join it: it would hold the text for no one
+    assert chat.engine.history("no such/room").records == []
 
 
 # -- hardening (issue 12) ---------------------------------------------------------------

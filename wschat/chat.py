@@ -166,12 +166,15 @@ class Chat:
     def post(self, text: str, room: str = DEFAULT_ROOM, nick: str = "server") -> None:
         """Post a chat message to ``room`` as ``nick`` (from any thread); it
         goes into the room's history even when no one is there.  Raises
-        ``ValueError`` for text that is not valid Unicode, and
+        ``TypeError`` for text that is not a ``str``, ``ValueError`` for text
+        that is not valid Unicode or a room no client could join, and
         ``EngineUnavailable`` when the engine cannot be reached."""
-        problem = text_problem(text)
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, not {type(text).__name__}")
+        name = normalize(room)
+        problem = text_problem(text) or room_problem(name)
         if problem is not None:
             raise ValueError(problem)
-        name = normalize(room)
         self.engine.publish_message(name, message_record(name, nick, text))
 
     def users(self, room: str = DEFAULT_ROOM) -> list[str]:
