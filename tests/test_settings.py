@@ -116,3 +116,15 @@ def test_what_each_limit_says_means_none_is_taken(settings):
 def test_limits_off_and_short_nicknames_are_taken():
     assert ChatLimits.off().rate == 0 and ChatLimits(max_nick_length=2).max_nick_length == 2
     assert ChatLimits(max_nick_length=0).max_nick_length == 0
+
+
+@pytest.mark.parametrize("settings", [
+    {"on_message": "echo"}, {"on_open": 1}, {"authorize": True},  # a handler that could never be called
+    {"subprotocols": "wschat.v1"},  # one str, not a list: it would offer 'w', 's', 'c'...
+    {"subprotocols": ["wschat.v1", ""]}, {"subprotocols": ["a b"]}, {"subprotocols": [1]},
+])
+def test_a_resource_refuses_handlers_and_subprotocols_that_cannot_work(settings):
+    server = Server(port=None)
+    with pytest.raises(ValueError, match=rf"^{next(iter(settings))} must be "):
+        server.resource("/chat", **settings)
+    assert server.resource("/chat", on_message=print, subprotocols=("wschat.v1",)).subprotocols == ("wschat.v1",)

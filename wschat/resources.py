@@ -58,15 +58,28 @@ class Resource:
         on_drain: Callable[[float], None] | None = None,
     ):
         self.path = checks.url_path("path", path).rstrip("/") or "/"
+        handlers = {"on_open": on_open, "on_message": on_message, "on_message_inline": on_message_inline,
+                    "on_close": on_close, "on_error": on_error, "authorize": authorize, "on_drain": on_drain}
+        for name, handler in handlers.items():
+            if handler is not None and not callable(handler):
+                raise checks.SettingError(name, "a function (or None)", handler)
+        protocols = None if isinstance(subprotocols, str) else tuple(subprotocols)  # (a str is no list of names)
+        if protocols is None or not all(map(_is_token, protocols)):
+            raise checks.SettingError("subprotocols", "a list of names, such as ['wschat.v1']", subprotocols)
         self.authorize = authorize
         self.on_open = on_open
         self.on_message = on_message
         self.on_message_inline = on_message_inline
         self.on_close = on_close
         self.on_error = on_error
-        self.subprotocols = tuple(subprotocols)
+        self.subprotocols = protocols
         self.dialects = dict(dialects or {})
         self.on_drain = on_drain
 
     def matches(self, path: str) -> bool:
         return path == self.path or path.startswith(self.path if self.path.endswith("/") else self.path + "/")
+
+
+def _is_token(name: object) -> bool:
+    """Whether ``name`` can be a subprotocol (one item of Sec-WebSocket-Protocol)."""
+    return isinstance(name, str) and bool(name) and not any(c.isspace() or c == "," for c in name)
