@@ -128,3 +128,17 @@ def test_a_resource_refuses_handlers_and_subprotocols_that_cannot_work(settings)
     with pytest.raises(ValueError, match=rf"^{next(iter(settings))} must be "):
         server.resource("/chat", **settings)
     assert server.resource("/chat", on_message=print, subprotocols=("wschat.v1",)).subprotocols == ("wschat.v1",)
+
+
+@pytest.mark.parametrize("settings", [
+    {"allowed_origins": "https://chat.example"},  # one str: every browser would be refused, letter by letter
+    {"forwarded_allow_ips": "127.0.0.1"},  # one str: the proxy would never be trusted
+    {"allowed_origins": ["https://chat.example", None]},
+    {"ssl_context": "cert.pem"},  # a path is not a context: every TLS client would fail
+    {"host": 1984},
+])
+def test_a_server_refuses_lists_given_as_one_str_and_values_of_the_wrong_kind(settings):
+    with pytest.raises(ValueError, match=rf"^{next(iter(settings))} must be "):
+        Server(port=0, **settings)
+    server = Server(port=0, allowed_origins=("https://chat.example",), forwarded_allow_ips={"127.0.0.1"})
+    assert server.allowed_origins == ["https://chat.example"] and server.forwarded_allow_ips == {"127.0.0.1"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Iterable
 
 
 class SettingError(ValueError):
@@ -62,3 +63,17 @@ def folder(name: str, value: object) -> str | None:
     if not isinstance(value, (str, os.PathLike)) or not os.path.isdir(value):
         raise SettingError(name, "an existing folder", value)
     return os.fspath(value)
+
+
+def strings(name: str, value: object, example: str, *, tokens: bool = False) -> tuple[str, ...]:
+    """Several non-empty strings (a list, a tuple...); one ``str`` alone is
+    refused, not taken letter by letter.  ``tokens``: names of one word each
+    (no space, no comma), as a header lists them."""
+    items = None if isinstance(value, (str, bytes)) or not isinstance(value, Iterable) else tuple(value)
+    if items is None or not all(isinstance(item, str) and item and not (tokens and _spaced(item)) for item in items):
+        raise SettingError(name, f"a list of {'names' if tokens else 'strings'}, such as {example}", value)
+    return items
+
+
+def _spaced(item: str) -> bool:
+    return any(c.isspace() or c == "," for c in item)

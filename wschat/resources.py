@@ -63,9 +63,7 @@ class Resource:
         for name, handler in handlers.items():
             if handler is not None and not callable(handler):
                 raise checks.SettingError(name, "a function (or None)", handler)
-        protocols = None if isinstance(subprotocols, str) else tuple(subprotocols)  # (a str is no list of names)
-        if protocols is None or not all(map(_is_token, protocols)):
-            raise checks.SettingError("subprotocols", "a list of names, such as ['wschat.v1']", subprotocols)
+        protocols = checks.strings("subprotocols", subprotocols, "['wschat.v1']", tokens=True)
         self.authorize = authorize
         self.on_open = on_open
         self.on_message = on_message
@@ -79,7 +77,3 @@ class Resource:
     def matches(self, path: str) -> bool:
         return path == self.path or path.startswith(self.path if self.path.endswith("/") else self.path + "/")
 
-
-def _is_token(name: object) -> bool:
-    """Whether ``name`` can be a subprotocol (one item of Sec-WebSocket-Protocol)."""
-    return isinstance(name, str) and bool(name) and not any(c.isspace() or c == "," for c in name)
