@@ -142,3 +142,18 @@ def test_a_server_refuses_lists_given_as_one_str_and_values_of_the_wrong_kind(se
         Server(port=0, **settings)
     server = Server(port=0, allowed_origins=("https://chat.example",), forwarded_allow_ips={"127.0.0.1"})
     assert server.allowed_origins == ["https://chat.example"] and server.forwarded_allow_ips == {"127.0.0.1"}
+
+
+@pytest.mark.parametrize("settings", [
+    {"engine": "redis://127.0.0.1:6379/0"},  # a URL, not RedisEngine(url): it failed with an AttributeError
+    {"limits": {"rate": 0}},  # a dict, not ChatLimits(rate=0): the first message failed
+    {"welcome": None}, {"authorize": "yes"}, {"nick_of": "name"}, {"user_id": 1},
+    {"page_config": "wschat.json"},  # no leading /: a route no request matches
+])
+def test_a_chat_refuses_values_of_the_wrong_kind(settings):
+    server = Server(port=None)
+    with pytest.raises(ValueError, match=rf"^{next(iter(settings))} must be "):
+        Chat(server, **settings)
+    assert server.resources == ()  # refused before it took the path
+    Chat(server, welcome="", limits=ChatLimits.off(), page_config=None)
+

@@ -110,6 +110,16 @@ class Chat:
         checks.whole("max_history_bytes", max_history_bytes, 0, " (0: no bound)")
         checks.whole("max_history_total", max_history_total, 0, " (0: no bound)")
         checks.whole("max_idle_rooms", max_idle_rooms, 0)
+        if not isinstance(welcome, str):
+            raise checks.SettingError("welcome", "a str ('' for none)", welcome)
+        if limits is not None and not isinstance(limits, ChatLimits):
+            raise checks.SettingError("limits", "a ChatLimits (or None)", limits)
+        if page_config:  # ('' or None: none)
+            checks.url_path("page_config", page_config)
+        for name, function in (("authorize", authorize), ("nick_of", nick_of), ("user_id", user_id)):
+            checks.function(name, function)
+        if engine is not None and not all(callable(getattr(engine, name, None)) for name in ("start", "publish_message")):
+            raise checks.SettingError("engine", "an engine, such as RedisEngine(url) (or None: in memory)", engine)
         self.server = server
         self.engine = engine if engine is not None else MemoryEngine(history, max_idle_rooms, max_history_bytes,
                                                                      max_history_total)

@@ -65,6 +65,13 @@ def folder(name: str, value: object) -> str | None:
     return os.fspath(value)
 
 
+def function(name: str, value: object) -> None:
+    """A function to call later (or None): a value that cannot be called is
+    refused now, not when its first call fails."""
+    if value is not None and not callable(value):
+        raise SettingError(name, "a function (or None)", value)
+
+
 def strings(name: str, value: object, example: str, *, tokens: bool = False) -> tuple[str, ...]:
     """Several non-empty strings (a list, a tuple...); one ``str`` alone is
     refused, not taken letter by letter.  ``tokens``: names of one word each

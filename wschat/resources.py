@@ -61,8 +61,7 @@ class Resource:
         handlers = {"on_open": on_open, "on_message": on_message, "on_message_inline": on_message_inline,
                     "on_close": on_close, "on_error": on_error, "authorize": authorize, "on_drain": on_drain}
         for name, handler in handlers.items():
-            if handler is not None and not callable(handler):
-                raise checks.SettingError(name, "a function (or None)", handler)
+            checks.function(name, handler)
         protocols = checks.strings("subprotocols", subprotocols, "['wschat.v1']", tokens=True)
         self.authorize = authorize
         self.on_open = on_open
