@@ -39,6 +39,8 @@ BAD = [
     ("--max-buffered", "1000", "max_buffered"),  # smaller than one largest message
     ("--max-history-bytes", "-1", "max_history_bytes"),
     ("--max-history-total", "-1", "max_history_total"),
+    ("--allowed-origin", "", "allowed_origins"),  # every browser would be refused
+    ("--forwarded-allow-ip", "", "forwarded_allow_ips"),
 ]
 
 
@@ -87,7 +89,10 @@ def make(name: str, value):
 
 @pytest.mark.parametrize("option,value,name", BAD, ids=[f"{n}={v}" for _, v, n in BAD])
 def test_a_bad_value_from_python_is_a_value_error_naming_the_parameter(option, value, name):
-    value = value if name in {"path", "static_dir"} else float(value) if "." in value or value == "nan" else int(value)
+    if name in {"allowed_origins", "forwarded_allow_ips"}:
+        value = [value]  # as the command line gives them
+    elif name not in {"path", "static_dir"}:
+        value = float(value) if "." in value or value == "nan" else int(value)
     with pytest.raises(ValueError, match=rf"^{name} must be "):
         make(name, value)
 

@@ -166,7 +166,8 @@ def redis_engine(args: argparse.Namespace) -> RedisEngine:
 
 
 # Settings whose option is not named after them (the rest: --max-queue for max_queue, ...).
-OPTIONS = {"max_length": "--max-chat-length", "rate": "--rate-limit", "burst": "--rate-burst"}
+OPTIONS = {"max_length": "--max-chat-length", "rate": "--rate-limit", "burst": "--rate-burst",
+           "allowed_origins": "--allowed-origin", "forwarded_allow_ips": "--forwarded-allow-ip"}
 
 
 def setting_problem(args: argparse.Namespace) -> str | None:
