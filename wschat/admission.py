@@ -16,7 +16,7 @@ from typing import Callable, Iterable, Sequence
 
 from .checks import SettingError
 from .errors import HandshakeError
-from .files import file_response, resolve
+from .files import found_file_response, resolve
 from .handshake import Accepted, Extension, Request, build_error_response, negotiate
 from .resources import Resource
 
@@ -92,9 +92,10 @@ class Admission:
                     raise HandshakeError(405, f"method {request.method} not allowed", (("Allow", "GET, HEAD"),))
                 return Answer(responder(request))
             resource = self.route(request.path)
-            if not request.is_upgrade and (resource is None or resolve(self.static_dir, request.path)):
+            found = None if request.is_upgrade else resolve(self.static_dir, request.path)
+            if not request.is_upgrade and (resource is None or found):
                 # A file is served, even below a chat's path (``--path /``: the page at /, the chat too).
-                return Answer(file_response(self.static_dir, request, self.page_policy))
+                return Answer(found_file_response(found, request, self.page_policy))
             if resource is None:
                 raise HandshakeError(404, "no WebSocket endpoint at this path")
             self.admit(open_count, ip_count, stopping)

@@ -110,10 +110,8 @@ class Chat:
         checks.whole("max_history_bytes", max_history_bytes, 0, " (0: no bound)")
         checks.whole("max_history_total", max_history_total, 0, " (0: no bound)")
         checks.whole("max_idle_rooms", max_idle_rooms, 0)
-        if not isinstance(welcome, str):
-            raise checks.SettingError("welcome", "a str ('' for none)", welcome)
-        if limits is not None and not isinstance(limits, ChatLimits):
-            raise checks.SettingError("limits", "a ChatLimits (or None)", limits)
+        checks.instance("welcome", welcome, str, "a str ('' for none)")
+        checks.instance("limits", limits, (ChatLimits, type(None)), "a ChatLimits (or None)")
         if page_config:  # ('' or None: none)
             checks.url_path("page_config", page_config)
         for name, function in (("authorize", authorize), ("nick_of", nick_of), ("user_id", user_id)):

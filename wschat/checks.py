@@ -65,6 +65,12 @@ def folder(name: str, value: object) -> str | None:
     return os.fspath(value)
 
 
+def instance(name: str, value: object, kind: type | tuple[type, ...], accepts: str) -> None:
+    """A value of ``kind``, said as ``accepts`` when it is not."""
+    if not isinstance(value, kind):
+        raise SettingError(name, accepts, value)
+
+
 def function(name: str, value: object) -> None:
     """A function to call later (or None): a value that cannot be called is
     refused now, not when its first call fails."""

@@ -22,6 +22,11 @@ DEFAULT_PAGE_POLICY = ("default-src 'self'; connect-src 'self'; img-src 'self' d
 def file_response(root: str | None, request: Request, policy: str | None = DEFAULT_PAGE_POLICY) -> bytes:
     """The HTTP response for ``request`` served from the directory ``root``,
     with ``policy`` as its Content-Security-Policy (None: none)."""
+    return found_file_response(resolve(root, request.path), request, policy)
+
+
+def found_file_response(path: str | None, request: Request, policy: str | None = DEFAULT_PAGE_POLICY) -> bytes:
+    """``file_response`` for the file ``resolve`` found for ``request`` (None: none)."""
     head_only = request.method == "HEAD"
 
     def error(status: int, reason: str, headers: tuple[tuple[str, str], ...] = ()) -> bytes:
@@ -29,7 +34,6 @@ def file_response(root: str | None, request: Request, policy: str | None = DEFAU
 
     if request.method not in ("GET", "HEAD"):
         return error(405, f"method {request.method} not allowed", (("Allow", "GET, HEAD"),))
-    path = resolve(root, request.path)
     if path is None:
         return error(404, "not found")
     try:

@@ -133,7 +133,7 @@ def frame_texts_python(payloads: list[bytes], below: int = 0) -> bytes | None:
     """Text messages (UTF-8 payloads) as final, unmasked frames, joined
     (a small payload's two-byte header made inline: the usual case); None
     when one has ``below`` bytes or more (``below`` > 0: the caller frames
-    such a batch otherwise, found in the same pass)."""
+    such a batch otherwise; the C accelerator finds it in its sizing pass)."""
     if below > 0 and any(len(payload) >= below for payload in payloads):
         return None
     return b"".join([(bytes((0x81, len(payload))) if len(payload) < 126 else frame_header(Opcode.TEXT, len(payload)))

@@ -131,10 +131,8 @@ class Server:
                 raise checks.SettingError("max_buffered", f"0 (no bound) or at least the largest message size "
                                           f"({max_message_size}), which must fit", max_buffered)
         checks.seconds("message_timeout", message_timeout, meaning=" (0: no limit)")
-        if not isinstance(host, str):
-            raise checks.SettingError("host", "an address or a host name, such as '127.0.0.1'", host)
-        if ssl_context is not None and not isinstance(ssl_context, ssl.SSLContext):
-            raise checks.SettingError("ssl_context", "an ssl.SSLContext (or None)", ssl_context)
+        checks.instance("host", host, str, "an address or a host name, such as '127.0.0.1'")
+        checks.instance("ssl_context", ssl_context, (ssl.SSLContext, type(None)), "an ssl.SSLContext (or None)")
         if allowed_origins is not None:
             allowed_origins = checks.strings("allowed_origins", allowed_origins, "['https://chat.example']")
         forwarded_allow_ips = checks.strings("forwarded_allow_ips", forwarded_allow_ips, "['127.0.0.1']")
